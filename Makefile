@@ -1,0 +1,32 @@
+# Two commands a fresh machine needs: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[all]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+test-fast: venv
+	$(PY) -m pytest -q -ra -m "not slow"
+
+demo: venv
+	$(PY) -m llmrank.demo
+
+bench: venv
+	$(PY) benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,2 @@
+"""llmrank: structured pruning by graph centrality."""
+__version__ = "0.1.0"
