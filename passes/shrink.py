@@ -1,0 +1,117 @@
+"""Rewrite passes: physically shrink the channels a selection drops, or zero them (mask modes).
+
+Both work slot by slot from the IR (parameter, axis, block offset), so fused layers (Phi-3
+gate_up_proj), biases and Conv1D's transposed weights need no special cases. They copy the
+model unless ``inplace=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from llmrank.ir.graph import ModelIR
+
+FFN_CONFIG_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size")
+
+
+def _keep_masks(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) -> dict[str, tuple[int, torch.Tensor]]:
+    """Per parameter path: (axis, boolean keep mask over that axis)."""
+    masks: dict[str, tuple[int, torch.Tensor]] = {}
+    for g in ir.groups:
+        idx = kept[g.name].to(torch.long)
+        for slot in g.slots:
+            param = model.get_parameter(slot.param)
+            axis, mask = masks.get(slot.param, (slot.axis, torch.ones(param.shape[slot.axis], dtype=torch.bool)))
+            block = torch.zeros(g.width, dtype=torch.bool)
+            block[idx] = True
+            mask[slot.offset:slot.offset + g.width] = block
+            masks[slot.param] = (axis, mask)
+    return masks
+
+
+def _replace(model: nn.Module, path: str, value: torch.Tensor) -> None:
+    owner_path, _, attr = path.rpartition(".")
+    owner = model.get_submodule(owner_path) if owner_path else model
+    old = getattr(owner, attr)
+    setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def shrink(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplace: bool = False) -> nn.Module:
+    """Return a model whose groups keep only ``kept`` channels, with smaller tensors."""
+    target = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for path, (axis, mask) in _keep_masks(target, ir, kept).items():
+            param = target.get_parameter(path)
+            _replace(target, path, param.index_select(axis, mask.nonzero().squeeze(1)))
+    for lin in ir.linears.values():
+        _sync_shape(target.get_submodule(lin.name))
+    _update_config(target, ir, kept)
+    return target
+
+
+def _sync_shape(module: nn.Module) -> None:
+    """Keep a layer's size attributes true to its new weight (repr, exporters, reload)."""
+    weight = module.weight
+    if hasattr(module, "nf"):  # transformers Conv1D stores weight as (in, out)
+        module.nx, module.nf = int(weight.shape[0]), int(weight.shape[1])
+    if hasattr(module, "in_features"):
+        module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
+
+
+def _update_config(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) -> None:
+    """With one width everywhere, the FFN size field of the config says it (stock reload)."""
+    config = getattr(model, "config", None)
+    if config is None or not ir.groups:
+        return
+    widths = {len(kept[g.name]) for g in ir.groups}
+    originals = {g.width for g in ir.groups}
+    if len(widths) != 1 or len(originals) != 1:
+        return
+    new = widths.pop()
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for field in FFN_CONFIG_FIELDS:
+            value = getattr(cfg, field, "absent")
+            # GPT-2's n_inner=None means 4 * n_embd: it must become explicit.
+            if isinstance(value, int) or (field == "n_inner" and value is None):
+                setattr(cfg, field, new)
+
+
+def mask(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplace: bool = False) -> nn.Module:
+    """Zero the dropped channels in every slot (same shapes): the reference for verification."""
+    target = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for path, (axis, keep) in _keep_masks(target, ir, kept).items():
+            param = target.get_parameter(path)
+            shape = [1] * param.dim()
+            shape[axis] = -1
+            param.mul_(keep.to(param.dtype).view(shape))
+    return target
+
+
+def mask_paper(
+    model: nn.Module, ir: ModelIR, scores_mid: dict[str, torch.Tensor], scores_out: dict[str, torch.Tensor], sparsity: float, *, inplace: bool = False
+) -> nn.Module:
+    """The authors' scheme: zero the lowest round(s * rows) rows of up_proj and of down_proj.
+
+    gate_proj and biases are untouched; nothing shrinks. For paper-faithful experiments only.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for g in ir.groups:
+            up, down = ir.linears[g.primary.linear], ir.linears[g.consumers[0].linear]
+            _zero_rows(target.get_parameter(up.weight), up.out_axis, g.primary.offset, _lowest(scores_mid[g.name], sparsity))
+            _zero_rows(target.get_parameter(down.weight), down.out_axis, 0, _lowest(scores_out[g.name], sparsity))
+    return target
+
+
+def _lowest(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    return torch.sort(scores.to(torch.float64), stable=True).indices[: round(sparsity * scores.numel())]
+
+
+def _zero_rows(weight: torch.Tensor, axis: int, offset: int, rows: torch.Tensor) -> None:
+    weight.index_fill_(axis, rows + offset, 0.0)

@@ -1,0 +1,42 @@
+"""Verification pass: the shrunk model must compute what the masked dense model computes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from llmrank.ir.graph import ModelIR
+from llmrank.ir.trace import TensorOutput, is_hf_model
+from llmrank.passes.shrink import mask
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    max_abs_diff: float
+    atol: float
+    inputs: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def outputs(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    """The single tensor a model produces for ``inputs`` (logits for HF models)."""
+    runner = TensorOutput(model) if is_hf_model(model) else model
+    with torch.no_grad():
+        out = runner(*inputs)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def verify(
+    original: nn.Module, shrunk: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], inputs: tuple, *, atol: float = 1e-5
+) -> Verification:
+    """Compare ``shrunk`` with a zero-masked copy of ``original`` on ``inputs`` (fp32 tolerance)."""
+    reference = outputs(mask(original, ir, kept), inputs)
+    got = outputs(shrunk, inputs)
+    diff = float((reference.float() - got.float()).abs().max()) if reference.numel() else 0.0
+    shape = "x".join(str(s) for s in inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else "?"
+    return Verification(ok=bool(diff <= atol), max_abs_diff=diff, atol=atol, inputs=shape)
