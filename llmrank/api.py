@@ -18,6 +18,8 @@ from torch import nn
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes.analyze import analyze
+from llmrank.passes.compensate import METHODS as COMPENSATIONS
+from llmrank.passes.compensate import collect_input_stats, compensate
 from llmrank.passes.calibrate import ActivationNorms, CalibrationError, calibrate
 from llmrank.passes.score import ScoreConfig, Scores, score
 from llmrank.passes.select import check_sparsity, select
@@ -112,6 +114,8 @@ def prune(
     multiple: int = 1,
     min_width: int = 1,
     mode: str = "shrink",
+    compensation: str = "none",
+    ridge: float = 1e-3,
     verify_outputs: bool = True,
     example_inputs: tuple | None = None,
     seed: int = 0,
@@ -128,6 +132,8 @@ def prune(
     check_sparsity(sparsity)
     if mode not in MODES:
         raise PruneError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if compensation not in COMPENSATIONS:
+        raise PruneError(f"unknown compensation {compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
     config = ScoreConfig(scorer=scorer, representation=representation, theta=theta, gamma=gamma, p=p, z_importance=z_importance, seed=seed)
     check_weights(model)
     params_before = count_parameters(model)
@@ -171,12 +177,21 @@ def prune(
         verification = verify(model, slim, ir, kept, sample)
         timings["verify"] = time.perf_counter() - clock
 
+    if compensation != "none":
+        if mode != "shrink" or not batches:
+            raise PruneError("compensation needs mode='shrink' and calibration data")
+        clock = time.perf_counter()
+        stats = collect_input_stats(model, ir, batches, second_moment=compensation.startswith("lstsq"), progress=progress)
+        compensate(slim, model, ir, kept, stats, method=compensation, ridge=ridge)
+        timings["compensate"] = time.perf_counter() - clock
+
     widths = {g.name: (g.width, len(kept[g.name]) if mode != "mask-paper" else g.width) for g in ir.groups}
     return PruneResult(
         model=slim, ir=ir, scores=scores, kept=kept, widths=widths,
         params_before=params_before,
         params_after=count_parameters(slim), timings=timings, verification=verification,
         config={**config.to_dict(), "sparsity": sparsity, "pruner": pruner, "multiple": multiple, "min_width": min_width, "mode": mode,
+                "compensation": compensation, "ridge": ridge,
                 "calibration_batches": norms.batches if norms else 0, "calibration_tokens": norms.tokens if norms else 0},
     )
 

@@ -292,11 +292,46 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{name_or_path!r} is not a built-in model, an existing local path, or a hub "
                                 f"id (org/name). Built-in models: {_builtin_help()}")
-    try:  # a hub id: works only where the user has a hub (or its local cache)
-        model = _auto_class(task or "causal-lm").from_pretrained(name_or_path, dtype=torch.float32)
+    cls = _auto_class(task or "causal-lm")
+    try:  # already in the local hub cache?
+        model = cls.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        return _finish(model, dtype), tok
+    except Exception:  # noqa: BLE001 - not cached: try the hub below
+        pass
+    advice = f"Use a local model folder or a built-in name: {_builtin_help()}"
+    endpoint = _hub_endpoint()
+    if not _reachable(endpoint):  # fail in seconds instead of a minute of retries
+        raise RuntimeError(f"could not load {name_or_path!r}: no model hub reachable at {endpoint}. {advice}")
+    try:
+        model = cls.from_pretrained(name_or_path, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - every hub failure gets the same advice
-        raise RuntimeError(f"could not load {name_or_path!r} from a model hub (no hub reachable?): "
-                           f"{type(exc).__name__}: {exc}\nUse a local model folder or a built-in name: "
-                           f"{_builtin_help()}") from exc
+        raise RuntimeError(f"could not load {name_or_path!r} from the model hub at {endpoint}: "
+                           f"{type(exc).__name__}: {exc}\n{advice}") from exc
     return _finish(model, dtype), tok
+
+
+def _hub_endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    except Exception:  # noqa: BLE001
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Can we open a TCP connection to the hub (and is offline mode off)?"""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    parts = urlparse(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

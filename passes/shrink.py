@@ -17,18 +17,25 @@ from llmrank.ir.graph import ModelIR
 FFN_CONFIG_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size")
 
 
-def _keep_masks(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) -> dict[str, tuple[int, torch.Tensor]]:
-    """Per parameter path: (axis, boolean keep mask over that axis)."""
-    masks: dict[str, tuple[int, torch.Tensor]] = {}
+def _keep_masks(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+    """Per (parameter path, axis): a boolean keep mask over that axis.
+
+    Keyed by axis too: a Linear in the middle of an MLP is the consumer of one group (its
+    columns) and the producer of the next (its rows), so one parameter can need two masks.
+    """
+    masks: dict[tuple[str, int], torch.Tensor] = {}
     for g in ir.groups:
         idx = kept[g.name].to(torch.long)
         for slot in g.slots:
             param = model.get_parameter(slot.param)
-            axis, mask = masks.get(slot.param, (slot.axis, torch.ones(param.shape[slot.axis], dtype=torch.bool)))
+            key = (slot.param, slot.axis)
+            mask = masks.get(key)
+            if mask is None:
+                mask = torch.ones(param.shape[slot.axis], dtype=torch.bool)
             block = torch.zeros(g.width, dtype=torch.bool)
             block[idx] = True
             mask[slot.offset:slot.offset + g.width] = block
-            masks[slot.param] = (axis, mask)
+            masks[key] = mask
     return masks
 
 
@@ -43,7 +50,7 @@ def shrink(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inpl
     """Return a model whose groups keep only ``kept`` channels, with smaller tensors."""
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
-        for path, (axis, mask) in _keep_masks(target, ir, kept).items():
+        for (path, axis), mask in _keep_masks(target, ir, kept).items():
             param = target.get_parameter(path)
             _replace(target, path, param.index_select(axis, mask.nonzero().squeeze(1)))
     for lin in ir.linears.values():
@@ -85,7 +92,7 @@ def mask(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplac
     """Zero the dropped channels in every slot (same shapes): the reference for verification."""
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
-        for path, (axis, keep) in _keep_masks(target, ir, kept).items():
+        for (path, axis), keep in _keep_masks(target, ir, kept).items():
             param = target.get_parameter(path)
             shape = [1] * param.dim()
             shape[axis] = -1

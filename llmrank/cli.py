@@ -1,0 +1,236 @@
+"""The ``llmrank`` command: prune, inspect, export, generate, eval, sweep.
+
+Errors print one line and a hint and exit non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _scoring(p: argparse.ArgumentParser) -> None:
+    from llmrank.passes.score import REPRESENTATIONS, SCORERS
+
+    p.add_argument("--sparsity", type=float, default=0.3, help="fraction of FFN channels to remove, in [0, 1)")
+    p.add_argument("--scorer", default="wpr", choices=SCORERS)
+    p.add_argument("--representation", default="chained", choices=REPRESENTATIONS)
+    p.add_argument("--pruner", default="local", choices=("local", "global"))
+    p.add_argument("--theta", type=float, default=0.5)
+    p.add_argument("--gamma", type=float, default=0.0)
+    p.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple (e.g. 8, 64)")
+    p.add_argument("--min-width", type=int, default=1)
+    p.add_argument("--calib", default="wiki", help="wiki, a .txt file, a folder of .txt files, or a HF dataset name")
+    p.add_argument("--samples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (tokens)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmrank", description="Structured FFN pruning by graph centrality, to slim ONNX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model and write slim ONNX + HF checkpoint + report")
+    p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m, minilm-l6), local HF folder or hub id")
+    _scoring(p)
+    p.add_argument("--mode", default="shrink", choices=("shrink", "mask", "mask-paper"))
+    p.add_argument("--compensation", default="none", choices=("none", "bias", "lstsq", "lstsq+bias"))
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force)")
+    p.add_argument("--onnx", dest="onnx", action="store_true", default=None, help="write ONNX (default: on)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false")
+    p.add_argument("--hf", dest="hf", action="store_true", default=None, help="write a HF checkpoint (default: on)")
+    p.add_argument("--no-hf", dest="hf", action="store_false")
+    p.add_argument("--no-kv-cache", action="store_true", help="export logits-only ONNX (no past key/values)")
+    p.add_argument("--optimize", action="store_true", help="apply onnxruntime graph optimisation to the ONNX file")
+    p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    _common(p)
+
+    p = sub.add_parser("inspect", help="show the channel groups found in the graph and what a cut would remove")
+    p.add_argument("model")
+    p.add_argument("--sparsity", type=float, default=0.3)
+    _common(p)
+
+    p = sub.add_parser("export", help="export an (already pruned) HF checkpoint folder to ONNX")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="path of the .onnx file")
+    p.add_argument("--no-kv-cache", action="store_true")
+    p.add_argument("--optimize", action="store_true")
+    p.add_argument("--force", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("generate", help="greedy generation with onnxruntime and the KV cache")
+    p.add_argument("--onnx", required=True, type=Path)
+    p.add_argument("--tokenizer", required=True, help="folder or built-in model name holding the tokenizer")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    _common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    _quiet_libraries()
+    try:
+        report = COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("llmrank: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, a hint, exit code
+        if args.debug:
+            raise
+        print(f"llmrank {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"hint: {_hint(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, (ValueError, FileExistsError, FileNotFoundError)) else EXIT_FAILED
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _hint(exc: Exception) -> str:
+    if isinstance(exc, FileExistsError):
+        return "choose a new --out folder or pass --force"
+    if isinstance(exc, FileNotFoundError):
+        return "give a local model folder or a built-in name: smollm2-135m, gemma3-270m, minilm-l6"
+    if isinstance(exc, ValueError):
+        return "check the option values with --help"
+    return "see the message above"
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet and not args.json:
+        print(text)
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.workflow import PruneJob, run_prune
+
+    job = PruneJob(
+        model=args.model, out=args.out, sparsity=args.sparsity, scorer=args.scorer, representation=args.representation,
+        pruner=args.pruner, theta=args.theta, gamma=args.gamma, multiple=args.multiple, min_width=args.min_width,
+        mode=args.mode, compensation=args.compensation, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+        seed=args.seed, onnx=args.onnx is not False, hf=args.hf is not False, kv_cache=not args.no_kv_cache,
+        optimize=args.optimize, verify=not args.no_verify, force=args.force, progress=not (args.quiet or args.json),
+    )
+    report = run_prune(job)
+    _say(args, summary_table(report))
+    _say(args, f"\nwritten: {args.out}/ ({', '.join(sorted(report['artifacts']))}, report.json)")
+    return report
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    from llmrank.report import human_bytes, table
+
+    widths = report["widths"]
+    after = sorted({w["after"] for w in widths.values()})
+    before = sorted({w["before"] for w in widths.values()})
+    ver = report.get("verification") or {}
+    rows = [
+        ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}"),
+        ("FFN width", "/".join(map(str, before)), f"{min(after)}..{max(after)}" if len(after) > 1 else str(after[0])),
+        ("groups pruned", str(len(widths)), ""),
+        ("verified (shrunk == masked)", "", f"{ver.get('ok')} (max diff {ver.get('max_abs_diff', float('nan')):.2g})" if ver else "skipped"),
+    ]
+    onnx = report["artifacts"].get("onnx")
+    if onnx:
+        rows.append(("ONNX size", "", human_bytes(onnx["bytes"])))
+        rows.append(("ONNX vs PyTorch max diff", "", f"{max(onnx['max_abs_diff'].values()):.2g}"))
+    rows.append(("time (s)", "", " ".join(f"{k}={v:.1f}" for k, v in report["timings_s"].items())))
+    return table(rows, ("", "dense", "slim"))
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    import llmrank
+    from llmrank.passes.select import check_sparsity
+    from llmrank.report import table
+    from llmrank.workflow import load
+
+    check_sparsity(args.sparsity)
+    model, _, _ = load(args.model)
+    ir = llmrank.analyze(llmrank.trace(model))
+    total = llmrank.count_parameters(model)
+    rows = []
+    for g in ir.groups:
+        cut = round(args.sparsity * g.width)
+        rows.append((g.name, g.width, g.width - cut, f"{100 * g.width * ir.channel_cost(g) / total:.2f}%", ", ".join(f"{s.param.rsplit('.', 2)[-2]}[{s.axis}]" for s in g.slots)))
+    prunable = ir.prunable_parameters()
+    report = {
+        "model_class": ir.model_class, "parameters": total, "prunable_parameters": prunable,
+        "groups": [g.name for g in ir.groups], "removed_at_sparsity": round(args.sparsity * prunable), "blocked": ir.blocked,
+        "ir": ir.to_dict(),
+    }
+    _say(args, table(rows, ("group", "width", f"kept @ {args.sparsity}", "param share", "slots")))
+    _say(args, f"\n{ir.model_class}: {total:,} parameters, {prunable:,} ({100 * prunable / total:.1f}%) in {len(ir.groups)} prunable groups; "
+         f"a cut of {args.sparsity} removes ~{report['removed_at_sparsity']:,}.")
+    _say(args, f"not cut ({len(ir.blocked)} Linears): residual stream, attention heads, tied or output layers")
+    return report
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.exporters.hf import load_hf
+    from llmrank.exporters.onnx import export_onnx
+
+    if not (args.checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{args.checkpoint} is not a HF checkpoint folder (no config.json)")
+    model = load_hf(args.checkpoint)
+    res = export_onnx(model, args.out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force)
+    report = {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff}
+    _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB), max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}")
+    return report
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from llmrank.exporters.onnx import generate_onnx
+
+    folder = args.tokenizer
+    if not Path(folder).is_dir():
+        from llmrank.models import resolve_model_dir
+
+        folder = resolve_model_dir(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ids = tokenizer(args.prompt, return_tensors=None)["input_ids"]
+    new = generate_onnx(args.onnx, ids, args.max_new_tokens, tokenizer=tokenizer)
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    _say(args, args.prompt + text)
+    return {"prompt": args.prompt, "tokens": new, "text": text}
+
+
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "generate": cmd_generate}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""onnxruntime latency of dense vs slim models: prefill and KV-cache decode.
+
+CPU timings are noisy, so runs of the compared models are interleaved (dense, slim, dense,
+slim, ...) and medians are reported, with the ratio next to the FLOP-proportional ideal.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmrank.exporters.onnx import _empty_past, _feed_from_presents, _has_past, _session
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    name: str
+    prefill_ms: dict[str, float]
+    decode_tokens_per_s: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _feed(session, ids: np.ndarray, past_len: int = 0, past: dict | None = None) -> dict:
+    batch, seq = ids.shape
+    names = {i.name for i in session.get_inputs()}
+    feed = {"input_ids": ids}
+    if "attention_mask" in names:
+        feed["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
+    if "position_ids" in names:
+        feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
+    if _has_past(session):
+        feed.update(past if past is not None else _empty_past(session, batch))
+    return feed
+
+
+def _prefill_once(session, ids: np.ndarray) -> float:
+    feed = _feed(session, ids)
+    start = time.perf_counter()
+    session.run(["logits"], feed)
+    return time.perf_counter() - start
+
+
+def _decode_once(session, prompt: np.ndarray, steps: int) -> float:
+    """Seconds for ``steps`` single-token decode steps after a prefill (prefill not timed)."""
+    outputs = session.run(None, _feed(session, prompt))
+    past_len = prompt.shape[1]
+    token = prompt[:, -1:]
+    start = time.perf_counter()
+    for _ in range(steps):
+        outputs = session.run(None, _feed(session, token, past_len, _feed_from_presents(session, outputs)))
+        token = outputs[0][:, -1:].argmax(-1).astype(np.int64)
+        past_len += 1
+    return time.perf_counter() - start
+
+
+def compare(
+    models: dict[str, Path],
+    *,
+    prefill_shapes: Sequence[tuple[int, int]] = ((1, 128),),
+    decode_steps: int = 32,
+    repeats: int = 5,
+    vocab: int = 1000,
+    seed: int = 0,
+) -> dict[str, SpeedResult]:
+    """Median prefill latency per shape and decode tokens/s, interleaved across ``models``."""
+    sessions = {name: _session(path) for name, path in models.items()}
+    rng = np.random.default_rng(seed)
+    prefill: dict[str, dict[str, list[float]]] = {n: {} for n in sessions}
+    decode: dict[str, list[float]] = {n: [] for n in sessions}
+    for batch, seq in prefill_shapes:
+        ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
+        for s in sessions.values():
+            _prefill_once(s, ids)  # warm-up
+        for _ in range(repeats):
+            for name, s in sessions.items():
+                prefill[name].setdefault(f"{batch}x{seq}", []).append(_prefill_once(s, ids))
+    prompt = rng.integers(0, vocab, size=(1, 16), dtype=np.int64)
+    kv = {name: _has_past(s) for name, s in sessions.items()}
+    for _ in range(repeats if decode_steps else 0):
+        for name, s in sessions.items():
+            if kv[name]:
+                decode[name].append(decode_steps / _decode_once(s, prompt, decode_steps))
+    return {
+        name: SpeedResult(
+            name,
+            {shape: 1000 * statistics.median(times) for shape, times in prefill[name].items()},
+            statistics.median(decode[name]) if decode[name] else None,
+        )
+        for name in sessions
+    }

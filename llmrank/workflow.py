@@ -1,0 +1,141 @@
+"""The model -> slim artefacts job shared by the CLI and the demo.
+
+It loads, calibrates, prunes (llmrank.prune) and hands the slim model to the exporters; it
+never scores or shrinks on its own. All outputs go into one folder that is built under a
+temporary name and renamed into place at the end, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from llmrank.api import PruneResult, prune
+from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
+from llmrank.report import plot_prune
+
+
+@dataclass
+class PruneJob:
+    """Everything ``llmrank prune`` needs; defaults are the documented defaults."""
+
+    model: str
+    out: Path
+    sparsity: float = 0.3
+    scorer: str = "wpr"
+    representation: str = "chained"
+    pruner: str = "local"
+    theta: float = 0.5
+    gamma: float = 0.0
+    multiple: int = 1
+    min_width: int = 1
+    mode: str = "shrink"
+    compensation: str = "none"
+    calib: str = "wiki"
+    samples: int = 16
+    seq_len: int = 512
+    seed: int = 0
+    onnx: bool = True
+    kv_cache: bool = True
+    hf: bool = True
+    optimize: bool = False
+    verify: bool = True
+    force: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load(model: str, *, progress: bool = True):
+    """(model, tokenizer, source folder or None) for a built-in name, folder or hub id."""
+    from llmrank.models import load_model, resolve_model_dir
+
+    loaded, tokenizer = load_model(model)
+    try:
+        folder = resolve_model_dir(model)
+    except Exception:  # noqa: BLE001 - a hub id has no local folder to protect
+        folder = None
+    return loaded, tokenizer, folder
+
+
+def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
+    """Run the job; returns the report (also written as report.json in ``job.out``)."""
+    from llmrank.data import calibration_tokens
+
+    out = Path(job.out)
+    check_writable(out, job.force)
+    clock = time.perf_counter()
+    model, tokenizer, folder = loaded or load(job.model, progress=job.progress)
+    refuse_input_overlap(out, folder)
+    load_s = time.perf_counter() - clock
+
+    calib = calibration_tokens(tokenizer, job.calib, n=job.samples, seq_len=job.seq_len, seed=job.seed)
+    result = prune(
+        model, calib, sparsity=job.sparsity, scorer=job.scorer, representation=job.representation, pruner=job.pruner,
+        theta=job.theta, gamma=job.gamma, multiple=job.multiple, min_width=job.min_width, mode=job.mode,
+        compensation=job.compensation, verify_outputs=job.verify, seed=job.seed, progress=job.progress,
+    )
+    if result.verification is not None and not result.verification.ok:
+        raise RuntimeError(
+            f"verification failed: shrunk vs masked outputs differ by {result.verification.max_abs_diff:.3g} "
+            f"(> {result.verification.atol}); please report this model"
+        )
+    report = build_report(job, result, load_s)
+    with atomic_path(out, force=job.force) as tmp:
+        tmp.mkdir(parents=True)
+        write_artifacts(tmp, job, result, tokenizer, report)
+    # paths in the report point at the final folder
+    return json.loads((out / "report.json").read_text())
+
+
+def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str, Any]:
+    from llmrank import __version__
+
+    job_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()}
+    return {
+        "llmrank_version": __version__,
+        "model": job.model,
+        "job": job_dict,
+        **result.to_dict(),
+        "timings_s": {"load": load_s, **result.timings},
+        "artifacts": {},
+    }
+
+
+def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer, report: dict[str, Any]) -> None:
+    """scores.safetensors, plot.png, hf/, model.onnx and report.json inside ``folder``."""
+    from llmrank.exporters.hf import save_hf
+
+    metadata = {
+        "source_model": job.model, "scorer": job.scorer, "representation": job.representation, "sparsity": job.sparsity,
+        "pruner": job.pruner, "compensation": job.compensation, "layer_widths": {k: a for k, (_, a) in result.widths.items()},
+    }
+    tensors = {f"{name}": s.to(torch.float32).contiguous() for name, s in result.scores.groups.items()}
+    tensors.update({f"{name}.kept": k.contiguous() for name, k in result.kept.items()})
+    save_file(tensors, str(folder / "scores.safetensors"), metadata={"scorer": job.scorer})
+    report["artifacts"]["scores"] = "scores.safetensors"
+    plot_prune(result.widths, result.scores.groups, folder / "plot.png", f"{job.model}: {job.scorer}/{job.representation}, sparsity {job.sparsity}")
+    report["artifacts"]["plot"] = "plot.png"
+    if job.hf and job.mode != "mask-paper":
+        saved = save_hf(result.model, tokenizer, folder / "hf", metadata=metadata)
+        report["artifacts"]["hf"] = {"path": "hf", "uniform": saved["uniform"]}
+    if job.onnx:
+        onnx = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
+        report["artifacts"]["onnx"] = onnx
+    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+
+
+def export_onnx_artifact(model, path: Path, job: PruneJob, metadata: dict[str, Any]) -> dict[str, Any]:
+    from llmrank.exporters.onnx import export_onnx
+
+    res = export_onnx(model, path, with_past=job.kv_cache, metadata=metadata, optimize=job.optimize, force=job.force)
+    rel = Path(path.parent.name) / path.name
+    return {
+        "path": str(rel), "bytes": res.total_bytes, "with_past": res.with_past,
+        "max_abs_diff": res.max_abs_diff, "export_s": res.export_seconds, "validate_s": res.validate_seconds,
+    }
