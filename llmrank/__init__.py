@@ -4,6 +4,7 @@ Public API: ``prune`` (the whole pipeline) and the passes one by one.
 """
 
 from llmrank.api import PruneError, PruneResult, count_parameters, prune
+from llmrank.exporters.hf import load_hf as load
 from llmrank.ir.graph import ChannelGroup, LinearInfo, ModelIR, Port, Slot
 from llmrank.ir.trace import TraceError, Traced, trace
 from llmrank.passes.analyze import analyze
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationNorms", "CalibrationError", "ChannelGroup", "LinearInfo", "ModelIR", "Port", "PruneError", "PruneResult",
     "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "Verification", "analyze", "calibrate", "count_parameters",
-    "mask", "mask_paper", "prune", "score", "select", "shrink", "trace", "verify",
+    "load", "mask", "mask_paper", "prune", "score", "select", "shrink", "trace", "verify",
 ]
