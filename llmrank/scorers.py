@@ -85,6 +85,24 @@ def wanda(weight: torch.Tensor, a_in: torch.Tensor) -> torch.Tensor:
     return normalize(weight.detach().to(torch.float64).abs() @ a_in.to(torch.float64))
 
 
+def hits(a_mid: torch.Tensor, w_down: torch.Tensor, downstream: torch.Tensor | None, *, gamma: float) -> torch.Tensor:
+    """Hubs-and-authorities score of FFN neurons (llmrank's own, beyond the paper).
+
+    authority_k = a_mid[k], the norm of what neuron k really emits (act(gate) * up);
+    hub_k = sum_i |W_down[i, k]| * h[i], where h weighs residual channel i by how much the
+    next layer reads it: h = (1 - gamma) * uniform + gamma * downstream.
+    score = authority * hub. With gamma = 0 this is the neuron's contribution norm
+    a_mid[k] * ||W_down[:, k]||_1.
+    """
+    _check_unit("gamma", gamma)
+    d = w_down.shape[0]
+    h = torch.full((d,), 1.0 / d, dtype=torch.float64)
+    if downstream is not None and gamma > 0:
+        h = (1.0 - gamma) * h + gamma * normalize(downstream)
+    hub = w_down.detach().to(torch.float64).abs().T @ h
+    return normalize(normalize(a_mid) * hub)
+
+
 def random_scores(n: int, seed: int, salt: int = 0) -> torch.Tensor:
     """Seeded uniform scores; ``salt`` decorrelates layers that share one seed."""
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(salt))

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmrank.ir.graph import ModelIR
+from llmrank.ir.trace import is_hf_model
 
 
 @dataclass
@@ -93,12 +94,25 @@ def _run(model: nn.Module, batch: torch.Tensor | dict) -> int:
         return int(ids.numel())
     if not isinstance(batch, torch.Tensor) or batch.numel() == 0:
         raise CalibrationError(f"a calibration batch must be a non-empty tensor or dict of tensors, got {type(batch).__name__}")
+    if is_hf_model(model):
+        _check_token_ids(model, batch)
     if hasattr(model, "config") and batch.dtype == torch.long:
         kwargs = {"use_cache": False} if "use_cache" in _forward_params(model) else {}
         model(input_ids=batch, **kwargs)
     else:
         model(batch)
     return int(batch.shape[0] * (batch.shape[1] if batch.dim() > 1 else 1))
+
+
+def _check_token_ids(model: nn.Module, batch: torch.Tensor) -> None:
+    """A Hugging Face model takes token ids: integers inside its embedding table."""
+    if batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool:
+        raise CalibrationError(f"calibration batches for {type(model).__name__} must be integer token ids, got dtype {batch.dtype}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    low, high = int(batch.min()), int(batch.max())
+    if vocab is not None and (low < 0 or high >= vocab):
+        raise CalibrationError(f"calibration token ids must be in [0, {vocab}) for {type(model).__name__}, got ids from {low} to {high}: wrong tokenizer?")
 
 
 def _forward_params(model: nn.Module) -> set[str]:

@@ -48,13 +48,14 @@ def collect_input_stats(
 
     def hook(name: str):
         def record(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             s = stats.get(name)
-            gram = x.T @ x if second_moment else None
+            # One batch's Gram in fp32 (fast GEMM), accumulated across batches in fp64.
+            gram = (x.T @ x).double() if second_moment else None
             if s is None:
-                stats[name] = InputStats(x.sum(0), gram, x.shape[0])
+                stats[name] = InputStats(x.double().sum(0), gram, x.shape[0])
             else:
-                s.total += x.sum(0)
+                s.total += x.double().sum(0)
                 if gram is not None:
                     s.gram += gram
                 s.count += x.shape[0]

