@@ -105,10 +105,10 @@ def prune(
     *,
     sparsity: float = 0.3,
     scorer: str = "wpr",
-    representation: str = "chained",
+    representation: str = "dataflow",
     pruner: str = "local",
     theta: float = 0.5,
-    gamma: float = 0.0,
+    gamma: float = 0.5,
     p: float = 1.0,
     z_importance: float | None = None,
     multiple: int = 1,
@@ -143,6 +143,11 @@ def prune(
     traced = traced or trace(model, example_inputs)
     ir = analyze(traced)
     timings["trace_analyze"] = time.perf_counter() - clock
+    if not ir.groups and _has_experts(model):
+        raise PruneError(
+            f"{ir.model_class} is a mixture-of-experts model whose experts are stored as 3-D tensors "
+            "(not Linear layers); llmrank does not prune them yet. Dense FFNs and shared experts built from nn.Linear are supported."
+        )
     if not ir.groups:
         raise PruneError(
             f"{ir.model_class} has no prunable channel group: no Linear's output feeds another Linear only through "
@@ -194,6 +199,10 @@ def prune(
                 "compensation": compensation, "ridge": ridge,
                 "calibration_batches": norms.batches if norms else 0, "calibration_tokens": norms.tokens if norms else 0},
     )
+
+
+def _has_experts(model: nn.Module) -> bool:
+    return any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in model.modules())
 
 
 def _calibrated_linears(ir: ModelIR) -> list[str]:

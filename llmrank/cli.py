@@ -26,10 +26,10 @@ def _scoring(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of FFN channels to remove, in [0, 1)")
     p.add_argument("--scorer", default="wpr", choices=SCORERS)
-    p.add_argument("--representation", default="chained", choices=REPRESENTATIONS)
+    p.add_argument("--representation", default="dataflow", choices=REPRESENTATIONS)
     p.add_argument("--pruner", default="local", choices=("local", "global"))
     p.add_argument("--theta", type=float, default=0.5)
-    p.add_argument("--gamma", type=float, default=0.0)
+    p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple (e.g. 8, 64)")
     p.add_argument("--min-width", type=int, default=1)
     p.add_argument("--calib", default="wiki", help="wiki, a .txt file, a folder of .txt files, or a HF dataset name")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m, minilm-l6), local HF folder or hub id")
     _scoring(p)
     p.add_argument("--mode", default="shrink", choices=("shrink", "mask", "mask-paper"))
-    p.add_argument("--compensation", default="none", choices=("none", "bias", "lstsq", "lstsq+bias"))
+    p.add_argument("--compensation", default="lstsq", choices=("none", "bias", "lstsq", "lstsq+bias"))
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force)")
     p.add_argument("--onnx", dest="onnx", action="store_true", default=None, help="write ONNX (default: on)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false")
@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     _common(p)
+
+    from llmrank.evalcmd import add_eval_parser, add_sweep_parser
+
+    add_eval_parser(sub, _common)
+    add_sweep_parser(sub, _common)
     return parser
 
 
@@ -229,7 +234,20 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     return {"prompt": args.prompt, "tokens": new, "text": text}
 
 
-COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "generate": cmd_generate}
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.evalcmd import cmd_eval as run
+
+    return run(args)
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.evalcmd import cmd_sweep as run
+
+    return run(args)
+
+
+COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "generate": cmd_generate,
+            "eval": cmd_eval, "sweep": cmd_sweep}
 
 
 if __name__ == "__main__":

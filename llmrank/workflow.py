@@ -29,14 +29,14 @@ class PruneJob:
     out: Path
     sparsity: float = 0.3
     scorer: str = "wpr"
-    representation: str = "chained"
+    representation: str = "dataflow"
     pruner: str = "local"
     theta: float = 0.5
-    gamma: float = 0.0
+    gamma: float = 0.5
     multiple: int = 1
     min_width: int = 1
     mode: str = "shrink"
-    compensation: str = "none"
+    compensation: str = "lstsq"
     calib: str = "wiki"
     samples: int = 16
     seq_len: int = 512

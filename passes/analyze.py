@@ -82,11 +82,11 @@ def _index(traced: Traced) -> _Graph:
                 graph.param_of_node[node] = path
     for node in traced.program.graph.nodes:
         name = op_name(node)
-        if name not in ("linear", "addmm"):
+        if name not in ("linear", "addmm", "matmul", "mm"):
             continue
-        weight_node = node.args[1] if name == "linear" else node.args[2]
+        weight_node = node.args[2] if name == "addmm" else _transposed_param(node.args[1]) if name in ("matmul", "mm") else node.args[1]
         if weight_node not in graph.param_of_node:
-            continue  # a matmul with an activation, not a layer
+            continue  # a matmul of two activations (attention), not a layer
         module_path = _module_path(node, traced.prefix)
         module = model.get_submodule(module_path) if module_path else None
         weight = getattr(module, "weight", None)
@@ -100,6 +100,13 @@ def _index(traced: Traced) -> _Graph:
             kind=kind, in_features=int(in_f), out_features=int(out_f), node=node.name,
         )
     return graph
+
+
+def _transposed_param(node: object) -> object:
+    """``W`` for ``x @ W.T`` written by hand (e.g. Falcon's Linear): matmul(x, t(W))."""
+    if isinstance(node, fx.Node) and op_name(node) in ("t", "transpose", "permute", "numpy_T") and node.args:
+        return node.args[0]
+    return None
 
 
 def _module_path(node: fx.Node, prefix: str) -> str:
@@ -352,3 +359,22 @@ def _dedupe_names(groups: list[ChannelGroup]) -> None:
             groups[i] = ChannelGroup(f"{grp.name}#{seen[grp.name]}", grp.width, grp.producers, grp.consumers, grp.primary, grp.slots)
         else:
             seen[grp.name] = 0
+
+
+def group_regions(traced: Traced, ir: ModelIR) -> dict[str, tuple[str, ...]]:
+    """FX node names (in ``traced.program.graph``) that carry each group's channels.
+
+    The region is what the backward walk of ``analyze`` covered: the producers, the
+    channel-preserving ops between them and the consumers' inputs. A graph rewrite that
+    shrinks a group updates the shape constants (view sizes, split sizes) of these nodes.
+    """
+    g = _index(traced)
+    by_name = {node.name: node for node in g.linear_of_node}
+    order = {node: i for i, node in enumerate(traced.program.graph.nodes)}
+    regions: dict[str, tuple[str, ...]] = {}
+    for group in ir.groups:
+        found = _find_group(g, by_name[ir.linears[group.consumers[0].linear].node])
+        if isinstance(found, str):
+            raise ValueError(f"group {group.name!r} no longer closes in this graph: {found}")
+        regions[group.name] = tuple(node.name for node in sorted(found[0].region, key=order.__getitem__))
+    return regions

@@ -36,9 +36,9 @@ class ScoreConfig:
     """Which formula, on which chain, with which parameters."""
 
     scorer: str = "wpr"
-    representation: str = "chained"
+    representation: str = "dataflow"
     theta: float = 0.5
-    gamma: float = 0.0
+    gamma: float = 0.5
     p: float = 1.0
     z_importance: float | None = None
     seed: int = 0

@@ -1,0 +1,467 @@
+"""The ExportedProgram route: prune a ``torch.export`` program and get a slim program back.
+
+This is llmrank as a compiler pass. It never needs the user's ``nn.Module``: everything is
+read from the program (``ep.graph`` for the analysis, ``ep.module()`` for weights and for
+running calibration), and the result is again an ``ExportedProgram`` whose parameters and
+graph have the shrunk shapes, ready for ``torch.onnx.export``, AOTInductor or
+``torch.compile``::
+
+    ep = torch.export.export(model, (x,), dynamic_shapes=...)
+    res = prune_program(ep, [(x1,), (x2,)], sparsity=0.3)
+    res.program            # slim ExportedProgram, same inputs/outputs and dynamic dims
+    res.max_abs_diff       # slim vs dense-with-dropped-channels-zeroed, on the inputs
+
+Steps: adapt the program (``program_traced``) -> ``analyze`` -> calibrate with an FX
+interpreter (``calibrate_program``) -> ``score`` -> ``select`` -> ``shrink`` the parameters of
+``ep.module()`` and rewrite hard-coded widths in the groups' regions (``rewrite_shapes``) ->
+re-export with the same dynamic dims (``reexport``) -> compare with the masked dense module.
+Analyse the program BEFORE ``run_decompositions()``: the default decomposition turns
+``aten.linear`` into transposes + mm, and the weights are no longer recognisable.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export import Dim, ExportedProgram
+from torch.utils import _pytree as pytree
+
+from llmrank.ir.graph import ModelIR
+from llmrank.ir.trace import Traced
+from llmrank.passes.analyze import SPLITS, analyze, group_regions, op_name
+from llmrank.passes.calibrate import ActivationNorms, CalibrationError, _batch_norm
+from llmrank.passes.score import ScoreConfig, Scores, score
+from llmrank.passes.select import check_sparsity, select
+from llmrank.passes.shrink import mask, shrink
+
+__all__ = [
+    "ProgramError",
+    "ProgramResult",
+    "calibrate_program",
+    "mask_program",
+    "outputs_diff",
+    "program_dynamic_shapes",
+    "program_traced",
+    "prune_program",
+    "reexport",
+    "rewrite_shapes",
+    "shrink_program",
+]
+
+LINEAR_OPS = ("linear", "addmm")
+SHAPE_VIEWS = ("view", "reshape", "_unsafe_view")
+
+
+class ProgramError(ValueError):
+    """The program cannot be pruned as given; the message says what to change."""
+
+
+@dataclass
+class ProgramResult:
+    """A slim ExportedProgram and how it was obtained.
+
+    ``ir``, ``kept`` and ``scores`` name Linears by their paths in ``ep.module()`` (the
+    parameter FQNs of the input program without ``.weight``). ``max_abs_diff`` compares the
+    slim program with the dense one whose dropped channels are zeroed, on the verification
+    inputs. ``rewrites`` lists the shape constants changed in the graph.
+    """
+
+    program: ExportedProgram
+    ir: ModelIR
+    kept: dict[str, torch.Tensor]
+    scores: Scores
+    max_abs_diff: float
+    norms: ActivationNorms | None = None
+    widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    rewrites: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------
+# analysis: a Traced view of an ExportedProgram
+
+
+def _owner_from_stack(node: fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
+
+
+def program_traced(ep: ExportedProgram, module: nn.Module | None = None) -> Traced:
+    """``Traced(program=ep, model=ep.module(), prefix="")`` with module paths that resolve.
+
+    ``analyze`` names each Linear by the last entry of its node's ``nn_module_stack``. In a
+    program exported from a user's model those paths are the parameter FQNs of
+    ``ep.module()``; in a re-exported GraphModule (and some HF layer loops) they are not.
+    When any Linear's path does not own its weight parameter, a copy of the program is
+    annotated with the owner derived from the parameter FQN; the caller's ``ep`` is untouched.
+    """
+    module = ep.module() if module is None else module
+    sig = ep.graph_signature
+    fixes: dict[str, str] = {}
+    for node in ep.graph.nodes:
+        name = op_name(node)
+        if name not in LINEAR_OPS:
+            continue
+        weight = node.args[1] if name == "linear" else node.args[2]
+        fqn = sig.inputs_to_parameters.get(getattr(weight, "name", None))
+        if fqn is None or not fqn.endswith(".weight"):
+            continue
+        owner = fqn[: -len(".weight")]
+        if _owner_from_stack(node) != owner:
+            fixes[node.name] = owner
+    if fixes:
+        ep = copy.deepcopy(ep)
+        for node in ep.graph.nodes:
+            if node.name in fixes:
+                stack = dict(node.meta.get("nn_module_stack") or {})
+                stack["llmrank_param_owner"] = (fixes[node.name], "torch.nn.Module")
+                node.meta["nn_module_stack"] = stack
+    return Traced(program=ep, model=module, prefix="")
+
+
+def analyze_program(ep: ExportedProgram, module: nn.Module | None = None) -> tuple[Traced, ModelIR]:
+    traced = program_traced(ep, module)
+    ir = analyze(traced)
+    if not ir.linears:
+        raise ProgramError(
+            "the program has no aten.linear/aten.addmm with a weight parameter: analyse the program from "
+            "torch.export.export BEFORE run_decompositions() (the default table turns linear into mm)"
+        )
+    return traced, ir
+
+
+# ---------------------------------------------------------------------------------------
+# calibration: per-batch L2 norms of every Linear's input and output, read by an interpreter
+
+
+def _data_input(node: fx.Node) -> fx.Node:
+    return node.args[1] if op_name(node) == "addmm" else node.args[0]
+
+
+class _NormRecorder(fx.Interpreter):
+    """Runs a GraphModule and adds up ``_batch_norm`` of each watched node's input and output."""
+
+    def __init__(self, module: fx.GraphModule, watch: dict[str, str]):
+        super().__init__(module)
+        self.watch = watch
+        self.sums_in: dict[str, torch.Tensor] = {}
+        self.sums_out: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        name = self.watch.get(n.name)
+        if name is not None:
+            a_in, a_out = _batch_norm(self.env[_data_input(n)]), _batch_norm(out)
+            self.sums_in[name] = a_in if name not in self.sums_in else self.sums_in[name] + a_in
+            self.sums_out[name] = a_out if name not in self.sums_out else self.sums_out[name] + a_out
+        return out
+
+
+def _as_inputs(item: Any) -> tuple:
+    return tuple(item) if isinstance(item, (tuple, list)) else (item,)
+
+
+def _tokens(inputs: tuple) -> int:
+    first = next((x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)), None)
+    if first is None or first.dim() == 0:
+        return 1
+    return int(first.shape[0] * (first.shape[1] if first.dim() > 1 and not first.is_floating_point() else 1))
+
+
+def calibrate_program(
+    module: fx.GraphModule, ir: ModelIR, calibration_inputs: Iterable[Any], *, linears: Iterable[str] | None = None
+) -> ActivationNorms:
+    """The norms of ``llmrank.passes.calibrate.calibrate``, from an FX interpreter over ``module``.
+
+    ``module`` is ``ep.module()`` (its node names are those of ``ep.graph``). Each item of
+    ``calibration_inputs`` is a tuple of positional inputs (a lone tensor is accepted).
+    a_in[j] / a_out[j] are the mean over batches of the per-batch L2 norm of feature j over
+    all positions, for the data input and output of each aten.linear / aten.addmm node.
+    """
+    names = set(ir.linears) if linears is None else set(linears)
+    graph_nodes = {n.name for n in module.graph.nodes}
+    watch = {ir.linears[n].node: n for n in names}
+    missing = [node for node in watch if node not in graph_nodes]
+    if missing:
+        raise ProgramError(f"the module's graph lacks the nodes {missing[:3]} of the analysed program: pass ep.module() of the same program")
+    recorder = _NormRecorder(module, watch)
+    norms = ActivationNorms()
+    with torch.no_grad():
+        for item in calibration_inputs:
+            inputs = _as_inputs(item)
+            if not inputs:
+                raise CalibrationError("a calibration input is an empty tuple")
+            recorder.run(*inputs)
+            norms.batches += 1
+            norms.tokens += _tokens(inputs)
+    if norms.batches == 0:
+        raise CalibrationError("calibration_inputs is empty: give at least one tuple of inputs")
+    for name in names:
+        if name in recorder.sums_in:
+            norms.a_in[name] = (recorder.sums_in[name] / norms.batches).to(torch.float32)
+            norms.a_out[name] = (recorder.sums_out[name] / norms.batches).to(torch.float32)
+    return norms
+
+
+# ---------------------------------------------------------------------------------------
+# rewrite: shrink parameters, then fix shape constants that hard-code a group's width
+
+
+def _split_sizes(node: fx.Node) -> list[int]:
+    """Old segment sizes of a last-dim split/chunk node (from the arguments and meta)."""
+    value = node.args[0].meta.get("val")
+    total = int(value.shape[-1])
+    arg = node.args[1]
+    if op_name(node) == "chunk":
+        step = -(-total // int(arg))
+        return [min(step, total - i) for i in range(0, total, step)]
+    if isinstance(arg, int):
+        return [min(arg, total - i) for i in range(0, total, arg)]
+    return [int(s) for s in arg]
+
+
+def rewrite_shapes(gm: fx.GraphModule, ir: ModelIR, kept: dict[str, torch.Tensor], regions: dict[str, Sequence[str]]) -> list[str]:
+    """Rewrite, in place, the widths hard-coded in the groups' regions of ``gm``'s graph.
+
+    - view/reshape whose target shape ends with the group's old width (GPT-2 ``view(addmm,
+      [b, s, 3072])``, ``view(x, [-1, 3072])``): the last entry becomes the kept width;
+    - a last-dim split/chunk whose pieces carry groups (a fused gate_up with
+      split_with_sizes): new sizes per piece; it becomes ``split_with_sizes`` when they differ.
+    Returns one line per change. ``gm.recompile()`` is called when something changed.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    width: dict[str, tuple[int, int]] = {}
+    for g in ir.groups:
+        for name in regions[g.name]:
+            if name not in nodes:
+                raise ProgramError(f"node {name!r} of group {g.name!r} is not in the module's graph: pass ep.module() of the analysed program")
+            width[name] = (g.width, len(kept[g.name]))
+    changes: list[str] = []
+    for name, (old, new) in width.items():
+        node = nodes[name]
+        if old == new or op_name(node) not in SHAPE_VIEWS or len(node.args) < 2:
+            continue
+        shape = node.args[1]
+        if isinstance(shape, (list, tuple)) and shape and isinstance(shape[-1], int) and shape[-1] == old:
+            node.args = (node.args[0], [*shape[:-1], new], *node.args[2:])
+            changes.append(f"{name}: {op_name(node)} last dim {old} -> {new}")
+    for node in list(gm.graph.nodes):
+        if op_name(node) not in SPLITS or op_name(node) == "tensor_split":
+            continue
+        items = [u for u in node.users if op_name(u) == "getitem" and u.name in width]
+        if not items:
+            continue
+        sizes = _split_sizes(node)
+        new_sizes = list(sizes)
+        for item in items:
+            new_sizes[int(item.args[1])] = width[item.name][1]
+        if new_sizes == sizes:
+            continue
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if op_name(node) == "chunk" and len(set(new_sizes)) == 1:
+            changes.append(f"{node.name}: chunk keeps {len(sizes)} equal pieces ({sizes[0]} -> {new_sizes[0]})")
+            continue
+        node.target = torch.ops.aten.split_with_sizes.default
+        node.args = (node.args[0], new_sizes, dim)
+        node.kwargs = {}
+        changes.append(f"{node.name}: split sizes {sizes} -> {new_sizes}")
+    if changes:
+        gm.recompile()
+    return changes
+
+
+def shrink_program(
+    module: fx.GraphModule, ir: ModelIR, kept: dict[str, torch.Tensor], regions: dict[str, Sequence[str]]
+) -> tuple[fx.GraphModule, list[str]]:
+    """A copy of ``module`` (``ep.module()``) with shrunk parameters and rewritten shape constants."""
+    slim = shrink(module, ir, kept)
+    return slim, rewrite_shapes(slim, ir, kept, regions)
+
+
+def mask_program(module: fx.GraphModule, ir: ModelIR, kept: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The reference: a copy of ``module`` with the dropped channels zeroed (same shapes)."""
+    return mask(module, ir, kept)
+
+
+# ---------------------------------------------------------------------------------------
+# re-export with the program's dynamic dims
+
+
+def program_dynamic_shapes(ep: ExportedProgram) -> Any:
+    """Dynamic shapes for re-exporting ``ep.module()``, reconstructed from the program.
+
+    Every user-input dim that is a plain symbol becomes a ``Dim`` with the program's range
+    (one Dim per symbol, so dims that were equal stay equal); a derived dim becomes
+    ``Dim.AUTO``. The structure follows the program's input spec: a tuple for positional
+    inputs (plus a dict by name for keyword inputs).
+    """
+    user = set(ep.graph_signature.user_inputs)
+    dims: dict[Any, Any] = {}
+    specs: list[Any] = []
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            specs.append(None)
+            continue
+        spec: dict[int, Any] = {}
+        for i, size in enumerate(value.shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            expr = size.node.expr
+            if not expr.is_Symbol:
+                spec[i] = Dim.AUTO
+                continue
+            if expr not in dims:
+                dims[expr] = Dim(f"dim_{expr}", **_range_kwargs(ep.range_constraints.get(expr)))
+            spec[i] = dims[expr]
+        specs.append(spec or None)
+    if not dims and not any(specs):
+        return None
+    args, kwargs = pytree.tree_unflatten(specs, ep.call_spec.in_spec)
+    if kwargs:
+        return {**_names_for(ep, len(args), args), **kwargs}
+    return tuple(args)
+
+
+def _names_for(ep: ExportedProgram, n: int, values: Sequence[Any]) -> dict[str, Any]:
+    import inspect
+
+    params = list(inspect.signature(ep.module().forward).parameters)
+    return dict(zip(params[:n], values))
+
+
+def _range_kwargs(vr: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if vr is None:
+        return out
+    lower, upper = vr.lower, vr.upper
+    try:
+        if lower is not None and math.isfinite(float(lower)) and int(lower) > 0:
+            out["min"] = int(lower)
+        if upper is not None and math.isfinite(float(upper)) and int(upper) < (1 << 62):
+            out["max"] = int(upper)
+    except (TypeError, ValueError, OverflowError):
+        pass  # int_oo and friends: unbounded
+    return out
+
+
+def reexport(module: nn.Module, example_inputs: tuple, dynamic_shapes: Any = None, *, kwargs: dict | None = None) -> ExportedProgram:
+    """``torch.export.export`` of a (rewritten) ``ep.module()``; non-strict, under no_grad."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(module, tuple(example_inputs), kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as error:  # noqa: BLE001 - explained
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ProgramError(
+            f"re-exporting the shrunk program failed: {type(error).__name__}: {first}. A shape constant outside the "
+            "groups' regions may still hard-code an old width; pass dynamic_shapes= explicitly if the dims were the issue"
+        ) from error
+
+
+def _example_inputs(ep: ExportedProgram, calibration_inputs: Sequence[Any]) -> tuple[tuple, dict]:
+    example = getattr(ep, "example_inputs", None)
+    if example is not None:
+        args, kwargs = example
+        return tuple(args), dict(kwargs or {})
+    if not calibration_inputs:
+        raise ProgramError("the program carries no example inputs: give calibration or example inputs to re-export it")
+    return _as_inputs(calibration_inputs[0]), {}
+
+
+# ---------------------------------------------------------------------------------------
+# verification
+
+
+def outputs_diff(reference: nn.Module, candidate: nn.Module, inputs: Sequence[tuple]) -> float:
+    """Largest absolute difference over all tensor outputs of two modules on ``inputs``."""
+    worst = 0.0
+    with torch.no_grad():
+        for item in inputs:
+            args = _as_inputs(item)
+            ref = pytree.tree_leaves(reference(*args))
+            got = pytree.tree_leaves(candidate(*args))
+            if len(ref) != len(got):
+                return math.inf
+            for a, b in zip(ref, got):
+                if isinstance(a, torch.Tensor):
+                    if a.shape != b.shape:
+                        return math.inf
+                    if a.numel():
+                        worst = max(worst, float((a.double() - b.double()).abs().max()))
+    return worst
+
+
+# ---------------------------------------------------------------------------------------
+# the one call
+
+
+def prune_program(
+    ep: ExportedProgram,
+    calibration_inputs: list[tuple],
+    *,
+    sparsity: float,
+    scorer: str = "wpr",
+    representation: str = "dataflow",
+    gamma: float = 0.5,
+    theta: float = 0.5,
+    pruner: str = "local",
+    multiple: int = 1,
+    dynamic_shapes: Any = None,
+    verify_inputs: Sequence[tuple] | None = None,
+) -> ProgramResult:
+    """Prune the FFN channel groups of ``ep`` and return a slim ExportedProgram.
+
+    ``calibration_inputs`` is a list of input tuples for the program (token batches for a
+    logits-only HF wrapper, feature batches for an MLP). ``dynamic_shapes`` is what the
+    program was exported with; by default it is rebuilt from the program (same symbols and
+    ranges). ``verify_inputs`` defaults to the first calibration input. ``ep`` is not modified.
+    """
+    check_sparsity(sparsity)
+    calibration_inputs = list(calibration_inputs)
+    if not calibration_inputs:
+        raise CalibrationError("calibration_inputs is empty: give at least one tuple of inputs")
+    config = ScoreConfig(scorer=scorer, representation=representation, theta=theta, gamma=gamma)
+    timings: dict[str, float] = {}
+
+    clock = time.perf_counter()
+    module = ep.module()
+    traced, ir = analyze_program(ep, module)
+    if not ir.groups:
+        raise ProgramError(f"the program has no prunable channel group. Blocked: {dict(list(ir.blocked.items())[:4])}")
+    regions = group_regions(traced, ir)
+    timings["analyze"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    norms = None
+    if scorer not in ("l1", "lp", "random"):
+        norms = calibrate_program(module, ir, calibration_inputs)
+    timings["calibrate"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    scores = score(module, ir, norms, config)
+    kept = select(ir, scores.groups, sparsity, pruner=pruner, multiple=multiple)
+    timings["score_select"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    slim_module, rewrites = shrink_program(module, ir, kept, regions)
+    args, kwargs = _example_inputs(ep, calibration_inputs)
+    shapes = dynamic_shapes if dynamic_shapes is not None else program_dynamic_shapes(ep)
+    program = reexport(slim_module, args, shapes, kwargs=kwargs)
+    timings["shrink_reexport"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    checks = list(verify_inputs) if verify_inputs is not None else calibration_inputs[:1]
+    diff = outputs_diff(mask_program(module, ir, kept), program.module(), checks)
+    timings["verify"] = time.perf_counter() - clock
+
+    widths = {g.name: (g.width, len(kept[g.name])) for g in ir.groups}
+    return ProgramResult(program, ir, kept, scores, diff, norms, widths, rewrites, timings)
