@@ -13,11 +13,13 @@ from llmrank.passes.score import ScoreConfig, Scores, score
 from llmrank.passes.select import select
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, verify
+from llmrank.passes.program import ProgramResult, prune_program
+from llmrank.passes.manager import Pipeline, PipelineState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationNorms", "CalibrationError", "ChannelGroup", "LinearInfo", "ModelIR", "Port", "PruneError", "PruneResult",
-    "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "Verification", "analyze", "calibrate", "count_parameters",
+    "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "Verification", "Pipeline", "PipelineState", "ProgramResult", "prune_program", "analyze", "calibrate", "count_parameters",
     "load", "mask", "mask_paper", "prune", "score", "select", "shrink", "trace", "verify",
 ]

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced
-from llmrank.passes.analyze import SPLITS, analyze, group_regions, op_name
+from llmrank.passes.analyze import SPLITS, _transposed_param, analyze, group_regions, op_name
 from llmrank.passes.calibrate import ActivationNorms, CalibrationError, _batch_norm
 from llmrank.passes.score import ScoreConfig, Scores, score
 from llmrank.passes.select import check_sparsity, select
@@ -55,7 +55,7 @@ __all__ = [
     "shrink_program",
 ]
 
-LINEAR_OPS = ("linear", "addmm")
+LINEAR_OPS = ("linear", "addmm", "matmul", "mm")  # what analyze recognises as a layer
 SHAPE_VIEWS = ("view", "reshape", "_unsafe_view")
 
 
@@ -93,6 +93,16 @@ def _owner_from_stack(node: fx.Node) -> str | None:
     return list(stack.values())[-1][0] if stack else None
 
 
+def _weight_arg(node: fx.Node) -> object:
+    """The weight operand of a layer node, as ``analyze`` reads it (x @ W.T: W under the transpose)."""
+    name = op_name(node)
+    if name == "addmm":
+        return node.args[2]
+    if name in ("matmul", "mm"):
+        return _transposed_param(node.args[1])
+    return node.args[1]
+
+
 def program_traced(ep: ExportedProgram, module: nn.Module | None = None) -> Traced:
     """``Traced(program=ep, model=ep.module(), prefix="")`` with module paths that resolve.
 
@@ -109,7 +119,7 @@ def program_traced(ep: ExportedProgram, module: nn.Module | None = None) -> Trac
         name = op_name(node)
         if name not in LINEAR_OPS:
             continue
-        weight = node.args[1] if name == "linear" else node.args[2]
+        weight = _weight_arg(node)
         fqn = sig.inputs_to_parameters.get(getattr(weight, "name", None))
         if fqn is None or not fqn.endswith(".weight"):
             continue
