@@ -23,7 +23,7 @@ from torch import nn
 
 from llmrank.cache import atomic_dir, cache_dir, log, pip_download
 
-__all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "convert_gguf"]
+__all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf"]
 
 
 @dataclass(frozen=True)
@@ -264,6 +264,15 @@ def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     model = model.to(dtype)
     model.eval()
     return model
+
+
+def load_tokenizer(name_or_path: str):
+    """Only the tokenizer (no weights loaded): for tokenising calibration/eval text cheaply."""
+    from transformers import AutoTokenizer
+
+    if name_or_path in BUILTIN_MODELS or Path(name_or_path).expanduser().exists():
+        return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), local_files_only=True)
+    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
