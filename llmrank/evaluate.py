@@ -58,10 +58,12 @@ def torch_logits_fn(model: torch.nn.Module) -> LogitsFn:
 
 def onnx_logits_fn(path: str | Path, providers: Sequence[str] | None = None,
                    threads: int | None = None) -> LogitsFn:
-    """Wrap a logits-only ONNX model: input `input_ids`, output `logits`.
+    """Wrap an ONNX causal LM: input `input_ids`, output `logits`.
 
     An `attention_mask` input gets ones and a `position_ids` input gets 0..T-1, which is
-    what an unpadded causal batch means; any other input is an error.
+    what an unpadded causal batch means. A KV-cache graph (`past_key_values.*` inputs, as
+    written by `export_onnx(with_past=True)`) is fed empty pasts (length 0), i.e. one
+    prefill; any other input is an error.
     """
     import onnxruntime as ort
 
@@ -70,9 +72,10 @@ def onnx_logits_fn(path: str | Path, providers: Sequence[str] | None = None,
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
     inputs = [i.name for i in sess.get_inputs()]
-    extra = set(inputs) - {"input_ids", "attention_mask", "position_ids"}
+    pasts = [(i.name, i.shape, i.type) for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+    extra = set(inputs) - {"input_ids", "attention_mask", "position_ids"} - {name for name, _, _ in pasts}
     if "input_ids" not in inputs or extra:
-        raise ValueError(f"{path}: expected inputs input_ids[, attention_mask, position_ids], got {inputs}")
+        raise ValueError(f"{path}: expected inputs input_ids[, attention_mask, position_ids, past_key_values.*], got {inputs}")
     outputs = [o.name for o in sess.get_outputs()]
     out_name = "logits" if "logits" in outputs else outputs[0]
 
@@ -83,6 +86,8 @@ def onnx_logits_fn(path: str | Path, providers: Sequence[str] | None = None,
             feed["attention_mask"] = np.ones_like(ids)
         if "position_ids" in inputs:
             feed["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        for name, shape, typ in pasts:  # [batch, kv_heads, past=0, head_dim]
+            feed[name] = np.zeros((ids.shape[0], shape[1], 0, shape[3]), dtype=np.float16 if typ == "tensor(float16)" else np.float32)
         (logits,) = sess.run([out_name], feed)
         return torch.from_numpy(logits).float()
 
@@ -135,11 +140,13 @@ def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 def perplexity(logits_fn: LogitsFn | torch.nn.Module, token_ids: torch.Tensor, seq_len: int = 512,
-               stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
+               stride: int | None = None, max_tokens: int | None = None, batch_size: int = 1,
                progress: bool = True) -> PerplexityResult:
     """Perplexity of a token stream (LongTensor[1, T] or [T]) under the windowing above.
 
-    Windows of equal length are batched; a short last window runs on its own.
+    Windows of equal length are batched (`batch_size` windows per call; one window of 512
+    tokens already makes large matmuls, and its logits are T x V floats); a short last
+    window runs on its own.
     """
     fn = _as_logits_fn(logits_fn)
     stride = seq_len if stride is None else stride
@@ -156,12 +163,11 @@ def perplexity(logits_fn: LogitsFn | torch.nn.Module, token_ids: torch.Tensor, s
 
     total, count = 0.0, 0
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
-        x = torch.stack([ids[b:e] for b, e, _ in batch])
-        logp = torch.log_softmax(fn(x)[:, :-1].float(), dim=-1)
+        logits = fn(torch.stack([ids[b:e] for b, e, _ in batch]))
         for row, (b, e, first) in enumerate(batch):
             tgt = ids[first:e]
-            pos = torch.arange(first - b - 1, e - b - 1)
-            total -= logp[row, pos, tgt].double().sum().item()
+            logp = torch.log_softmax(logits[row, first - b - 1:e - b - 1].float(), dim=-1)
+            total -= logp[torch.arange(len(tgt)), tgt].double().sum().item()
             count += len(tgt)
     nll = total / max(count, 1)
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, seq_len=seq_len, stride=stride)
@@ -193,13 +199,21 @@ def _special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-def _request(tokenizer: Any, prefix: list[int], context: str, choice: str,
+def _start_token(tokenizer: Any, prefix_token_id: int | None) -> int:
+    """Token put before an empty context: the override, else BOS, else EOS (lm-eval's rule)."""
+    for tok_id in (prefix_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    raise ValueError("tokenizer has neither BOS nor EOS: pass prefix_token_id")
+
+
+def _request(tokenizer: Any, prefix: list[int], start: int, context: str, choice: str,
              max_length: int) -> tuple[list[int], int]:
     """(token ids, number of continuation tokens at the tail) for one context + choice.
 
     The continuation is what `context + choice` adds beyond its common prefix with
     `context` alone, so a merge across the boundary is scored as part of the choice. An
-    empty prefix gets a BOS (else EOS) token so the first choice token is scored too.
+    empty prefix gets the `start` token so the first choice token is scored too.
     """
     ctx = prefix + _encode(tokenizer, context)
     whole = prefix + _encode(tokenizer, context + choice)
@@ -208,7 +222,6 @@ def _request(tokenizer: Any, prefix: list[int], context: str, choice: str,
         common += 1
     common = min(common, len(whole) - 1)  # at least one continuation token
     if common == 0:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         whole, common = [start] + whole, 1
     n_cont = len(whole) - common
     if n_cont >= max_length:
@@ -217,8 +230,14 @@ def _request(tokenizer: Any, prefix: list[int], context: str, choice: str,
 
 
 def choice_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items: Sequence[MCItem],
-                    batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> list[list[float]]:
+                    batch_size: int = 16, max_length: int = 1024, progress: bool = True,
+                    prefix_token_id: int | None = None) -> list[list[float]]:
     """log p(choice | context), summed over the choice's tokens, for every choice of every item.
+
+    When the tokenizer adds no special prefix and the context is empty (hyperbaton), the
+    text starts after `prefix_token_id` (default BOS, else EOS). This choice matters: for
+    SmolLM2-Instruct, whose BOS is the chat token <|im_start|>, the pretraining document
+    separator <|endoftext|> (id 0) scores hyperbaton far higher.
 
     Requests are sorted by length and right-padded; padding sits after the scored tokens of
     a causal model, so it never changes their logits and no attention mask is needed.
@@ -226,7 +245,8 @@ def choice_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items
     fn = _as_logits_fn(logits_fn)
     prefix = _special_prefix(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    reqs = [(i, j, *_request(tokenizer, prefix, it.context, ch, max_length))
+    start = _start_token(tokenizer, prefix_token_id)
+    reqs = [(i, j, *_request(tokenizer, prefix, start, it.context, ch, max_length))
             for i, it in enumerate(items) for j, ch in enumerate(it.choices)]
     order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][2]))
     scores = [[0.0] * len(it.choices) for it in items]
@@ -247,9 +267,10 @@ def choice_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items
 
 
 def multiple_choice(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items: Sequence[MCItem],
-                    batch_size: int = 16, max_length: int = 1024, progress: bool = True) -> MCResult:
+                    batch_size: int = 16, max_length: int = 1024, progress: bool = True,
+                    prefix_token_id: int | None = None) -> MCResult:
     """Zero-shot accuracy (acc and per-character acc_norm, as in lm-eval-harness)."""
-    scores = choice_logprobs(logits_fn, tokenizer, items, batch_size, max_length, progress)
+    scores = choice_logprobs(logits_fn, tokenizer, items, batch_size, max_length, progress, prefix_token_id)
     hits = hits_norm = 0
     for it, sc in zip(items, scores):
         hits += int(np.argmax(sc)) == it.label
@@ -264,20 +285,21 @@ def multiple_choice(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items
 
 def evaluate(model_or_logits_fn: Any, tokenizer: Any, *, ppl_tokens: torch.Tensor | None = None,
              tasks: Sequence[str] = (), limit: int | None = None, seed: int = 0, seq_len: int = 512,
-             stride: int | None = None, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+             stride: int | None = None, batch_size: int = 16, ppl_batch_size: int = 1,
+             prefix_token_id: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Perplexity (if tokens are given) and each task's accuracy, as a JSON-able dict."""
     fn = _as_logits_fn(model_or_logits_fn)
     out: dict[str, Any] = {}
     if ppl_tokens is not None:
         t0 = time.perf_counter()
         res = perplexity(fn, ppl_tokens, seq_len=seq_len, stride=stride,
-                         batch_size=max(1, batch_size // 4), progress=progress)
+                         batch_size=ppl_batch_size, progress=progress)
         out["perplexity"] = {**asdict(res), "seconds": round(time.perf_counter() - t0, 2)}
     if tasks:
         out["tasks"] = {}
     for name in tasks:
         t0 = time.perf_counter()
         res = multiple_choice(fn, tokenizer, load_task(name, limit=limit, seed=seed),
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, prefix_token_id=prefix_token_id)
         out["tasks"][name] = {**asdict(res), "seconds": round(time.perf_counter() - t0, 2)}
     return out

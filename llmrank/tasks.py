@@ -118,22 +118,23 @@ _HYPERBATON = re.compile(r'^Which sentence has the correct adjective order: a " 
 
 
 def _hyperbaton(examples: list[dict]) -> list[MCItem]:
-    """Minimal pair: context "" and the two noun phrases as the choices.
+    """Minimal pair: context "" and the two noun phrases, each with a leading space.
 
     The BIG-bench prompt ("Which sentence has the correct adjective order: a "..." b "..." ?")
     is too hard for a small model to answer by letter; comparing the full log-likelihood of
-    the two phrases (each scored after the BOS/EOS prefix token, see
-    `evaluate.multiple_choice`) measures the same knowledge. Both phrases hold the same
-    words, so acc and acc_norm agree up to tokenisation ties. Chance: 50 %.
-    Example: choices ["obnoxious normal-size brand-new purple glass motorcycle",
-    "glass normal-size brand-new obnoxious purple motorcycle"], label 0.
+    the two phrases (each scored after a start token, see `evaluate.choice_logprobs`)
+    measures the same knowledge. Both phrases hold the same words, so acc and acc_norm agree
+    up to tokenisation. The leading space keeps word tokens in their mid-text form, like
+    the other tasks' choices (SmolLM2-135M, 200 items: 65 % with it, 58 % without).
+    Chance: 50 %. Example: choices [" obnoxious normal-size brand-new purple glass
+    motorcycle", " glass normal-size brand-new obnoxious purple motorcycle"], label 0.
     """
     items = []
     for ex in examples:
         m = _HYPERBATON.match(ex["input"].strip())
         if m is None:
             raise ValueError(f"unexpected hyperbaton input: {ex['input']!r}")
-        items.append(MCItem("", [m.group(1), m.group(2)], 0 if ex["target_scores"]["a"] else 1))
+        items.append(MCItem("", [" " + m.group(1), " " + m.group(2)], 0 if ex["target_scores"]["a"] else 1))
     return items
 
 
