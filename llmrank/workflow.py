@@ -21,6 +21,11 @@ from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_o
 from llmrank.report import plot_prune
 
 
+# fp32 logits of real models (|logit| ~ 20-40) differ between onnxruntime and PyTorch kernels by
+# ~1e-4 (measured 1.6e-4 on dense SmolLM2); tiny test models stay far below this.
+ONNX_ATOL = 1e-3
+
+
 @dataclass
 class PruneJob:
     """Everything ``llmrank prune`` needs; defaults are the documented defaults."""
@@ -123,7 +128,7 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
     report["artifacts"]["plot"] = "plot.png"
     if job.hf and job.mode != "mask-paper":
         saved = save_hf(result.model, tokenizer, folder / "hf", metadata=metadata)
-        report["artifacts"]["hf"] = {"path": "hf", "uniform": saved["uniform"]}
+        report["artifacts"]["hf"] = {"path": "hf", "uniform": saved.uniform}
     if job.onnx:
         onnx = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
         report["artifacts"]["onnx"] = onnx
@@ -133,7 +138,7 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
 def export_onnx_artifact(model, path: Path, job: PruneJob, metadata: dict[str, Any]) -> dict[str, Any]:
     from llmrank.exporters.onnx import export_onnx
 
-    res = export_onnx(model, path, with_past=job.kv_cache, metadata=metadata, optimize=job.optimize, force=job.force)
+    res = export_onnx(model, path, with_past=job.kv_cache, metadata=metadata, optimize=job.optimize, force=job.force, atol=ONNX_ATOL)
     rel = Path(path.parent.name) / path.name
     return {
         "path": str(rel), "bytes": res.total_bytes, "with_past": res.with_past,

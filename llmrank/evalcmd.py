@@ -1,0 +1,315 @@
+"""``llmrank eval`` and ``llmrank sweep``: the evaluation protocol shared by both commands.
+
+Perplexity is measured on the built-in wiki corpus's *eval* articles (disjoint from the
+calibration articles), on the first N tokens of that split tokenised as one stream, with
+windows of ``seq_len`` tokens every ``stride`` tokens (llmrank.evaluate.perplexity). The
+protocol goes into every report next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TASKS = "hyperbaton,step_inference,social_iqa"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _find_tokenizer_dir(onnx_path: Path) -> Path | None:
+    """A folder next to an exported ONNX file that holds a tokenizer (the prune output layout
+    is ``out/onnx/model.onnx`` + ``out/hf/``)."""
+    for folder in (onnx_path.parent, onnx_path.parent.parent / "hf", onnx_path.parent.parent):
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return folder
+    return None
+
+
+def load_tokenizer(name_or_folder: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(name_or_folder).expanduser()
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    from llmrank.models import load_tokenizer as load_named
+
+    return load_named(str(name_or_folder))
+
+
+def load_torch_model(target: str):
+    """(model, tokenizer or None, kind) for a built-in name, a slim or stock HF folder, or a hub id.
+
+    A folder whose config has an ``llmrank`` entry (written by ``save_hf``) is rebuilt with
+    ``llmrank.load``, which handles per-layer FFN widths; any other folder goes through
+    ``from_pretrained``.
+    """
+    path = Path(target).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        if "llmrank" in json.loads(config_path.read_text()):
+            from llmrank.exporters.hf import load_hf
+
+            model = load_hf(path)
+            has_tok = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+            return model, (load_tokenizer(path) if has_tok else None), "hf-slim"
+    from llmrank.models import load_model
+
+    model, tokenizer = load_model(target)
+    return model, tokenizer, "hf-folder" if path.is_dir() else "builtin-or-hub"
+
+
+def load_eval_target(target: str, tokenizer: str | None = None, *, onnx: bool | None = None, threads: int | None = None):
+    """(LogitsFn, tokenizer, info) for a model name/folder or a ``.onnx`` file."""
+    from llmrank.evaluate import onnx_logits_fn, torch_logits_fn
+
+    path = Path(target).expanduser()
+    is_onnx = path.suffix == ".onnx" if onnx is None else onnx
+    if is_onnx:
+        if path.is_dir():
+            candidates = sorted(path.glob("*.onnx")) or sorted(path.glob("onnx/*.onnx"))
+            if len(candidates) != 1:
+                raise FileNotFoundError(f"--onnx: {path} holds {len(candidates)} .onnx files; give the file itself")
+            path = candidates[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX file {path} does not exist")
+        tok_src: Any = tokenizer or _find_tokenizer_dir(path)
+        if tok_src is None:
+            raise ValueError(f"no tokenizer found next to {path}: pass --tokenizer FOLDER_OR_BUILTIN_NAME")
+        return onnx_logits_fn(path, threads=threads), load_tokenizer(tok_src), {"kind": "onnx", "path": str(path), "tokenizer": str(tok_src)}
+    model, tok, kind = load_torch_model(target)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    if tok is None:
+        raise ValueError(f"{target} has no tokenizer: pass --tokenizer FOLDER_OR_BUILTIN_NAME")
+    from llmrank.api import count_parameters
+
+    return torch_logits_fn(model), tok, {"kind": kind, "path": target, "parameters": count_parameters(model), "model": model}
+
+
+# ---------------------------------------------------------------- data
+
+
+def parse_tokens(text: str) -> int | None:
+    """--ppl-tokens: a count, ``all`` (None = the whole split) or 0 (skip perplexity)."""
+    if str(text).lower() in ("all", "-1"):
+        return None
+    try:
+        n = int(text)
+    except ValueError as exc:
+        raise ValueError(f"--ppl-tokens must be a number or 'all', got {text!r}") from exc
+    if n < 0:
+        raise ValueError(f"--ppl-tokens must be >= 0 or 'all', got {n}")
+    return n
+
+
+def ppl_stream(tokenizer, source: str, n_tokens: int | None):
+    """(LongTensor[1, T], protocol dict) from the eval split of ``source``; None if n == 0."""
+    from llmrank.data import load_text_source, tokenize_text
+
+    if n_tokens == 0:
+        return None, {}
+    ids = tokenize_text(tokenizer, load_text_source(source, "eval"))
+    available = int(ids.numel())
+    if n_tokens is not None:
+        ids = ids[:n_tokens]
+    split = ("wiki eval articles (second half of the built-in corpus, disjoint from the calibration articles)"
+             if source == "wiki" else f"{source} (used whole: the calib/eval split applies only to 'wiki' and HF datasets)")
+    return ids.unsqueeze(0), {"source": source, "split": split, "tokens_used": int(ids.numel()), "tokens_available": available}
+
+
+def parse_tasks(text: str | None) -> list[str]:
+    from llmrank.sweep import resolve_task
+    from llmrank.tasks import TASKS
+
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return []
+    names = [resolve_task(t.strip()) for t in str(text).split(",") if t.strip()]
+    for n in names:
+        if n not in TASKS:
+            raise ValueError(f"unknown task {n!r}; choose from {', '.join(sorted(TASKS))} (step_inference is an alias)")
+    return names
+
+
+def load_items(tasks: list[str], limit: int | None, seed: int) -> dict[str, list]:
+    from llmrank.tasks import load_task
+
+    return {name: load_task(name, limit=limit, seed=seed) for name in tasks}
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _check_ppl_window(seq_len: int, stride: int | None) -> None:
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
+    if stride is not None and not 0 < stride <= seq_len:
+        raise ValueError(f"--stride must be in [1, --seq-len], got {stride}")
+
+
+def add_ppl_options(p: argparse.ArgumentParser, *, default_tokens: str) -> None:
+    p.add_argument("--ppl-tokens", default=default_tokens,
+                   help=f"tokens of the eval split to score (default {default_tokens}; 'all' = whole split, 0 = skip)")
+    p.add_argument("--ppl-source", default="wiki", help="wiki (its eval articles), a .txt file or a folder of .txt files")
+    p.add_argument("--seq-len", type=int, default=512, help="perplexity window length (tokens)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity window stride (default: --seq-len, no overlap)")
+    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma list of BIG-bench tasks, or 'none' (default {DEFAULT_TASKS})")
+    p.add_argument("--limit", type=int, default=None, help="items per task (a seeded random subset)")
+    p.add_argument("--batch-size", type=int, default=16, help="multiple-choice requests per forward")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/onnxruntime intra-op threads (1 is often fastest on a shared, loaded CPU)")
+
+
+def add_eval_parser(sub, common) -> None:
+    p = sub.add_parser("eval", help="perplexity and zero-shot task accuracy of a model, a slim checkpoint or an ONNX file")
+    p.add_argument("model", help="built-in name, HF folder (slim checkpoints included) or .onnx file")
+    p.add_argument("--onnx", action="store_true", help="treat MODEL as an ONNX file (default: by its .onnx suffix)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or built-in name (needed for ONNX files unless one sits next to it)")
+    add_ppl_options(p, default_tokens="4096")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task subsets")
+    common(p)
+
+
+def add_sweep_parser(sub, common) -> None:
+    from llmrank.passes.score import SCORERS
+
+    p = sub.add_parser("sweep", help="prune at every scorer x sparsity (x ...) and evaluate: tables, plots, resumable")
+    p.add_argument("model", help="built-in name or HF folder")
+    p.add_argument("--scorers", default="wpr,mpr,l1,activation,wanda,random", help=f"comma list from {', '.join(SCORERS)}")
+    p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5")
+    p.add_argument("--representations", default="chained", help="comma list from isolated, chained, dataflow")
+    p.add_argument("--compensations", default="none", help="comma list from none, bias, lstsq, lstsq+bias")
+    p.add_argument("--gamma", default="0.0", help="wpr/hits gamma, comma list allowed")
+    p.add_argument("--theta", default="0.5", help="wpr theta, comma list allowed")
+    p.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2",
+                   help="override any list above, e.g. --grid gamma=0,0.25,0.5,0.75,1 theta=0.5")
+    p.add_argument("--pruner", default="local", choices=("local", "global"))
+    p.add_argument("--multiple", type=int, default=1)
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki (its calib articles), a .txt file or folder")
+    p.add_argument("--samples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="calibration sequence length")
+    add_ppl_options(p, default_tokens="4096")
+    p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling, random scores and task subsets")
+    p.add_argument("--out", required=True, type=Path, help="results folder (reused: computed cells are skipped)")
+    p.add_argument("--no-plots", action="store_true")
+    common(p)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet and not args.json:
+        print(text)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from llmrank.evaluate import multiple_choice, perplexity
+    from llmrank.report import table
+    from llmrank.sweep import primary_metric, short_task
+
+    _check_ppl_window(args.seq_len, args.stride)
+    n_tokens = parse_tokens(args.ppl_tokens)
+    tasks = parse_tasks(args.tasks)
+    if n_tokens == 0 and not tasks:
+        raise ValueError("nothing to evaluate: --ppl-tokens 0 and --tasks none")
+    _set_threads(args)
+    progress = not (args.quiet or args.json)
+    start = time.perf_counter()
+    fn, tokenizer, info = load_eval_target(args.model, args.tokenizer, onnx=True if args.onnx else None, threads=args.threads)
+    info.pop("model", None)
+    report: dict[str, Any] = {"model": args.model, "target": info, "load_s": time.perf_counter() - start}
+    rows = []
+    ids, protocol = ppl_stream(tokenizer, args.ppl_source, n_tokens)
+    if ids is not None:
+        start = time.perf_counter()
+        res = perplexity(fn, ids, seq_len=args.seq_len, stride=args.stride, progress=progress)
+        report["perplexity"] = {**asdict(res), **protocol, "seconds": time.perf_counter() - start}
+        rows.append(("perplexity", f"{res.ppl:.4f}", "", f"{res.n_tokens} tokens scored"))
+    if tasks:
+        items = load_items(tasks, args.limit, args.seed)
+        report["tasks"] = {}
+        for name, its in items.items():
+            start = time.perf_counter()
+            res = multiple_choice(fn, tokenizer, its, batch_size=args.batch_size, progress=progress)
+            report["tasks"][name] = {**asdict(res), "primary": primary_metric(name), "seconds": time.perf_counter() - start}
+            rows.append((short_task(name), f"{res.acc:.4f}", f"{res.acc_norm:.4f}", f"n={res.n}, primary={primary_metric(name)}"))
+    report["protocol"] = {
+        "perplexity": ({"seq_len": args.seq_len, "stride": args.stride or args.seq_len, **protocol} if ids is not None else None),
+        "tasks": {"names": tasks, "limit": args.limit, "seed": args.seed, "zero_shot": True,
+                  "scoring": "sum log p(choice | context); acc_norm divides by the choice's characters"} if tasks else None,
+    }
+    _say(args, table(rows, ("metric", "value / acc", "acc_norm", "")))
+    if ids is not None:
+        _say(args, f"\nperplexity protocol: {protocol['tokens_used']} tokens of {protocol['split']}, "
+                   f"windows of {args.seq_len} every {args.stride or args.seq_len} tokens")
+    return report
+
+
+def _sweep_lists(args: argparse.Namespace) -> dict[str, list]:
+    from llmrank.sweep import parse_grid, parse_list
+
+    lists = {
+        "scorers": parse_list(args.scorers), "sparsities": parse_list(args.sparsities, numeric=True),
+        "representations": parse_list(args.representations), "compensations": parse_list(args.compensations),
+        "gammas": parse_list(args.gamma, numeric=True), "thetas": parse_list(args.theta, numeric=True),
+    }
+    lists.update(parse_grid(args.grid))
+    return lists
+
+
+def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.data import calibration_tokens
+    from llmrank.sweep import EvalSpec, expand_cells, markdown, run_sweep
+
+    _check_ppl_window(args.seq_len, args.stride)
+    lists = _sweep_lists(args)
+    cells = expand_cells(lists["scorers"], lists["sparsities"], representations=lists["representations"],
+                         compensations=lists["compensations"], gammas=lists["gammas"], thetas=lists["thetas"])
+    n_tokens = parse_tokens(args.ppl_tokens)
+    tasks = parse_tasks(args.tasks)
+    if n_tokens == 0 and not tasks:
+        raise ValueError("nothing to evaluate: --ppl-tokens 0 and --tasks none")
+    if args.samples < 1 or args.calib_seq_len < 1:
+        raise ValueError("--samples and --calib-seq-len must be >= 1")
+    _set_threads(args)
+    progress = not (args.quiet or args.json)
+    log = (lambda s: None) if not progress else print
+    model, tokenizer, _ = load_torch_model(args.model)
+    if tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer")
+    calib = calibration_tokens(tokenizer, args.calib, n=args.samples, seq_len=args.calib_seq_len, seed=args.seed)
+    ids, protocol = ppl_stream(tokenizer, args.ppl_source, n_tokens)
+    spec = EvalSpec(
+        ppl_tokens=ids, seq_len=args.seq_len, stride=args.stride, tasks=load_items(tasks, args.limit, args.seed),
+        tokenizer=tokenizer, batch_size=args.batch_size,
+        protocol={"model": args.model, "ppl_seq_len": args.seq_len, "ppl_stride": args.stride or args.seq_len,
+                  **{f"ppl_{k}": v for k, v in protocol.items()}, "tasks": ",".join(tasks) or "none",
+                  "task_limit": args.limit, "calibration": f"{args.samples}x{args.calib_seq_len} tokens of {args.calib} (calib split)",
+                  "pruner": args.pruner, "seed": args.seed},
+    )
+    log(f"sweep: {len(cells)} cells + dense into {args.out}")
+    result = run_sweep(
+        model, cells, args.out, calibration=calib, spec=spec, pruner=args.pruner, multiple=args.multiple, seed=args.seed,
+        settings={"model": args.model, "calib": args.calib, "samples": args.samples, "calib_seq_len": args.calib_seq_len},
+        progress=progress, log=log, plots=not args.no_plots,
+    )
+    _say(args, "\n" + markdown(result.rows, spec))
+    _say(args, f"\nwritten: {', '.join(sorted(result.files.values()))}")
+    return {"out": str(args.out), "computed": result.computed, "files": result.files, "rows": result.rows}

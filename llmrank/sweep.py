@@ -1,0 +1,558 @@
+"""Scorer x sparsity sweeps: one dense baseline, then every cell, resumable, with tables and plots.
+
+The core (``run_sweep``) takes a model, token tensors and multiple-choice items, never a
+model name, so it runs on a tiny random model in tests as well as on SmolLM2. It traces,
+analyses and calibrates ONCE and reuses the activation norms (and, for compensation, the
+input statistics) for every cell; each cell only scores, selects, shrinks and evaluates.
+
+Every finished cell is written at once to ``DIR/cells/<key>.json`` together with a hash of
+the settings that produced it (model, calibration tokens, evaluation tokens, tasks, pruner,
+...), so a rerun skips the cells already computed with the same settings and recomputes
+the ones computed with others. After every cell ``results.json``, ``results.csv``,
+``results.md`` and PNG plots are (re)written from the cells done so far.
+
+Retention is "higher is better, 1 = dense" for every metric:
+- perplexity: dense_ppl / pruned_ppl;
+- a task: pruned accuracy / dense accuracy, on the task's primary metric (acc_norm for
+  social_iqa, acc otherwise);
+- mean task accuracy: mean of the primary metric over the tasks; its retention is the mean
+  of the per-task retentions (the paper's "average accuracy retention").
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "Cell", "EvalSpec", "SweepResult", "expand_cells", "parse_grid", "evaluate_model", "run_sweep",
+    "retention_rows", "write_outputs", "PRIMARY_METRIC", "TASK_ALIASES",
+]
+
+# The metric each task is reported with (tasks.py: social_iqa is reported as acc_norm).
+PRIMARY_METRIC = {"social_iqa": "acc_norm"}
+TASK_ALIASES = {"step_inference": "goal_step_wikihow/step_inference"}
+# Which ScoreConfig parameters change which scorer's scores (others are fixed to defaults,
+# so a grid over gamma does not recompute l1 five times).
+_USES = {"theta": ("wpr",), "gamma": ("wpr", "hits")}
+_DEFAULTS = {"gamma": 0.0, "theta": 0.5}
+_WEIGHT_ONLY = ("l1", "lp", "random")
+
+
+def primary_metric(task: str) -> str:
+    return PRIMARY_METRIC.get(task.rsplit("/", 1)[-1], "acc")
+
+
+def resolve_task(name: str) -> str:
+    return TASK_ALIASES.get(name, name)
+
+
+def short_task(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One pruned model of the sweep."""
+
+    scorer: str
+    representation: str
+    sparsity: float
+    compensation: str = "none"
+    gamma: float = 0.0
+    theta: float = 0.5
+
+    @property
+    def key(self) -> str:
+        """File-safe and unique: ``wpr-chained-s0.3-none-g0.5-t0.5``."""
+        return f"{self.scorer}-{self.representation}-s{self.sparsity:g}-{self.compensation}-g{self.gamma:g}-t{self.theta:g}"
+
+    @property
+    def series(self) -> str:
+        """The label of the curve the cell belongs to (everything but the sparsity)."""
+        label = f"{self.scorer}/{self.representation}"
+        if self.scorer in _USES["gamma"]:
+            label += f" g={self.gamma:g}"
+        if self.scorer in _USES["theta"]:
+            label += f" t={self.theta:g}"
+        if self.compensation != "none":
+            label += f" +{self.compensation}"
+        return label
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "key": self.key, "series": self.series}
+
+
+def expand_cells(
+    scorers: Sequence[str],
+    sparsities: Sequence[float],
+    *,
+    representations: Sequence[str] = ("chained",),
+    compensations: Sequence[str] = ("none",),
+    gammas: Sequence[float] = (0.0,),
+    thetas: Sequence[float] = (0.5,),
+) -> list[Cell]:
+    """The product of all options, in that nesting order, with parameters a scorer ignores
+    set to their defaults and duplicates removed (first occurrence kept)."""
+    from llmrank.passes.compensate import METHODS
+    from llmrank.passes.score import REPRESENTATIONS, SCORERS
+    from llmrank.passes.select import check_sparsity
+
+    for s in scorers:
+        if s not in SCORERS:
+            raise ValueError(f"unknown scorer {s!r}; choose from {', '.join(SCORERS)}")
+    for r in representations:
+        if r not in REPRESENTATIONS:
+            raise ValueError(f"unknown representation {r!r}; choose from {', '.join(REPRESENTATIONS)}")
+    for c in compensations:
+        if c not in METHODS:
+            raise ValueError(f"unknown compensation {c!r}; choose from {', '.join(METHODS)}")
+    for sp in sparsities:
+        check_sparsity(sp)
+        if sp == 0:
+            raise ValueError("sparsity 0 is the dense baseline, which every sweep evaluates anyway; give sparsities in (0, 1)")
+    for name, values in (("gamma", gammas), ("theta", thetas)):
+        for v in values:
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+    if not (scorers and sparsities and representations and compensations and gammas and thetas):
+        raise ValueError("every sweep option needs at least one value")
+
+    seen: dict[str, Cell] = {}
+    for scorer in scorers:
+        for rep in representations:
+            for comp in compensations:
+                for gamma in gammas:
+                    for theta in thetas:
+                        for sp in sparsities:
+                            cell = Cell(
+                                scorer, rep, float(sp), comp,
+                                float(gamma) if scorer in _USES["gamma"] else _DEFAULTS["gamma"],
+                                float(theta) if scorer in _USES["theta"] else _DEFAULTS["theta"],
+                            )
+                            seen.setdefault(cell.key, cell)
+    return list(seen.values())
+
+
+_GRID_KEYS = {
+    "gamma": "gammas", "gammas": "gammas", "theta": "thetas", "thetas": "thetas",
+    "sparsity": "sparsities", "sparsities": "sparsities", "scorer": "scorers", "scorers": "scorers",
+    "representation": "representations", "representations": "representations",
+    "compensation": "compensations", "compensations": "compensations",
+}
+_NUMERIC = ("gammas", "thetas", "sparsities")
+
+
+def parse_list(text: str, *, numeric: bool = False) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not numeric:
+        return items
+    try:
+        return [float(t) for t in items]
+    except ValueError as exc:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def parse_grid(specs: Iterable[str]) -> dict[str, list]:
+    """``["gamma=0,0.5,1", "theta=0.5"]`` -> ``{"gammas": [0, 0.5, 1], "thetas": [0.5]}``."""
+    out: dict[str, list] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or name.strip() not in _GRID_KEYS:
+            raise ValueError(f"bad --grid entry {spec!r}: use NAME=v1,v2,... with NAME one of gamma, theta, sparsity, "
+                             f"scorer, representation, compensation")
+        key = _GRID_KEYS[name.strip()]
+        out[key] = parse_list(values, numeric=key in _NUMERIC)
+        if not out[key]:
+            raise ValueError(f"bad --grid entry {spec!r}: no values")
+    return out
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalSpec:
+    """What every model of the sweep is evaluated on (identical for dense and pruned)."""
+
+    ppl_tokens: torch.Tensor | None = None  # LongTensor[1, T] (or [T]) of held-out text
+    seq_len: int = 512
+    stride: int | None = None
+    tasks: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # task name -> list[MCItem]
+    tokenizer: Any = None
+    batch_size: int = 16
+    ppl_batch_size: int = 1
+    protocol: dict[str, Any] = field(default_factory=dict)  # free-form description (split, source, ...)
+
+    def __post_init__(self) -> None:
+        if self.tasks and self.tokenizer is None:
+            raise ValueError("multiple-choice tasks need a tokenizer")
+
+    def fingerprint(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seq_len": self.seq_len, "stride": self.stride, "protocol": self.protocol}
+        if self.ppl_tokens is not None:
+            out["ppl_tokens"] = _tensor_hash(self.ppl_tokens)
+        out["tasks"] = {name: _items_hash(items) for name, items in self.tasks.items()}
+        return out
+
+
+def _tensor_hash(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    return f"{tuple(t.shape)}:{hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}"
+
+
+def _items_hash(items: Sequence[Any]) -> str:
+    text = json.dumps([asdict(i) if hasattr(i, "__dataclass_fields__") else repr(i) for i in items], sort_keys=True)
+    return f"{len(items)}:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def evaluate_model(model: nn.Module, spec: EvalSpec, *, progress: bool = False) -> dict[str, Any]:
+    """Perplexity on ``spec.ppl_tokens`` and (acc, acc_norm) per task, as a JSON-able dict."""
+    from llmrank.evaluate import multiple_choice, perplexity, torch_logits_fn
+
+    fn = torch_logits_fn(model)
+    out: dict[str, Any] = {}
+    if spec.ppl_tokens is not None:
+        res = perplexity(fn, spec.ppl_tokens, seq_len=spec.seq_len, stride=spec.stride,
+                         batch_size=spec.ppl_batch_size, progress=progress)
+        out["perplexity"] = asdict(res)
+    if spec.tasks:
+        out["tasks"] = {}
+        for name, items in spec.tasks.items():
+            res = multiple_choice(fn, spec.tokenizer, items, batch_size=spec.batch_size, progress=progress)
+            out["tasks"][name] = asdict(res)
+    return out
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepResult:
+    dense: dict[str, Any]
+    cells: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    computed: list[str]  # keys evaluated in this run (the rest were read back)
+    files: dict[str, str]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_cell(path: Path, settings_hash: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if data.get("settings_hash") == settings_hash else None
+
+
+def run_sweep(
+    model: nn.Module,
+    cells: Sequence[Cell],
+    out_dir: Path | str,
+    *,
+    calibration: torch.Tensor | None,
+    spec: EvalSpec,
+    pruner: str = "local",
+    multiple: int = 1,
+    min_width: int = 1,
+    ridge: float = 1e-3,
+    batch_size: int = 4,
+    seed: int = 0,
+    settings: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    evaluate_fn: Callable[[nn.Module, EvalSpec], dict[str, Any]] | None = None,
+    log: Callable[[str], None] = print,
+    plots: bool = True,
+    include_stored: bool = True,
+) -> SweepResult:
+    """Evaluate the dense ``model`` and every cell; write per-cell JSON and the summaries.
+
+    ``calibration``: LongTensor[N, L] token ids (None only if every scorer is weight-only and
+    no compensation is asked). ``settings``: anything else that identifies the run (model
+    name, ...); it enters the hash that decides whether a stored cell can be reused.
+    ``evaluate_fn(model, spec)`` replaces ``evaluate_model`` (tests count calls with it).
+    ``include_stored``: the summaries also hold cells that earlier runs (e.g. with other
+    scorers or sparsities) stored in ``out_dir`` with the same settings.
+    """
+    import llmrank
+    from llmrank.api import _calibrated_linears, as_batches, count_parameters
+    from llmrank.passes.compensate import collect_input_stats, compensate
+    from llmrank.passes.score import ScoreConfig
+
+    out = Path(out_dir)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    evaluate_fn = evaluate_fn or (lambda m, s: evaluate_model(m, s, progress=False))
+    fingerprint = {
+        "settings": dict(settings or {}), "eval": spec.fingerprint(), "pruner": pruner, "multiple": multiple,
+        "min_width": min_width, "ridge": ridge, "seed": seed,
+        "calibration": _tensor_hash(calibration) if calibration is not None else None,
+        "params": count_parameters(model),
+    }
+    settings_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    _atomic_write(out / "sweep.json", json.dumps({"settings_hash": settings_hash, **fingerprint,
+                                                 "cells": [c.to_dict() for c in cells]}, indent=2, default=str))
+    computed: list[str] = []
+    params_before = count_parameters(model)
+
+    dense_path = out / "cells" / "dense.json"
+    dense = _read_cell(dense_path, settings_hash)
+    if dense is None:
+        log("evaluating the dense model ...")
+        start = time.perf_counter()
+        metrics = evaluate_fn(model, spec)
+        dense = {"key": "dense", "scorer": "dense", "sparsity": 0.0, "settings_hash": settings_hash,
+                 "params": params_before, "metrics": metrics, "eval_s": time.perf_counter() - start}
+        _atomic_write(dense_path, json.dumps(dense, indent=2, default=str))
+        computed.append("dense")
+
+    done: dict[str, dict[str, Any]] = {}
+    pending: list[Cell] = []
+    for cell in cells:
+        stored = _read_cell(out / "cells" / f"{cell.key}.json", settings_hash)
+        if stored is None:
+            pending.append(cell)
+        else:
+            done[cell.key] = stored
+    if done:
+        log(f"resuming: {len(done)} of {len(cells)} cells already computed in {out / 'cells'}")
+
+    if pending:
+        start = time.perf_counter()
+        ir = llmrank.analyze(llmrank.trace(model))
+        if not ir.groups:
+            raise ValueError(f"{ir.model_class} has no prunable channel group")
+        shared_timings = {"trace_analyze_s": time.perf_counter() - start}
+        batches = as_batches(calibration, batch_size=batch_size) if calibration is not None else []
+        norms = None
+        if any(c.scorer not in _WEIGHT_ONLY for c in pending):
+            if not batches:
+                raise ValueError("the activation-based scorers need calibration tokens")
+            start = time.perf_counter()
+            norms = llmrank.calibrate(model, ir, batches, linears=_calibrated_linears(ir), progress=progress, total=len(batches))
+            shared_timings["calibrate_s"] = time.perf_counter() - start
+        stats = None
+        comps = {c.compensation for c in pending} - {"none"}
+        if comps:
+            if not batches:
+                raise ValueError("compensation needs calibration tokens")
+            start = time.perf_counter()
+            stats = collect_input_stats(model, ir, batches, second_moment=any(c.startswith("lstsq") for c in comps), progress=progress)
+            shared_timings["input_stats_s"] = time.perf_counter() - start
+
+        bar = tqdm(pending, desc="sweep", unit="cell", disable=not progress)
+        for cell in bar:
+            bar.set_postfix_str(cell.key)
+            start = time.perf_counter()
+            config = ScoreConfig(scorer=cell.scorer, representation=cell.representation, theta=cell.theta,
+                                 gamma=cell.gamma, seed=seed)
+            scores = llmrank.score(model, ir, norms, config)
+            kept = llmrank.select(ir, scores.groups, cell.sparsity, pruner=pruner, multiple=multiple, min_width=min_width)
+            slim = llmrank.shrink(model, ir, kept)
+            if cell.compensation != "none":
+                compensate(slim, model, ir, kept, stats, method=cell.compensation, ridge=ridge)
+            prune_s = time.perf_counter() - start
+            start = time.perf_counter()
+            metrics = evaluate_fn(slim, spec)
+            eval_s = time.perf_counter() - start
+            widths = [len(kept[g.name]) for g in ir.groups]
+            record = {
+                **cell.to_dict(), "settings_hash": settings_hash, "params": count_parameters(slim),
+                "param_reduction": 1 - count_parameters(slim) / params_before,
+                "kept_width": {"min": min(widths), "max": max(widths), "mean": sum(widths) / len(widths),
+                               "dense": ir.groups[0].width},
+                "metrics": metrics, "prune_s": prune_s, "eval_s": eval_s, "shared_timings": shared_timings,
+            }
+            _atomic_write(out / "cells" / f"{cell.key}.json", json.dumps(record, indent=2, default=str))
+            done[cell.key] = record
+            computed.append(cell.key)
+            del slim, scores
+            gc.collect()
+            if len(pending) > 1 and cell is not pending[-1]:  # partial summaries while a long sweep runs
+                _summarise(out, dense, cells, done, settings_hash, spec, plots=plots, include_stored=include_stored)
+
+    ordered, rows, files = _summarise(out, dense, cells, done, settings_hash, spec, plots=plots, include_stored=include_stored)
+    return SweepResult(dense=dense, cells=ordered, rows=rows, computed=computed, files=files)
+
+
+def _summarise(out: Path, dense: Mapping[str, Any], cells: Sequence[Cell], done: Mapping[str, dict[str, Any]], settings_hash: str,
+               spec: EvalSpec, *, plots: bool, include_stored: bool):
+    """(Re)write results.* from the cells done so far (in sweep order), plus stored ones."""
+    ordered = [done[c.key] for c in cells if c.key in done]
+    if include_stored:  # cells of earlier runs into the same folder, with the same settings
+        wanted = {c.key for c in cells}
+        for path in sorted((out / "cells").glob("*.json")):
+            if path.stem != "dense" and path.stem not in wanted and (rec := _read_cell(path, settings_hash)) is not None:
+                ordered.append(rec)
+    rows = retention_rows(dense, ordered)
+    return ordered, rows, write_outputs(out, dense, ordered, rows, spec=spec, plots=plots)
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def _metric(metrics: Mapping[str, Any], task: str, which: str) -> float | None:
+    t = (metrics.get("tasks") or {}).get(task)
+    return None if t is None else float(t[which])
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return None
+    if b == 0:
+        return None if a != 0 else 1.0
+    return a / b
+
+
+def retention_rows(dense: Mapping[str, Any], cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per model (dense first) with metrics and retention (higher is better)."""
+    tasks = list((dense["metrics"].get("tasks") or {}).keys())
+    dense_ppl = (dense["metrics"].get("perplexity") or {}).get("ppl")
+    rows = []
+    for rec in [dense, *cells]:
+        m = rec["metrics"]
+        ppl = (m.get("perplexity") or {}).get("ppl")
+        row: dict[str, Any] = {
+            "key": rec["key"], "series": rec.get("series", "dense"), "scorer": rec.get("scorer", "dense"),
+            "representation": rec.get("representation", ""), "compensation": rec.get("compensation", ""),
+            "gamma": rec.get("gamma"), "theta": rec.get("theta"), "sparsity": float(rec.get("sparsity", 0.0)),
+            "params": rec["params"], "param_reduction": rec.get("param_reduction", 0.0),
+        }
+        if dense_ppl is not None:
+            row["ppl"] = ppl
+            # dense/pruned: higher is better, like the accuracy retentions.
+            row["ppl_retention"] = _ratio(dense_ppl, ppl)
+        primaries, rets = [], []
+        for task in tasks:
+            name = short_task(task)
+            metric = primary_metric(task)
+            for which in ("acc", "acc_norm"):
+                row[f"{name}_{which}"] = _metric(m, task, which)
+            value = _metric(m, task, metric)
+            ret = _ratio(value, _metric(dense["metrics"], task, metric))
+            row[f"{name}_retention"] = ret
+            primaries.append(value)
+            rets.append(ret)
+        if tasks:
+            row["mean_acc"] = sum(primaries) / len(primaries) if None not in primaries else None
+            row["mean_acc_retention"] = sum(rets) / len(rets) if None not in rets else None
+        row["prune_s"] = rec.get("prune_s")
+        row["eval_s"] = rec.get("eval_s")
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], spec: EvalSpec | None = None) -> str:
+    """The results as a markdown table, with the protocol and the meaning of retention."""
+    from llmrank.report import markdown_table
+
+    if not rows:
+        return ""
+    cols = ["series", "sparsity", "params"]
+    names = [c for c in rows[0] if c not in ("key", "series", "scorer", "representation", "compensation", "gamma",
+                                            "theta", "sparsity", "params", "param_reduction", "prune_s", "eval_s")]
+    cols += names
+    header = [c.replace("_retention", " ret.") for c in cols]
+    body = [[_fmt(r.get(c)) if c != "params" else f"{r[c]:,}" for c in cols] for r in rows]
+    lines = [markdown_table(body, header), ""]
+    lines.append("Retention is higher-is-better with 1 = dense: perplexity retention = dense ppl / pruned ppl; "
+                 "task retention = pruned / dense accuracy (primary metric: acc_norm for social_iqa, acc otherwise); "
+                 "mean_acc ret. = mean of the task retentions.")
+    if spec is not None and spec.protocol:
+        lines.append("Protocol: " + ", ".join(f"{k}={v}" for k, v in spec.protocol.items()))
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, dense: Mapping[str, Any], cells: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+                  *, spec: EvalSpec | None = None, plots: bool = True) -> dict[str, str]:
+    files: dict[str, str] = {}
+    payload = {
+        "retention": "higher is better, 1 = dense; perplexity: dense/pruned; tasks: pruned/dense on the primary metric",
+        "primary_metric": {short_task(t): primary_metric(t) for t in (dense["metrics"].get("tasks") or {})},
+        "protocol": spec.protocol if spec is not None else {},
+        "dense": dense, "cells": list(cells), "rows": list(rows),
+    }
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, default=str))
+    files["json"] = str(out / "results.json")
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    _atomic_write(out / "results.csv", buf.getvalue())
+    files["csv"] = str(out / "results.csv")
+    _atomic_write(out / "results.md", markdown(rows, spec) + "\n")
+    files["md"] = str(out / "results.md")
+    if plots:
+        files.update(plot_retention(out, rows))
+    return files
+
+
+def plot_retention(out: Path, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """retention vs sparsity, one line per series: perplexity and mean task accuracy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (pip install llmrank[plot])
+        return {}
+    files = {}
+    for metric, fname, title in (("ppl_retention", "retention_perplexity.png", "perplexity retention (dense ppl / pruned ppl)"),
+                                 ("mean_acc_retention", "retention_accuracy.png", "mean task accuracy retention (pruned / dense)")):
+        if not rows or metric not in rows[0]:
+            continue
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in rows[1:]:
+            if r.get(metric) is not None:
+                series.setdefault(r["series"], []).append((r["sparsity"], r[metric]))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for name, points in series.items():
+            points = [(0.0, 1.0)] + sorted(points)
+            style = "--" if name.startswith("random") else "-"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=name)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("FFN sparsity (fraction of channels removed)")
+        ax.set_ylabel("retention (1 = dense)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files[metric] = str(out / fname)
+    return files
+
