@@ -48,6 +48,10 @@ class ScoreConfig:
             raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
         if self.representation not in REPRESENTATIONS:
             raise ValueError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
+        for name in ("theta", "gamma"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
