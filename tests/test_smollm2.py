@@ -46,3 +46,21 @@ def test_default_prune_at_30_percent(smollm2, wiki_tokens):
     slim = perplexity(result.model, held_out, seq_len=256, stride=256).ppl
     assert torch.isfinite(torch.tensor(slim))
     assert slim < 3 * dense, (dense, slim)
+
+
+def test_slim_onnx_with_kv_cache_matches_pytorch(smollm2, wiki_tokens, tmp_path):
+    from llmrank.exporters.onnx import export_onnx, generate_onnx
+    from llmrank.workflow import ONNX_ATOL
+
+    model, tok = smollm2
+    calib, _ = wiki_tokens
+    slim = llmrank.prune(model, calib[:4], sparsity=0.3, scorer="l1", progress=False).model
+    # export_onnx validates prefill at (2,16), (1,37), (1,1) and a decode step on ORT's own
+    # presents, and raises above the tolerance
+    res = export_onnx(slim, tmp_path / "slim.onnx", with_past=True, atol=ONNX_ATOL)
+    assert max(res.max_abs_diff.values()) <= ONNX_ATOL
+    prompt = tok("The history of the city")["input_ids"]
+    ours = generate_onnx(res.path, prompt, 8, eos_token_id=None)
+    with torch.no_grad():
+        ref = slim.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, len(prompt):].tolist()
