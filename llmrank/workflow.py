@@ -88,7 +88,7 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
     if result.verification is not None and not result.verification.ok:
         raise RuntimeError(
             f"verification failed: shrunk vs masked outputs differ by {result.verification.max_abs_diff:.3g} "
-            f"(> {result.verification.atol}); please report this model"
+            f"(bound {result.verification.atol} + {result.verification.rtol} x {result.verification.reference_scale:.3g}); please report this model"
         )
     report = build_report(job, result, load_s)
     with atomic_path(out, force=job.force) as tmp:

@@ -1,4 +1,9 @@
-"""Verification pass: the shrunk model must compute what the masked dense model computes."""
+"""Verification pass: the shrunk model must compute what the masked dense model computes.
+
+The two differ only by floating-point summation order (a GEMM over fewer columns instead of
+over zeros), so the bound is ``atol + rtol * max|reference|``: 1e-5 absolute holds for small
+models, and deep real models (logits ~30, 30 layers) stay within the relative part.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ class Verification:
     max_abs_diff: float
     atol: float
     inputs: str
+    rtol: float = 0.0
+    reference_scale: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -32,11 +39,13 @@ def outputs(model: nn.Module, inputs: tuple) -> torch.Tensor:
 
 
 def verify(
-    original: nn.Module, shrunk: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], inputs: tuple, *, atol: float = 1e-5
+    original: nn.Module, shrunk: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], inputs: tuple, *,
+    atol: float = 1e-5, rtol: float = 1e-5,
 ) -> Verification:
     """Compare ``shrunk`` with a zero-masked copy of ``original`` on ``inputs`` (fp32 tolerance)."""
     reference = outputs(mask(original, ir, kept), inputs)
     got = outputs(shrunk, inputs)
     diff = float((reference.float() - got.float()).abs().max()) if reference.numel() else 0.0
     shape = "x".join(str(s) for s in inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else "?"
-    return Verification(ok=bool(diff <= atol), max_abs_diff=diff, atol=atol, inputs=shape)
+    scale = float(reference.float().abs().max()) if reference.numel() else 0.0
+    return Verification(ok=bool(diff <= atol + rtol * scale), max_abs_diff=diff, atol=atol, inputs=shape, rtol=rtol, reference_scale=scale)
