@@ -60,7 +60,7 @@ def plot_prune(widths: dict[str, tuple[int, int]], scores: dict[str, torch.Tenso
     ax_w.legend(loc="lower right")
     flat = torch.cat([(s * s.numel()).float() for s in scores.values()]).clamp_min(1e-6)
     ax_s.hist(flat.log10().numpy(), bins=80, color="#8250df")
-    ax_s.set_xlabel("log10(score x width)  (1 = average channel)")
+    ax_s.set_xlabel("log10(score x width)  (0 = an average channel)")
     ax_s.set_ylabel("channels")
     ax_s.set_title("score distribution")
     fig.suptitle(title)
