@@ -54,7 +54,7 @@ def test_slim_onnx_with_kv_cache_matches_pytorch(smollm2, wiki_tokens, tmp_path)
 
     model, tok = smollm2
     calib, _ = wiki_tokens
-    slim = llmrank.prune(model, calib[:4], sparsity=0.3, scorer="l1", progress=False).model
+    slim = llmrank.prune(model, calib[:4], sparsity=0.3, progress=False).model
     # export_onnx validates prefill at (2,16), (1,37), (1,1) and a decode step on ORT's own
     # presents, and raises above the tolerance
     res = export_onnx(slim, tmp_path / "slim.onnx", with_past=True, atol=ONNX_ATOL)
