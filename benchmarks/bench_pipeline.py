@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     import torch
 
     import llmrank
-    from llmrank.api import _calibrated_linears, as_batches
+    from llmrank.api import as_batches
     from llmrank.data import calibration_tokens
     from llmrank.models import load_model
 
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     batches = as_batches(calib, batch_size=args.batch_size)
     start = time.perf_counter()
-    norms = llmrank.calibrate(model, ir, batches, linears=_calibrated_linears(ir), progress=True, total=len(batches))
+    norms = llmrank.calibrate(model, ir, batches, linears=ir.calibration_linears(), progress=True, total=len(batches))
     t["calibrate_s"] = time.perf_counter() - start
 
     per_scorer = {}

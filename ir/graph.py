@@ -91,6 +91,13 @@ class ModelIR:
         """Linears whose output reaches ``linear``'s input without crossing another Linear."""
         return [src for src, dsts in self.feeds.items() if linear in dsts]
 
+    def calibration_linears(self) -> list[str]:
+        """Linears whose norms the scorers read: group members and the writers into producers."""
+        names = {port.linear for g in self.groups for port in (*g.producers, *g.consumers)}
+        for g in self.groups:
+            names.update(self.feeders(g.primary.linear))
+        return [n for n in self.linears if n in names]
+
     def prunable_parameters(self) -> int:
         """Number of weights that removing every channel of every group would delete."""
         return sum(g.width * self.channel_cost(g) for g in self.groups)

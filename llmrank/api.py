@@ -158,7 +158,7 @@ def prune(
     norms: ActivationNorms | None = None
     batches = as_batches(calibration, batch_size=batch_size) if calibration is not None else []
     if calibration is not None or scorer not in ("l1", "lp", "random"):
-        norms = calibrate(model, ir, batches, linears=_calibrated_linears(ir), progress=progress, total=len(batches))
+        norms = calibrate(model, ir, batches, linears=ir.calibration_linears(), progress=progress, total=len(batches))
     timings["calibrate"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -203,14 +203,6 @@ def prune(
 
 def _has_experts(model: nn.Module) -> bool:
     return any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in model.modules())
-
-
-def _calibrated_linears(ir: ModelIR) -> list[str]:
-    """Group members plus the Linears writing into producers (needed by the dataflow chain)."""
-    names = {port.linear for g in ir.groups for port in (*g.producers, *g.consumers)}
-    for g in ir.groups:
-        names.update(ir.feeders(g.primary.linear))
-    return [n for n in ir.linears if n in names]
 
 
 def _verification_inputs(batches: list, example_inputs: tuple | None, traced: Traced) -> tuple:

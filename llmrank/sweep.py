@@ -297,7 +297,7 @@ def run_sweep(
     scorers or sparsities) stored in ``out_dir`` with the same settings.
     """
     import llmrank
-    from llmrank.api import _calibrated_linears, as_batches, count_parameters
+    from llmrank.api import as_batches, count_parameters
     from llmrank.passes.compensate import collect_input_stats, compensate
     from llmrank.passes.score import ScoreConfig
 
@@ -350,7 +350,7 @@ def run_sweep(
             if not batches:
                 raise ValueError("the activation-based scorers need calibration tokens")
             start = time.perf_counter()
-            norms = llmrank.calibrate(model, ir, batches, linears=_calibrated_linears(ir), progress=progress, total=len(batches))
+            norms = llmrank.calibrate(model, ir, batches, linears=ir.calibration_linears(), progress=progress, total=len(batches))
             shared_timings["calibrate_s"] = time.perf_counter() - start
         stats = None
         comps = {c.compensation for c in pending} - {"none"}

@@ -212,9 +212,7 @@ class Analyze(Pass):
 
 def calibrated_linears(ir: ModelIR) -> list[str]:
     """Group members plus the Linears writing into producers (what the dataflow chain reads)."""
-    from llmrank.api import _calibrated_linears
-
-    return _calibrated_linears(ir)
+    return ir.calibration_linears()
 
 
 class Calibrate(Pass):
