@@ -29,7 +29,7 @@ class TensorOutput(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, use_cache=False) if _accepts_cache(self.model) else self.model(input_ids=input_ids)
+        out = self.model(input_ids=input_ids, use_cache=False) if accepts_cache(self.model) else self.model(input_ids=input_ids)
         if isinstance(out, torch.Tensor):
             return out
         for key in ("logits", "last_hidden_state"):
@@ -60,7 +60,8 @@ def is_hf_model(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model.config, "model_type")
 
 
-def _accepts_cache(model: nn.Module) -> bool:
+def accepts_cache(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``use_cache`` (HF decoders do; encoders and plain modules don't)."""
     return "use_cache" in inspect.signature(model.forward).parameters
 
 

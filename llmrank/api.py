@@ -8,7 +8,7 @@ deployment engineer can ship the slim model. Each pass is also importable on its
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +92,7 @@ def as_batches(calibration: Any, *, batch_size: int = 4) -> list[torch.Tensor | 
         return list(calibration.split(batch_size))
     if isinstance(calibration, (str, bytes)):
         raise PruneError("text calibration needs a tokenizer: use llmrank.data.calibration_tokens(tokenizer, source) first")
-    if isinstance(calibration, Iterable) and not isinstance(calibration, Iterator):
-        return list(calibration)
-    if isinstance(calibration, Iterator):
+    if isinstance(calibration, Iterable):
         return list(calibration)
     raise PruneError(f"calibration must be a token tensor [N, L] or an iterable of batches, got {type(calibration).__name__}")
 

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmrank.ir.graph import ModelIR
-from llmrank.ir.trace import is_hf_model
+from llmrank.ir.trace import accepts_cache, is_hf_model
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _run(model: nn.Module, batch: torch.Tensor | dict) -> int:
     if is_hf_model(model):
         _check_token_ids(model, batch)
     if hasattr(model, "config") and batch.dtype == torch.long:
-        kwargs = {"use_cache": False} if "use_cache" in _forward_params(model) else {}
+        kwargs = {"use_cache": False} if accepts_cache(model) else {}
         model(input_ids=batch, **kwargs)
     else:
         model(batch)
@@ -113,9 +113,3 @@ def _check_token_ids(model: nn.Module, batch: torch.Tensor) -> None:
     low, high = int(batch.min()), int(batch.max())
     if vocab is not None and (low < 0 or high >= vocab):
         raise CalibrationError(f"calibration token ids must be in [0, {vocab}) for {type(model).__name__}, got ids from {low} to {high}: wrong tokenizer?")
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)

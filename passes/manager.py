@@ -337,12 +337,15 @@ class Verify(Pass):
     def call(self, state: PipelineState) -> PassResult:
         inputs = self._inputs(state)
         if state.from_program:
-            from llmrank.passes.program import mask_program, outputs_diff
+            from torch.utils import _pytree as pytree
+
+            from llmrank.passes.program import mask_program
 
             candidate = state.slim_program.module() if state.slim_program is not None else state.slim
-            diff = outputs_diff(mask_program(state.model, state.ir, state.kept), candidate, [inputs])
-            shape = "x".join(str(s) for s in inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else "?"
-            state.verification = Verification(ok=bool(diff <= self.atol), max_abs_diff=diff, atol=self.atol, inputs=shape)
+            with torch.no_grad():
+                reference = pytree.tree_leaves(mask_program(state.model, state.ir, state.kept)(*inputs))[0]
+                got = pytree.tree_leaves(candidate(*inputs))[0]
+            state.verification = Verification.compare(reference, got, inputs, atol=self.atol)
         else:
             state.verification = verify(state.model, state.slim, state.ir, state.kept, inputs, atol=self.atol)
         if self.strict and not state.verification.ok:

@@ -29,6 +29,14 @@ class Verification:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def compare(cls, reference: torch.Tensor, got: torch.Tensor, inputs: tuple, *, atol: float = 1e-5, rtol: float = 1e-5) -> "Verification":
+        """The one bound every route uses: max|got - reference| <= atol + rtol * max|reference|."""
+        diff = float((reference.float() - got.float()).abs().max()) if reference.numel() else 0.0
+        scale = float(reference.float().abs().max()) if reference.numel() else 0.0
+        shape = "x".join(str(s) for s in inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else "?"
+        return cls(ok=bool(diff <= atol + rtol * scale), max_abs_diff=diff, atol=atol, inputs=shape, rtol=rtol, reference_scale=scale)
+
 
 def outputs(model: nn.Module, inputs: tuple) -> torch.Tensor:
     """The single tensor a model produces for ``inputs`` (logits for HF models)."""
@@ -43,9 +51,4 @@ def verify(
     atol: float = 1e-5, rtol: float = 1e-5,
 ) -> Verification:
     """Compare ``shrunk`` with a zero-masked copy of ``original`` on ``inputs`` (fp32 tolerance)."""
-    reference = outputs(mask(original, ir, kept), inputs)
-    got = outputs(shrunk, inputs)
-    diff = float((reference.float() - got.float()).abs().max()) if reference.numel() else 0.0
-    shape = "x".join(str(s) for s in inputs[0].shape) if inputs and isinstance(inputs[0], torch.Tensor) else "?"
-    scale = float(reference.float().abs().max()) if reference.numel() else 0.0
-    return Verification(ok=bool(diff <= atol + rtol * scale), max_abs_diff=diff, atol=atol, inputs=shape, rtol=rtol, reference_scale=scale)
+    return Verification.compare(outputs(mask(original, ir, kept), inputs), outputs(shrunk, inputs), inputs, atol=atol, rtol=rtol)
