@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring(p)
     p.add_argument("--mode", default="shrink", choices=("shrink", "mask", "mask-paper"))
     p.add_argument("--compensation", default="lstsq", choices=("none", "bias", "lstsq", "lstsq+bias"))
+    p.add_argument("--compensation-samples", type=int, default=64,
+                   help="calibration sequences for the compensation statistics (the refit wants more tokens than scoring)")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force)")
     p.add_argument("--onnx", dest="onnx", action="store_true", default=None, help="write ONNX (default: on)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false")
@@ -145,7 +147,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     job = PruneJob(
         model=args.model, out=args.out, sparsity=args.sparsity, scorer=args.scorer, representation=args.representation,
         pruner=args.pruner, theta=args.theta, gamma=args.gamma, multiple=args.multiple, min_width=args.min_width,
-        mode=args.mode, compensation=args.compensation, calib=args.calib, samples=args.samples, seq_len=args.seq_len,
+        mode=args.mode, compensation=args.compensation, calib=args.calib, samples=args.samples, compensation_samples=args.compensation_samples, seq_len=args.seq_len,
         seed=args.seed, onnx=args.onnx is not False, hf=args.hf is not False, kv_cache=not args.no_kv_cache,
         optimize=args.optimize, verify=not args.no_verify, force=args.force, progress=not (args.quiet or args.json),
     )

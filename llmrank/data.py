@@ -34,6 +34,7 @@ __all__ = [
     "sample_sequences",
     "calibration_tokens",
     "eval_tokens",
+    "tuning_tokens",
     "tokenize_text",
     "bos_token_id",
 ]
@@ -354,9 +355,13 @@ def sample_sequences(token_ids: Sequence[int] | torch.Tensor, n: int, seq_len: i
     if ids.numel() < seq_len + 1:
         raise ValueError(f"text too short: {ids.numel()} tokens, need at least seq_len+1 = "
                          f"{seq_len + 1}; use more text or a shorter seq_len")
+    starts = _window_starts(ids.numel(), n, seq_len, seed)
+    return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+def _window_starts(n_ids: int, n: int, seq_len: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_ids - seq_len, (n,), generator=gen).tolist()
 
 
 def bos_token_id(tokenizer) -> int | None:
@@ -389,6 +394,23 @@ def calibration_tokens(tokenizer, source: str = "wiki", n: int = 16, seq_len: in
         raise ValueError(f"seq_len must be >= 2 to hold BOS and text, got {seq_len}")
     rows = sample_sequences(ids, n, seq_len - 1, seed)
     return torch.cat([torch.full((n, 1), int(bos), dtype=torch.long), rows], dim=1)
+
+
+def tuning_tokens(tokenizer, source: str = "wiki", n: int = 16, seq_len: int = 512, seed: int = 0,
+                  add_bos: bool | None = None) -> torch.Tensor:
+    """The calib split of `source` with every token that `calibration_tokens(tokenizer, source,
+    n, seq_len, seed, add_bos)` samples taken out, as LongTensor[1, T].
+
+    Hyper-parameters are chosen on this text: it is disjoint from both the calibration windows
+    (no fitting to the samples) and the eval split (no peeking at the reported numbers).
+    """
+    ids = tokenize_text(tokenizer, load_text_source(source, "calib"))
+    bos = bos_token_id(tokenizer) if add_bos is None else (tokenizer.bos_token_id if add_bos else None)
+    width = seq_len - 1 if bos is not None else seq_len
+    used = torch.zeros(ids.numel(), dtype=torch.bool)
+    for start in _window_starts(ids.numel(), n, width, seed):
+        used[start:start + width] = True
+    return ids[~used].unsqueeze(0)
 
 
 def eval_tokens(tokenizer, source: str = "wiki") -> torch.Tensor:

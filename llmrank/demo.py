@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from llmrank.data import eval_tokens
+    from llmrank.data import bos_token_id, eval_tokens
     from llmrank.evaluate import perplexity
     from llmrank.exporters.onnx import generate_onnx
     from llmrank.speed import compare
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     dense_path = dense_onnx(model, args.model)
 
     tokens = eval_tokens(tokenizer)[:, : args.eval_tokens + 1]
-    ppl_dense = perplexity(model, tokens, seq_len=512, stride=512).ppl
-    ppl_slim = perplexity(slim, tokens, seq_len=512, stride=512).ppl
+    bos = bos_token_id(tokenizer)
+    ppl_dense = perplexity(model, tokens, seq_len=512, stride=512, bos_token_id=bos).ppl
+    ppl_slim = perplexity(slim, tokens, seq_len=512, stride=512, bos_token_id=bos).ppl
 
     speed = compare({"dense": dense_path, "slim": slim_onnx}, prefill_shapes=((1, 128),), decode_steps=32, repeats=5, vocab=tokenizer.vocab_size)
     prompt_ids = tokenizer(PROMPT)["input_ids"]

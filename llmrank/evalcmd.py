@@ -123,6 +123,21 @@ def ppl_stream(tokenizer, source: str, n_tokens: int | None):
     return ids.unsqueeze(0), {"source": source, "split": split, "tokens_used": int(ids.numel()), "tokens_available": available}
 
 
+def tune_stream(tokenizer, args: argparse.Namespace, n_tokens: int | None):
+    """Like ppl_stream, from the calib split with the calibration windows taken out."""
+    from llmrank.data import tuning_tokens
+
+    if n_tokens == 0:
+        return None, {}
+    if args.ppl_source != args.calib:
+        raise ValueError("--ppl-split tune scores the calibration source itself: leave --ppl-source equal to --calib")
+    ids = tuning_tokens(tokenizer, args.calib, n=args.samples, seq_len=args.calib_seq_len, seed=args.seed)
+    available = int(ids.shape[1])
+    ids = ids if n_tokens is None else ids[:, :n_tokens]
+    split = f"{args.calib} calib split minus the {args.samples}x{args.calib_seq_len} calibration windows (tuning text)"
+    return ids, {"source": args.calib, "split": split, "tokens_used": int(ids.shape[1]), "tokens_available": available}
+
+
 def parse_tasks(text: str | None) -> list[str]:
     from llmrank.sweep import resolve_task
     from llmrank.tasks import TASKS
@@ -192,8 +207,13 @@ def add_sweep_parser(sub, common) -> None:
     p.add_argument("--multiple", type=int, default=1)
     p.add_argument("--calib", default="wiki", help="calibration text: wiki (its calib articles), a .txt file or folder")
     p.add_argument("--samples", type=int, default=16, help="calibration sequences")
+    p.add_argument("--compensation-samples", type=int, default=64,
+                   help="calibration sequences behind the compensation statistics (as `llmrank prune`)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="calibration sequence length")
     add_ppl_options(p, default_tokens="4096")
+    p.add_argument("--ppl-split", default="eval", choices=("eval", "tune"),
+                   help="eval: the source's eval split; tune: its calib split minus the calibration windows "
+                        "(choose hyper-parameters here, report on eval)")
     p.add_argument("--seed", type=int, default=0, help="seed of calibration sampling, random scores and task subsets")
     p.add_argument("--out", required=True, type=Path, help="results folder (reused: computed cells are skipped)")
     p.add_argument("--no-plots", action="store_true")
@@ -220,6 +240,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dataclasses import asdict
 
+    from llmrank.data import bos_token_id
     from llmrank.evaluate import multiple_choice, perplexity
     from llmrank.report import table
     from llmrank.sweep import primary_metric, short_task
@@ -239,7 +260,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     ids, protocol = ppl_stream(tokenizer, args.ppl_source, n_tokens)
     if ids is not None:
         start = time.perf_counter()
-        res = perplexity(fn, ids, seq_len=args.seq_len, stride=args.stride, progress=progress)
+        res = perplexity(fn, ids, seq_len=args.seq_len, stride=args.stride, progress=progress,
+                         bos_token_id=bos_token_id(tokenizer))
         report["perplexity"] = {**asdict(res), **protocol, "seconds": time.perf_counter() - start}
         rows.append(("perplexity", f"{res.ppl:.4f}", "", f"{res.n_tokens} tokens scored"))
     if tasks:
@@ -275,19 +297,20 @@ def _sweep_lists(args: argparse.Namespace) -> dict[str, list]:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    from llmrank.data import calibration_tokens
+    from llmrank.data import bos_token_id, calibration_tokens
     from llmrank.sweep import EvalSpec, expand_cells, markdown, run_sweep
 
     _check_ppl_window(args.seq_len, args.stride)
     lists = _sweep_lists(args)
     cells = expand_cells(lists["scorers"], lists["sparsities"], representations=lists["representations"],
-                         compensations=lists["compensations"], gammas=lists["gammas"], thetas=lists["thetas"])
+                         compensations=lists["compensations"], gammas=lists["gammas"], thetas=lists["thetas"],
+                         compensation_samples=0 if args.compensation_samples == args.samples else args.compensation_samples)
     n_tokens = parse_tokens(args.ppl_tokens)
     tasks = parse_tasks(args.tasks)
     if n_tokens == 0 and not tasks:
         raise ValueError("nothing to evaluate: --ppl-tokens 0 and --tasks none")
-    if args.samples < 1 or args.calib_seq_len < 1:
-        raise ValueError("--samples and --calib-seq-len must be >= 1")
+    if args.samples < 1 or args.calib_seq_len < 1 or args.compensation_samples < 1:
+        raise ValueError("--samples, --compensation-samples and --calib-seq-len must be >= 1")
     _set_threads(args)
     progress = not (args.quiet or args.json)
     log = (lambda s: None) if not progress else print
@@ -295,9 +318,18 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer")
     calib = calibration_tokens(tokenizer, args.calib, n=args.samples, seq_len=args.calib_seq_len, seed=args.seed)
-    ids, protocol = ppl_stream(tokenizer, args.ppl_source, n_tokens)
+    refit = None
+    if any(c.compensation_samples for c in cells):
+        refit = calibration_tokens(tokenizer, args.calib, n=args.compensation_samples, seq_len=args.calib_seq_len, seed=args.seed)
+    if args.ppl_split == "tune":
+        ids, protocol = tune_stream(tokenizer, args, n_tokens)
+    else:
+        ids, protocol = ppl_stream(tokenizer, args.ppl_source, n_tokens)
+    bos = bos_token_id(tokenizer)
+    if bos is not None:
+        protocol["bos"] = "BOS in front of every window"
     spec = EvalSpec(
-        ppl_tokens=ids, seq_len=args.seq_len, stride=args.stride, tasks=load_items(tasks, args.limit, args.seed),
+        bos_token_id=bos, ppl_tokens=ids, seq_len=args.seq_len, stride=args.stride, tasks=load_items(tasks, args.limit, args.seed),
         tokenizer=tokenizer, batch_size=args.batch_size,
         protocol={"model": args.model, "ppl_seq_len": args.seq_len, "ppl_stride": args.stride or args.seq_len,
                   **{f"ppl_{k}": v for k, v in protocol.items()}, "tasks": ",".join(tasks) or "none",
@@ -306,7 +338,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     )
     log(f"sweep: {len(cells)} cells + dense into {args.out}")
     result = run_sweep(
-        model, cells, args.out, calibration=calib, spec=spec, pruner=args.pruner, multiple=args.multiple, seed=args.seed,
+        model, cells, args.out, calibration=calib, spec=spec, compensation_calibration=refit, pruner=args.pruner, multiple=args.multiple, seed=args.seed,
         settings={"model": args.model, "calib": args.calib, "samples": args.samples, "calib_seq_len": args.calib_seq_len},
         progress=progress, log=log, plots=not args.no_plots,
     )

@@ -118,8 +118,11 @@ class PerplexityResult:
     stride: int
 
 
-def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+def _windows(n: int, seq_len: int, stride: int, bos: bool = False) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) per window; token t is predicted from the logits at t-1.
+
+    bos: every window is fed behind a BOS token, which gives its first token a context,
+    so that token is scored too (the windows then cover every token exactly once).
 
     stride == seq_len: non-overlapping windows, the first token of each window has no
     context and is not scored, so every window scores len-1 tokens.
@@ -130,7 +133,7 @@ def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     out, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + seq_len, n)
-        first = max(prev_end, begin + 1)
+        first = max(prev_end, begin if bos else begin + 1)
         if end > first:
             out.append((begin, end, first))
         prev_end = end
@@ -141,8 +144,12 @@ def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
 
 def perplexity(logits_fn: LogitsFn | torch.nn.Module, token_ids: torch.Tensor, seq_len: int = 512,
                stride: int | None = None, max_tokens: int | None = None, batch_size: int = 1,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, bos_token_id: int | None = None) -> PerplexityResult:
     """Perplexity of a token stream (LongTensor[1, T] or [T]) under the windowing above.
+
+    bos_token_id: put this token in front of every window (seq_len - 1 text tokens + BOS =
+    seq_len), for models trained that way (Gemma: see data.bos_token_id); without it a
+    Gemma-3 window scores more than twice the perplexity.
 
     Windows of equal length are batched (`batch_size` windows per call; one window of 512
     tokens already makes large matmuls, and its logits are T x V floats); a short last
@@ -155,7 +162,11 @@ def perplexity(logits_fn: LogitsFn | torch.nn.Module, token_ids: torch.Tensor, s
     ids = token_ids.reshape(-1).long()
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    wins = _windows(len(ids), seq_len, stride)
+    bos = bos_token_id is not None
+    text_len = seq_len - 1 if bos else seq_len
+    if text_len < 1:
+        raise ValueError(f"seq_len must be >= 2 when a BOS token is added, got {seq_len}")
+    wins = _windows(len(ids), text_len, min(stride, text_len), bos=bos)
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for w in wins:
         groups.setdefault(w[1] - w[0], []).append(w)
@@ -163,10 +174,14 @@ def perplexity(logits_fn: LogitsFn | torch.nn.Module, token_ids: torch.Tensor, s
 
     total, count = 0.0, 0
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
-        logits = fn(torch.stack([ids[b:e] for b, e, _ in batch]))
+        rows = torch.stack([ids[b:e] for b, e, _ in batch])
+        if bos:
+            rows = torch.cat([torch.full((len(batch), 1), int(bos_token_id), dtype=torch.long), rows], dim=1)
+        logits = fn(rows)
+        shift = 0 if bos else 1  # logits row of the token before `first` (BOS sits at 0)
         for row, (b, e, first) in enumerate(batch):
             tgt = ids[first:e]
-            logp = torch.log_softmax(logits[row, first - b - 1:e - b - 1].float(), dim=-1)
+            logp = torch.log_softmax(logits[row, first - b - shift:e - b - shift].float(), dim=-1)
             total -= logp[torch.arange(len(tgt)), tgt].double().sum().item()
             count += len(tgt)
     nll = total / max(count, 1)
@@ -286,14 +301,15 @@ def multiple_choice(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items
 def evaluate(model_or_logits_fn: Any, tokenizer: Any, *, ppl_tokens: torch.Tensor | None = None,
              tasks: Sequence[str] = (), limit: int | None = None, seed: int = 0, seq_len: int = 512,
              stride: int | None = None, batch_size: int = 16, ppl_batch_size: int = 1,
-             prefix_token_id: int | None = None, progress: bool = True) -> dict[str, Any]:
+             prefix_token_id: int | None = None, progress: bool = True,
+             bos_token_id: int | None = None) -> dict[str, Any]:
     """Perplexity (if tokens are given) and each task's accuracy, as a JSON-able dict."""
     fn = _as_logits_fn(model_or_logits_fn)
     out: dict[str, Any] = {}
     if ppl_tokens is not None:
         t0 = time.perf_counter()
         res = perplexity(fn, ppl_tokens, seq_len=seq_len, stride=stride,
-                         batch_size=ppl_batch_size, progress=progress)
+                         batch_size=ppl_batch_size, progress=progress, bos_token_id=bos_token_id)
         out["perplexity"] = {**asdict(res), "seconds": round(time.perf_counter() - t0, 2)}
     if tasks:
         out["tasks"] = {}

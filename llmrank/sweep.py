@@ -78,11 +78,13 @@ class Cell:
     compensation: str = "none"
     gamma: float = 0.0
     theta: float = 0.5
+    compensation_samples: int = 0  # sequences behind the compensation statistics (0: the calibration ones)
 
     @property
     def key(self) -> str:
-        """File-safe and unique: ``wpr-chained-s0.3-none-g0.5-t0.5``."""
-        return f"{self.scorer}-{self.representation}-s{self.sparsity:g}-{self.compensation}-g{self.gamma:g}-t{self.theta:g}"
+        """File-safe and unique: ``wpr-chained-s0.3-none-g0.5-t0.5``, ``...-lstsq64-...``."""
+        comp = f"{self.compensation}{self.compensation_samples or ''}"
+        return f"{self.scorer}-{self.representation}-s{self.sparsity:g}-{comp}-g{self.gamma:g}-t{self.theta:g}"
 
     @property
     def series(self) -> str:
@@ -108,6 +110,7 @@ def expand_cells(
     compensations: Sequence[str] = ("none",),
     gammas: Sequence[float] = (0.0,),
     thetas: Sequence[float] = (0.5,),
+    compensation_samples: int = 0,
 ) -> list[Cell]:
     """The product of all options, in that nesting order, with parameters a scorer ignores
     set to their defaults and duplicates removed (first occurrence kept)."""
@@ -146,6 +149,7 @@ def expand_cells(
                                 scorer, rep, float(sp), comp,
                                 float(gamma) if scorer in _USES["gamma"] else _DEFAULTS["gamma"],
                                 float(theta) if scorer in _USES["theta"] else _DEFAULTS["theta"],
+                                compensation_samples if comp != "none" else 0,
                             )
                             seen.setdefault(cell.key, cell)
     return list(seen.values())
@@ -200,6 +204,7 @@ class EvalSpec:
     batch_size: int = 16
     ppl_batch_size: int = 1
     protocol: dict[str, Any] = field(default_factory=dict)  # free-form description (split, source, ...)
+    bos_token_id: int | None = None  # put in front of every perplexity window (data.bos_token_id)
 
     def __post_init__(self) -> None:
         if self.tasks and self.tokenizer is None:
@@ -207,6 +212,8 @@ class EvalSpec:
 
     def fingerprint(self) -> dict[str, Any]:
         out: dict[str, Any] = {"seq_len": self.seq_len, "stride": self.stride, "protocol": self.protocol}
+        if self.bos_token_id is not None:
+            out["bos_token_id"] = self.bos_token_id
         if self.ppl_tokens is not None:
             out["ppl_tokens"] = _tensor_hash(self.ppl_tokens)
         out["tasks"] = {name: _items_hash(items) for name, items in self.tasks.items()}
@@ -231,7 +238,7 @@ def evaluate_model(model: nn.Module, spec: EvalSpec, *, progress: bool = False) 
     out: dict[str, Any] = {}
     if spec.ppl_tokens is not None:
         res = perplexity(fn, spec.ppl_tokens, seq_len=spec.seq_len, stride=spec.stride,
-                         batch_size=spec.ppl_batch_size, progress=progress)
+                         batch_size=spec.ppl_batch_size, progress=progress, bos_token_id=spec.bos_token_id)
         out["perplexity"] = asdict(res)
     if spec.tasks:
         out["tasks"] = {}
@@ -274,6 +281,7 @@ def run_sweep(
     *,
     calibration: torch.Tensor | None,
     spec: EvalSpec,
+    compensation_calibration: torch.Tensor | None = None,
     pruner: str = "local",
     multiple: int = 1,
     min_width: int = 1,
@@ -290,7 +298,9 @@ def run_sweep(
     """Evaluate the dense ``model`` and every cell; write per-cell JSON and the summaries.
 
     ``calibration``: LongTensor[N, L] token ids (None only if every scorer is weight-only and
-    no compensation is asked). ``settings``: anything else that identifies the run (model
+    no compensation is asked). ``compensation_calibration`` (default ``calibration``): the
+    tokens behind the compensation statistics; its row count must equal each compensated
+    cell's ``compensation_samples`` (0 for cells that reuse ``calibration``). ``settings``: anything else that identifies the run (model
     name, ...); it enters the hash that decides whether a stored cell can be reused.
     ``evaluate_fn(model, spec)`` replaces ``evaluate_model`` (tests count calls with it).
     ``include_stored``: the summaries also hold cells that earlier runs (e.g. with other
@@ -355,10 +365,16 @@ def run_sweep(
         stats = None
         comps = {c.compensation for c in pending} - {"none"}
         if comps:
-            if not batches:
+            comp_tokens = compensation_calibration if compensation_calibration is not None else calibration
+            if comp_tokens is None:
                 raise ValueError("compensation needs calibration tokens")
+            wanted = {c.compensation_samples for c in pending if c.compensation != "none"}
+            have = 0 if compensation_calibration is None else int(comp_tokens.shape[0])
+            if wanted != {have}:
+                raise ValueError(f"compensated cells want {sorted(wanted)} compensation sequences (0: the calibration "
+                                 f"ones), this run has {have}; run them separately")
             start = time.perf_counter()
-            stats = collect_input_stats(model, ir, batches, second_moment=any(c.startswith("lstsq") for c in comps), progress=progress)
+            stats = collect_input_stats(model, ir, as_batches(comp_tokens, batch_size=batch_size), second_moment=any(c.startswith("lstsq") for c in comps), progress=progress)
             shared_timings["input_stats_s"] = time.perf_counter() - start
 
         bar = tqdm(pending, desc="sweep", unit="cell", disable=not progress)

@@ -44,6 +44,7 @@ class PruneJob:
     compensation: str = "lstsq"
     calib: str = "wiki"
     samples: int = 16
+    compensation_samples: int = 64
     seq_len: int = 512
     seed: int = 0
     onnx: bool = True
@@ -80,10 +81,15 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
     load_s = time.perf_counter() - clock
 
     calib = calibration_tokens(tokenizer, job.calib, n=job.samples, seq_len=job.seq_len, seed=job.seed)
+    if job.compensation_samples < 1:
+        raise ValueError(f"--compensation-samples must be >= 1, got {job.compensation_samples}")
+    refit = None
+    if job.compensation != "none" and job.compensation_samples != job.samples:
+        refit = calibration_tokens(tokenizer, job.calib, n=job.compensation_samples, seq_len=job.seq_len, seed=job.seed)
     result = prune(
         model, calib, sparsity=job.sparsity, scorer=job.scorer, representation=job.representation, pruner=job.pruner,
         theta=job.theta, gamma=job.gamma, multiple=job.multiple, min_width=job.min_width, mode=job.mode,
-        compensation=job.compensation, verify_outputs=job.verify, seed=job.seed, progress=job.progress,
+        compensation=job.compensation, compensation_data=refit, verify_outputs=job.verify, seed=job.seed, progress=job.progress,
     )
     if result.verification is not None and not result.verification.ok:
         raise RuntimeError(

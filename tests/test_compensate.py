@@ -83,3 +83,21 @@ def test_compensated_prune_keeps_shapes_and_reports_it():
         err_plain = (plain.model(calib).logits - dense).pow(2).mean()
         err_fixed = (fixed.model(calib).logits - dense).pow(2).mean()
     assert err_fixed < err_plain
+
+
+def test_compensation_data_feeds_the_refit_and_not_the_scores():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = LlamaForCausalLM(cfg).eval()
+    calib, refit = torch.randint(0, 128, (8, 16)), torch.randint(0, 128, (24, 16))
+    res = llmrank.prune(model, calib, sparsity=0.25, compensation="lstsq", compensation_data=refit, progress=False)
+    same_scores = llmrank.prune(model, calib, sparsity=0.25, progress=False)
+    assert all(torch.equal(res.kept[k], same_scores.kept[k]) for k in res.kept)
+    assert res.config["compensation_tokens"] == refit.numel()
+    # by hand: the same cut, refitted from statistics of `refit` only
+    stats = collect_input_stats(model, res.ir, list(refit.split(4)), progress=False)
+    expect = compensate(llmrank.shrink(model, res.ir, res.kept), model, res.ir, res.kept, stats)
+    with torch.no_grad():
+        assert torch.allclose(res.model(calib).logits, expect(calib).logits, atol=1e-5)

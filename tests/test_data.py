@@ -201,3 +201,21 @@ def test_real_tokenizer_calibration_batch():
     gemma = load_tokenizer("gemma3-270m")
     assert data.bos_token_id(gemma) == 2
     assert (data.calibration_tokens(gemma, n=2, seq_len=64, seed=0)[:, 0] == 2).all()
+
+
+@pytest.mark.parametrize("tok", [_CharTokenizer(), _BosCharTokenizer()], ids=["plain", "bos"])
+def test_tuning_tokens_are_the_calib_split_minus_the_calibration_windows(tok):
+    calib = data.calibration_tokens(tok, n=6, seq_len=2000, seed=3)
+    tune = data.tuning_tokens(tok, n=6, seq_len=2000, seed=3)
+    stream = data.tokenize_text(tok, data.wiki_text("calib"))
+    text_part = calib[:, 1:] if data.bos_token_id(tok) is not None else calib
+    # Rebuild the mask independently: every calibration row is a slice of the stream.
+    used = torch.zeros(stream.numel(), dtype=torch.bool)
+    text = "".join(map(chr, stream.tolist()))
+    for row in text_part:
+        start = text.find("".join(map(chr, row.tolist())))
+        assert start >= 0
+        used[start:start + row.numel()] = True
+    assert torch.equal(tune[0], stream[~used])
+    assert stream.numel() - tune.shape[1] <= text_part.numel()  # windows may overlap, never more
+    assert torch.equal(tune, data.tuning_tokens(tok, n=6, seq_len=2000, seed=3))

@@ -72,6 +72,24 @@ def test_perplexity_sliding(batch_size):
     assert res.ppl == pytest.approx(expect, rel=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_perplexity_with_bos(batch_size):
+    model = PosBigram()
+    bos = 0
+    # seq_len 4 with BOS: 3 text tokens per window behind BOS, every token scored once; the
+    # first token of a window is predicted from BOS at position 0.
+    W, P = model.W.tolist(), model.P.tolist()
+    nll, n = 0.0, 0
+    for begin in range(0, len(IDS), 3):
+        window = [bos] + IDS[begin:begin + 3]
+        for pos in range(1, len(window)):
+            nll -= _logsoftmax([W[window[pos - 1]][v] + P[pos - 1][v] for v in range(V)], window[pos])
+            n += 1
+    res = perplexity(model, torch.tensor([IDS]), seq_len=4, batch_size=batch_size, progress=False, bos_token_id=bos)
+    assert res.n_tokens == n == len(IDS)
+    assert res.ppl == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
 def test_perplexity_max_tokens_and_short_tail():
     model = PosBigram()
     # 7 tokens, seq_len 3: windows [0,3) [3,6) [6,7); the last window has nothing to score

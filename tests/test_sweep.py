@@ -123,6 +123,27 @@ def test_compensation_and_random_cells(setup, tmp_path):
     assert len(res.rows) == 5
 
 
+def test_compensation_on_more_sequences_than_calibration(setup, tmp_path):
+    model, calib, spec = setup
+    spec = EvalSpec(ppl_tokens=spec.ppl_tokens, seq_len=32)
+    more = torch.cat([calib, calib.flip(0)])
+    cells = expand_cells(["activation"], [0.5], compensations=["lstsq"], compensation_samples=more.shape[0])
+    assert cells[0].key == f"activation-chained-s0.5-lstsq{more.shape[0]}-g0-t0.5"
+    with pytest.raises(ValueError, match="compensation sequences"):
+        run_sweep(model, cells, tmp_path, calibration=calib, spec=spec, progress=False, log=lambda s: None, plots=False)
+    res = run_sweep(model, cells, tmp_path, calibration=calib, compensation_calibration=more, spec=spec,
+                    progress=False, log=lambda s: None, plots=False)
+    # the same refit done by hand from statistics of the larger token set
+    from llmrank.passes.compensate import collect_input_stats, compensate
+
+    ir = llmrank.analyze(llmrank.trace(model))
+    norms = llmrank.calibrate(model, ir, list(calib.split(4)), progress=False)
+    kept = llmrank.select(ir, llmrank.score(model, ir, norms, llmrank.ScoreConfig("activation", "chained")).groups, 0.5)
+    slim = compensate(llmrank.shrink(model, ir, kept), model, ir, kept,
+                      collect_input_stats(model, ir, list(more.split(4)), progress=False))
+    assert res.rows[-1]["ppl"] == pytest.approx(evaluate_model(slim, spec)["perplexity"]["ppl"], rel=1e-6)
+
+
 def test_expand_cells_dedupes_and_validates():
     cells = expand_cells(["l1", "wpr", "hits"], [0.1, 0.2], gammas=[0.0, 0.5], thetas=[0.3, 0.5], representations=["dataflow"])
     keys = [c.key for c in cells]
