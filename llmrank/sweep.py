@@ -95,7 +95,7 @@ class Cell:
         if self.scorer in _USES["theta"]:
             label += f" t={self.theta:g}"
         if self.compensation != "none":
-            label += f" +{self.compensation}"
+            label += f" +{self.compensation}" + (f"({self.compensation_samples})" if self.compensation_samples else "")
         return label
 
     def to_dict(self) -> dict[str, Any]:
@@ -510,6 +510,23 @@ def markdown(rows: Sequence[Mapping[str, Any]], spec: EvalSpec | None = None) ->
     return "\n".join(lines)
 
 
+def pivot(rows: Sequence[Mapping[str, Any]], metric: str, digits: int = 4) -> str:
+    """One metric as a markdown table: a row per series, a column per sparsity (dense in
+    the first column), so a curve reads left to right."""
+    from llmrank.report import markdown_table
+
+    if not rows or metric not in rows[0]:
+        return ""
+    dense = rows[0].get(metric)
+    sparsities = sorted({r["sparsity"] for r in rows[1:]})
+    table: dict[str, dict[float, Any]] = {}
+    for r in rows[1:]:
+        table.setdefault(r["series"], {})[r["sparsity"]] = r.get(metric)
+    fmt = lambda v: "" if v is None else f"{v:.{digits}g}"  # noqa: E731
+    body = [[name, fmt(dense), *(fmt(cells.get(sp)) for sp in sparsities)] for name, cells in table.items()]
+    return markdown_table(body, ["series", "dense", *(f"{sp:g}" for sp in sparsities)])
+
+
 def write_outputs(out: Path, dense: Mapping[str, Any], cells: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
                   *, spec: EvalSpec | None = None, plots: bool = True) -> dict[str, str]:
     files: dict[str, str] = {}
@@ -530,6 +547,12 @@ def write_outputs(out: Path, dense: Mapping[str, Any], cells: Sequence[Mapping[s
     files["csv"] = str(out / "results.csv")
     _atomic_write(out / "results.md", markdown(rows, spec) + "\n")
     files["md"] = str(out / "results.md")
+    parts = [f"### {title}\n\n{table}\n" for title, table in (
+        ("perplexity (lower is better)", pivot(rows, "ppl")),
+        ("mean task accuracy (primary metric per task)", pivot(rows, "mean_acc", 3)),
+        ("mean task accuracy retention (pruned / dense)", pivot(rows, "mean_acc_retention", 3))) if table]
+    _atomic_write(out / "pivot.md", "\n".join(parts))
+    files["pivot"] = str(out / "pivot.md")
     if plots:
         files.update(plot_retention(out, rows))
     return files

@@ -165,3 +165,15 @@ def test_parse_grid():
     for bad in (["gamma"], ["nope=1"], ["gamma=a"], ["gamma="]):
         with pytest.raises(ValueError):
             parse_grid(bad)
+
+
+def test_pivot_puts_each_series_on_one_row():
+    from llmrank.sweep import pivot
+
+    rows = [{"series": "dense", "sparsity": 0.0, "ppl": 10.0},
+            {"series": "a", "sparsity": 0.5, "ppl": 30.0}, {"series": "a", "sparsity": 0.1, "ppl": 12.5},
+            {"series": "b", "sparsity": 0.1, "ppl": 11.0}]
+    lines = pivot(rows, "ppl").splitlines()
+    assert lines[0] == "| series | dense | 0.1 | 0.5 |"
+    assert lines[2:] == ["| a | 10 | 12.5 | 30 |", "| b | 10 | 11 |  |"]
+    assert pivot(rows, "mean_acc") == ""
