@@ -67,7 +67,7 @@ def child(spec: dict) -> dict:
     calib = torch.randint(0, cfg.vocab_size, (spec["samples"], spec["seq_len"]), generator=gen)
     start = time.perf_counter()
     res = llmrank.prune(model, calib, sparsity=spec["sparsity"], scorer=spec["scorer"], representation=spec["representation"],
-                        gamma=spec["gamma"], verify_outputs=spec["verify"], progress=False)
+                        gamma=spec["gamma"], compensation=spec["compensation"], verify_outputs=spec["verify"], progress=False)
     total_s = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {
@@ -83,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="256x4,512x6,768x8,1024x12", help="comma list of HIDDENxLAYERS")
     p.add_argument("--scorer", default="wpr")
-    p.add_argument("--representation", default="chained")
+    p.add_argument("--representation", default="dataflow")
+    p.add_argument("--compensation", default="lstsq", help="none, bias, lstsq, lstsq+bias (llmrank prune's default: lstsq)")
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--samples", type=int, default=8, help="calibration sequences (random tokens)")
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         hidden, _, layers = size.lower().partition("x")
         spec = {"config": config_for(int(hidden), int(layers)), "scorer": args.scorer, "representation": args.representation,
-                "gamma": args.gamma, "sparsity": args.sparsity, "samples": args.samples, "seq_len": args.seq_len,
+                "compensation": args.compensation, "gamma": args.gamma, "sparsity": args.sparsity, "samples": args.samples, "seq_len": args.seq_len,
                 "verify": args.verify, "threads": args.threads}
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
@@ -120,14 +121,17 @@ def main(argv=None) -> int:
         t = row["timings_s"]
         print(f"{size:>10s}: {row['params'] / 1e6:7.1f}M params  prune {row['prune_total_s']:7.1f}s "
               f"(trace {t.get('trace_analyze', 0):.1f}, calib {t.get('calibrate', 0):.1f}, score {t.get('score_select', 0):.2f}, "
-              f"shrink {t.get('rewrite', 0):.2f})  peak RSS {row['peak_rss_mb']:8.0f} MiB "
+              f"shrink {t.get('rewrite', 0):.2f}, compensate {t.get('compensate', 0):.1f})  peak RSS {row['peak_rss_mb']:8.0f} MiB "
               f"(model {row['rss_after_build_mb']:.0f}, +{row['prune_overhead_mb']:.0f} for pruning)", flush=True)
-    report = {"scorer": args.scorer, "representation": args.representation, "sparsity": args.sparsity,
+    report = {"scorer": args.scorer, "representation": args.representation, "compensation": args.compensation,
+              "sparsity": args.sparsity,
               "calibration": f"{args.samples}x{args.seq_len} random tokens", "rows": rows,
               "memory": "peak_rss_mb = ru_maxrss of a fresh process per size; prune_overhead_mb = peak - RSS after building the model",
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_end": os.getloadavg()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -115,7 +115,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
           f"{args.repeats} repeats", flush=True)
     start = time.perf_counter()
     speed = compare({n: p for n, (p, _) in files.items()}, prefill_shapes=shapes, decode_steps=args.decode_steps,
-                    repeats=args.repeats, vocab=vocab)
+                    repeats=args.repeats, vocab=vocab, threads=args.threads)
     timing_s = time.perf_counter() - start
 
     decode_ctx = PROMPT_LEN + (args.decode_steps + 1) / 2
@@ -139,7 +139,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         rows.append(row)
     return {
         "model": name, "config": {k: v for k, v in model.config.to_dict().items() if isinstance(v, (int, float, str, bool))},
-        "scorer": "l1", "multiple": args.multiple, "repeats": args.repeats, "decode_steps": args.decode_steps,
+        "scorer": "l1", "multiple": args.multiple, "ort_threads": args.threads, "repeats": args.repeats, "decode_steps": args.decode_steps,
         "decode_prompt": PROMPT_LEN, "files": {n: str(p) for n, (p, _) in files.items()},
         "export_s": {n: s for n, (_, s) in files.items()}, "timing_s": timing_s,
         "flops_per_token_dense": {f"{b}x{s}": flops_per_token(model, s) for b, s in shapes} | {"decode": flops_per_token(model, decode_ctx)},
@@ -166,6 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", default="1x128,8x512", help="prefill shapes BATCHxSEQ")
     p.add_argument("--decode-steps", type=int, default=32, help="decode steps after a 16-token prompt (0: no decode timing)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--multiple", type=int, default=1, help="round kept FFN widths to a multiple")
     p.add_argument("--no-cache", action="store_true", help="re-export even if the cached ONNX file exists")
     p.add_argument("--atol", type=float, default=1e-3,
@@ -188,7 +189,9 @@ def main(argv=None) -> int:
         result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                              "loadavg_end": os.getloadavg(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
         out = args.out_dir / f"speed-{Path(name).name}.json"
-        out.write_text(json.dumps(result, indent=2))
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
         print_rows(result)
         print(f"wrote {out}")
     return 0

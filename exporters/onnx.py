@@ -359,11 +359,13 @@ def export_onnx(
 # ---------------------------------------------------------------- onnxruntime side
 
 
-def _session(path: Path | str) -> Any:
+def _session(path: Path | str, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -68,9 +68,11 @@ def compare(
     repeats: int = 5,
     vocab: int = 1000,
     seed: int = 0,
+    threads: int | None = None,
 ) -> dict[str, SpeedResult]:
-    """Median prefill latency per shape and decode tokens/s, interleaved across ``models``."""
-    sessions = {name: _session(path) for name, path in models.items()}
+    """Median prefill latency per shape and decode tokens/s, interleaved across ``models``
+    (``threads``: onnxruntime intra-op threads, default all cores)."""
+    sessions = {name: _session(path, threads) for name, path in models.items()}
     rng = np.random.default_rng(seed)
     prefill: dict[str, dict[str, list[float]]] = {n: {} for n in sessions}
     decode: dict[str, list[float]] = {n: [] for n in sessions}
