@@ -22,7 +22,8 @@ from llmrank.tasks import MCItem, load_task
 
 __all__ = [
     "LogitsFn", "torch_logits_fn", "onnx_logits_fn",
-    "PerplexityResult", "perplexity", "MCResult", "choice_logprobs", "multiple_choice", "evaluate",
+    "PerplexityResult", "perplexity", "MCResult", "continuation_logprobs", "choice_logprobs", "multiple_choice",
+    "evaluate",
 ]
 
 
@@ -244,10 +245,11 @@ def _request(tokenizer: Any, prefix: list[int], start: int, context: str, choice
     return whole[-max_length:], n_cont  # truncate the context from the left
 
 
-def choice_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items: Sequence[MCItem],
-                    batch_size: int = 16, max_length: int = 1024, progress: bool = True,
-                    prefix_token_id: int | None = None) -> list[list[float]]:
-    """log p(choice | context), summed over the choice's tokens, for every choice of every item.
+def continuation_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any,
+                          pairs: Sequence[tuple[str, str]], batch_size: int = 16, max_length: int = 1024,
+                          progress: bool = True, prefix_token_id: int | None = None) -> list[tuple[float, bool]]:
+    """(log p(continuation | context) summed over its tokens, whether greedy decoding would
+    produce exactly it) for every (context, continuation) pair: lm-eval's `loglikelihood`.
 
     When the tokenizer adds no special prefix and the context is empty (hyperbaton), the
     text starts after `prefix_token_id` (default BOS, else EOS). This choice matters: for
@@ -261,24 +263,35 @@ def choice_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items
     prefix = _special_prefix(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     start = _start_token(tokenizer, prefix_token_id)
-    reqs = [(i, j, *_request(tokenizer, prefix, start, it.context, ch, max_length))
-            for i, it in enumerate(items) for j, ch in enumerate(it.choices)]
-    order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][2]))
-    scores = [[0.0] * len(it.choices) for it in items]
+    reqs = [_request(tokenizer, prefix, start, context, cont, max_length) for context, cont in pairs]
+    order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(reqs)
 
-    for s in tqdm(range(0, len(order), batch_size), desc="multiple choice", disable=not progress, leave=False):
-        batch = [reqs[r] for r in order[s:s + batch_size]]
-        width = max(len(ids) for _, _, ids, _ in batch)
-        x = torch.full((len(batch), width), pad, dtype=torch.long)
-        for row, (_, _, ids, _) in enumerate(batch):
-            x[row, :len(ids)] = torch.tensor(ids)
+    for s in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=not progress, leave=False):
+        rows = order[s:s + batch_size]
+        width = max(len(reqs[r][0]) for r in rows)
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
+        for row, r in enumerate(rows):
+            x[row, :len(reqs[r][0])] = torch.tensor(reqs[r][0])
         logits = fn(x)
-        for row, (i, j, ids, n_cont) in enumerate(batch):
+        for row, r in enumerate(rows):
+            ids, n_cont = reqs[r]
             t = len(ids)
             logp = torch.log_softmax(logits[row, t - n_cont - 1:t - 1].float(), dim=-1)
             tgt = torch.tensor(ids[t - n_cont:])
-            scores[i][j] = logp[torch.arange(n_cont), tgt].double().sum().item()
-    return scores
+            greedy = bool((logp.argmax(-1) == tgt).all())
+            out[r] = (logp[torch.arange(n_cont), tgt].double().sum().item(), greedy)
+    return out
+
+
+def choice_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items: Sequence[MCItem],
+                    batch_size: int = 16, max_length: int = 1024, progress: bool = True,
+                    prefix_token_id: int | None = None) -> list[list[float]]:
+    """log p(choice | context), summed over the choice's tokens, for every choice of every item
+    (see continuation_logprobs for the start token and batching)."""
+    pairs = [(it.context, ch) for it in items for ch in it.choices]
+    flat = iter(continuation_logprobs(logits_fn, tokenizer, pairs, batch_size, max_length, progress, prefix_token_id))
+    return [[next(flat)[0] for _ in it.choices] for it in items]
 
 
 def multiple_choice(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any, items: Sequence[MCItem],
