@@ -75,13 +75,16 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
+ONNX_RTOL = 1e-4  # as `llmrank prune` (llmrank.workflow.ONNX_RTOL)
+
+
 def export_cached(model, path: Path, force: bool, atol: float) -> tuple[Path, float]:
     from llmrank.exporters.onnx import export_onnx
 
     if path.exists() and not force:
         return path, 0.0
     start = time.perf_counter()
-    res = export_onnx(model, path, with_past=True, force=True, atol=atol)
+    res = export_onnx(model, path, with_past=True, force=True, atol=atol, rtol=ONNX_RTOL)
     print(f"  exported {path.name}: max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}", flush=True)
     return path, time.perf_counter() - start
 

@@ -208,12 +208,12 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.exporters.hf import load_hf
     from llmrank.exporters.onnx import export_onnx
-    from llmrank.workflow import ONNX_ATOL
+    from llmrank.workflow import ONNX_ATOL, ONNX_RTOL
 
     if not (args.checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{args.checkpoint} is not a HF checkpoint folder (no config.json)")
     model = load_hf(args.checkpoint)
-    res = export_onnx(model, args.out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force, atol=ONNX_ATOL)
+    res = export_onnx(model, args.out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
     report = {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff}
     _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB), max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}")
     return report

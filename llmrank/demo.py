@@ -20,7 +20,7 @@ import torch
 
 from llmrank.cache import cache_dir
 from llmrank.report import human_bytes, markdown_table, table
-from llmrank.workflow import ONNX_ATOL
+from llmrank.workflow import ONNX_ATOL, ONNX_RTOL
 
 PROMPT = "The history of the city begins"
 
@@ -32,7 +32,7 @@ def dense_onnx(model, name: str) -> Path:
     path = cache_dir() / "onnx" / f"{name}-dense" / "model.onnx"
     if not path.exists():
         print(f"exporting the dense {name} to ONNX once (cached in {path.parent}) ...", flush=True)
-        export_onnx(model, path, with_past=True, metadata={"source_model": name, "llmrank_role": "dense baseline"}, atol=ONNX_ATOL)
+        export_onnx(model, path, with_past=True, metadata={"source_model": name, "llmrank_role": "dense baseline"}, atol=ONNX_ATOL, rtol=ONNX_RTOL)
     return path
 
 

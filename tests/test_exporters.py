@@ -342,6 +342,20 @@ def test_failed_validation_leaves_nothing(exports, tmp_path, monkeypatch):
     assert _leftovers(final.parent) == []
 
 
+def test_relative_tolerance_scales_with_the_outputs(exports):
+    """atol + rtol * max|PyTorch output|: the relative term alone can admit a difference."""
+    llama = exports.get("llama")
+    other = build("llama")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1e-3)
+    diffs = validate_onnx(other, llama.path, [(1, 5)], atol=None)
+    assert max(diffs.values()) > 0
+    with pytest.raises(OnnxValidationError, match="rtol"):
+        validate_onnx(other, llama.path, [(1, 5)], atol=0.0, rtol=1e-9)
+    assert validate_onnx(other, llama.path, [(1, 5)], atol=0.0, rtol=10.0) == diffs
+
+
 def test_export_crash_midway_leaves_nothing(tmp_path, monkeypatch):
     class _Crashing:
         def save(self, destination: str, external_data: bool = False) -> None:
