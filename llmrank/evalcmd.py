@@ -260,9 +260,9 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     ids, protocol = ppl_stream(tokenizer, args.ppl_source, n_tokens)
     if ids is not None:
         start = time.perf_counter()
-        res = perplexity(fn, ids, seq_len=args.seq_len, stride=args.stride, progress=progress,
-                         bos_token_id=bos_token_id(tokenizer))
-        report["perplexity"] = {**asdict(res), **protocol, "seconds": time.perf_counter() - start}
+        bos = bos_token_id(tokenizer)
+        res = perplexity(fn, ids, seq_len=args.seq_len, stride=args.stride, progress=progress, bos_token_id=bos)
+        report["perplexity"] = {**asdict(res), **protocol, "bos_token_id": bos, "seconds": time.perf_counter() - start}
         rows.append(("perplexity", f"{res.ppl:.4f}", "", f"{res.n_tokens} tokens scored"))
     if tasks:
         items = load_items(tasks, args.limit, args.seed)
