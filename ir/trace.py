@@ -14,11 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmrank.ir.errors import TraceError
+
 WRAPPER_PREFIX = "model."
-
-
-class TraceError(RuntimeError):
-    """torch.export could not trace the model; the message says what to try."""
 
 
 class TensorOutput(nn.Module):

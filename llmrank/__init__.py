@@ -1,25 +1,35 @@
 """llmrank: structured pruning of transformer FFNs by graph centrality (LLM-Rank).
 
-Public API: ``prune`` (the whole pipeline) and the passes one by one.
+Public API: ``prune`` (the whole pipeline), ``PruneConfig`` (every option), the passes one by
+one, and the pipeline they form (``Pipeline``, ``PruneState``).
 """
 
-from llmrank.api import PruneError, PruneResult, count_parameters, prune
+from llmrank.api import PruneResult, count_parameters, prune
 from llmrank.exporters.hf import load_hf as load
+from llmrank.ir.errors import (
+    CalibrationError, ConfigError, ExportError, InputError, LLMRankError, PassError, PruneError, TraceError,
+    UnsupportedModelError, VerificationError,
+)
 from llmrank.ir.graph import ChannelGroup, LinearInfo, ModelIR, Port, Slot
-from llmrank.ir.trace import TraceError, Traced, trace
+from llmrank.ir.trace import Traced, trace
 from llmrank.passes.analyze import analyze
-from llmrank.passes.calibrate import ActivationNorms, CalibrationError, calibrate
+from llmrank.passes.calibrate import ActivationNorms, calibrate
+from llmrank.passes.config import PruneConfig
+from llmrank.passes.pipeline import Pipeline, PruneState
+from llmrank.passes.program import ProgramResult, prune_program
 from llmrank.passes.score import ScoreConfig, Scores, score
 from llmrank.passes.select import select
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, verify
-from llmrank.passes.program import ProgramResult, prune_program
-from llmrank.passes.manager import Pipeline, PipelineState
 
-__version__ = "0.1.0"
+PipelineState = PruneState  # the earlier name
+
+__version__ = "0.2.0"
 
 __all__ = [
-    "ActivationNorms", "CalibrationError", "ChannelGroup", "LinearInfo", "ModelIR", "Port", "PruneError", "PruneResult",
-    "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "Verification", "Pipeline", "PipelineState", "ProgramResult", "prune_program", "analyze", "calibrate", "count_parameters",
-    "load", "mask", "mask_paper", "prune", "score", "select", "shrink", "trace", "verify",
+    "ActivationNorms", "CalibrationError", "ChannelGroup", "ConfigError", "ExportError", "InputError", "LLMRankError",
+    "LinearInfo", "ModelIR", "PassError", "Pipeline", "PipelineState", "Port", "ProgramResult", "PruneConfig", "PruneError",
+    "PruneResult", "PruneState", "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "UnsupportedModelError",
+    "Verification", "VerificationError", "analyze", "calibrate", "count_parameters", "load", "mask", "mask_paper", "prune",
+    "prune_program", "score", "select", "shrink", "trace", "verify",
 ]

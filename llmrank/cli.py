@@ -21,21 +21,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _scoring(p: argparse.ArgumentParser) -> None:
-    from llmrank.passes.score import REPRESENTATIONS, SCORERS
+def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
+    """One flag per PruneConfig option, with its help, choices and the command's default."""
+    from llmrank.passes.config import cli_options
 
-    p.add_argument("--sparsity", type=float, default=0.3, help="fraction of FFN channels to remove, in [0, 1)")
-    p.add_argument("--scorer", default="wpr", choices=SCORERS)
-    p.add_argument("--representation", default="dataflow", choices=REPRESENTATIONS)
-    p.add_argument("--pruner", default="local", choices=("local", "global"))
-    p.add_argument("--theta", type=float, default=0.5)
-    p.add_argument("--gamma", type=float, default=0.5)
-    p.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple (e.g. 8, 64)")
-    p.add_argument("--min-width", type=int, default=1)
+    for name, default, meta in cli_options():
+        if only is not None and name not in only:
+            continue
+        kind = {float: float, int: int, str: str}.get(type(default), float)
+        help_text = meta["help"] + (f" (default: {default})" if default is not None else "")
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, choices=meta["choices"], help=help_text)
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wiki", help="wiki, a .txt file, a folder of .txt files, or a HF dataset name")
     p.add_argument("--samples", type=int, default=16, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (tokens)")
-    p.add_argument("--seed", type=int, default=0)
+
+
+def prune_config(args: argparse.Namespace) -> Any:
+    """The PruneConfig the parsed flags describe (checked at once: a bad value fails here)."""
+    from llmrank.passes.config import PruneConfig, cli_options
+
+    return PruneConfig(**{name: getattr(args, name) for name, _, _ in cli_options() if hasattr(args, name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and write slim ONNX + HF checkpoint + report")
     p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m, minilm-l6), local HF folder or hub id")
-    _scoring(p)
-    p.add_argument("--mode", default="shrink", choices=("shrink", "mask", "mask-paper"))
-    p.add_argument("--compensation", default="lstsq", choices=("none", "bias", "lstsq", "lstsq+bias"))
+    _pruning_options(p)
+    _data_options(p)
     p.add_argument("--compensation-samples", type=int, default=64,
                    help="calibration sequences for the compensation statistics (the refit wants more tokens than scoring)")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force)")
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show the channel groups found in the graph and what a cut would remove")
     p.add_argument("model")
-    p.add_argument("--sparsity", type=float, default=0.3)
+    _pruning_options(p, only=("sparsity",))
     _common(p)
 
     p = sub.add_parser("export", help="export an (already pruned) HF checkpoint folder to ONNX")
@@ -103,10 +110,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llmrank {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         print(f"hint: {_hint(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, (ValueError, FileExistsError, FileNotFoundError)) else EXIT_FAILED
+        return exit_code(exc)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def exit_code(exc: Exception) -> int:
+    """llmrank's own errors carry their code; bad paths and values from libraries are usage errors."""
+    from llmrank.ir.errors import LLMRankError
+
+    if isinstance(exc, LLMRankError):
+        return exc.exit_code
+    return EXIT_USAGE if isinstance(exc, (ValueError, FileExistsError, FileNotFoundError)) else EXIT_FAILED
 
 
 def _one_line(exc: Exception) -> str:
@@ -144,15 +160,17 @@ def _say(args: argparse.Namespace, text: str) -> None:
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.workflow import PruneJob, run_prune
 
+    config = prune_config(args).with_(verify=not args.no_verify)
     job = PruneJob(
-        model=args.model, out=args.out, sparsity=args.sparsity, scorer=args.scorer, representation=args.representation,
-        pruner=args.pruner, theta=args.theta, gamma=args.gamma, multiple=args.multiple, min_width=args.min_width,
-        mode=args.mode, compensation=args.compensation, calib=args.calib, samples=args.samples, compensation_samples=args.compensation_samples, seq_len=args.seq_len,
-        seed=args.seed, onnx=args.onnx is not False, hf=args.hf is not False, kv_cache=not args.no_kv_cache,
-        optimize=args.optimize, verify=not args.no_verify, force=args.force, progress=not (args.quiet or args.json),
+        model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
+        compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
+        hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, force=args.force,
+        progress=not (args.quiet or args.json),
     )
     report = run_prune(job)
     _say(args, summary_table(report))
+    for note in report.get("notes") or []:
+        _say(args, f"note: {note}")
     _say(args, f"\nwritten: {args.out}/ ({', '.join(sorted(report['artifacts']))}, report.json)")
     return report
 
@@ -180,11 +198,10 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     import llmrank
-    from llmrank.passes.select import check_sparsity
     from llmrank.report import table
     from llmrank.workflow import load
 
-    check_sparsity(args.sparsity)
+    prune_config(args)
     model, _, _ = load(args.model)
     ir = llmrank.analyze(llmrank.trace(model))
     total = llmrank.count_parameters(model)

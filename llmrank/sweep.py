@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmrank.ir.errors import ConfigError
+
 __all__ = [
     "Cell", "EvalSpec", "SweepResult", "expand_cells", "parse_grid", "evaluate_model", "run_sweep",
     "retention_rows", "write_outputs", "PRIMARY_METRIC", "TASK_ALIASES",
@@ -114,29 +116,29 @@ def expand_cells(
 ) -> list[Cell]:
     """The product of all options, in that nesting order, with parameters a scorer ignores
     set to their defaults and duplicates removed (first occurrence kept)."""
-    from llmrank.passes.compensate import METHODS
+    from llmrank.passes.config import COMPENSATIONS as METHODS
     from llmrank.passes.score import REPRESENTATIONS, SCORERS
     from llmrank.passes.select import check_sparsity
 
     for s in scorers:
         if s not in SCORERS:
-            raise ValueError(f"unknown scorer {s!r}; choose from {', '.join(SCORERS)}")
+            raise ConfigError(f"unknown scorer {s!r}; choose from {', '.join(SCORERS)}")
     for r in representations:
         if r not in REPRESENTATIONS:
-            raise ValueError(f"unknown representation {r!r}; choose from {', '.join(REPRESENTATIONS)}")
+            raise ConfigError(f"unknown representation {r!r}; choose from {', '.join(REPRESENTATIONS)}")
     for c in compensations:
         if c not in METHODS:
-            raise ValueError(f"unknown compensation {c!r}; choose from {', '.join(METHODS)}")
+            raise ConfigError(f"unknown compensation {c!r}; choose from {', '.join(METHODS)}")
     for sp in sparsities:
         check_sparsity(sp)
         if sp == 0:
-            raise ValueError("sparsity 0 is the dense baseline, which every sweep evaluates anyway; give sparsities in (0, 1)")
+            raise ConfigError("sparsity 0 is the dense baseline, which every sweep evaluates anyway; give sparsities in (0, 1)")
     for name, values in (("gamma", gammas), ("theta", thetas)):
         for v in values:
             if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
+                raise ConfigError(f"{name} must be in [0, 1], got {v}")
     if not (scorers and sparsities and representations and compensations and gammas and thetas):
-        raise ValueError("every sweep option needs at least one value")
+        raise ConfigError("every sweep option needs at least one value")
 
     seen: dict[str, Cell] = {}
     for scorer in scorers:
@@ -274,6 +276,36 @@ def _read_cell(path: Path, settings_hash: str) -> dict[str, Any] | None:
     return data if data.get("settings_hash") == settings_hash else None
 
 
+def cell_config(base: Any, cell: Cell) -> Any:
+    """The PruneConfig of one cell: the sweep's shared options with the cell's own."""
+    return base.with_(scorer=cell.scorer, representation=cell.representation, sparsity=cell.sparsity,
+                      compensation=cell.compensation, gamma=cell.gamma, theta=cell.theta)
+
+
+def _shared_config(base: Any, configs: Sequence[Any]) -> Any:
+    """Options for the passes run once: calibrate for every cell's scorer and refit."""
+    scorer = next((c.scorer for c in configs if c.scorer not in _WEIGHT_ONLY), configs[0].scorer)
+    refits = [c.compensation for c in configs if c.compensation != "none"]
+    compensation = next((c for c in refits if c.startswith("lstsq")), refits[0] if refits else "none")
+    return base.with_(scorer=scorer, compensation=compensation)
+
+
+def code_fingerprint() -> str:
+    """Hash of the source that decides a cell's numbers (ir, passes, evaluation): a stored cell
+    computed by other code is recomputed."""
+    import llmrank.evaluate
+    import llmrank.ir.graph
+    import llmrank.passes.pipeline
+
+    digest = hashlib.sha256()
+    for package_file in (llmrank.ir.graph.__file__, llmrank.passes.pipeline.__file__, llmrank.evaluate.__file__):
+        folder = Path(package_file).parent
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_sweep(
     model: nn.Module,
     cells: Sequence[Cell],
@@ -306,19 +338,20 @@ def run_sweep(
     ``include_stored``: the summaries also hold cells that earlier runs (e.g. with other
     scorers or sparsities) stored in ``out_dir`` with the same settings.
     """
-    import llmrank
     from llmrank.api import as_batches, count_parameters
-    from llmrank.passes.compensate import collect_input_stats, compensate
-    from llmrank.passes.score import ScoreConfig
+    from llmrank.passes.config import PruneConfig
+    from llmrank.passes.pipeline import Analyze, Calibrate, CheckOutputs, Compensate, Pipeline, PruneState, Score, Select, Shrink, Trace, Verify
 
+    base = PruneConfig(pruner=pruner, multiple=multiple, min_width=min_width, ridge=ridge, seed=seed, batch_size=batch_size)
+    cell_configs = {c.key: cell_config(base, c) for c in cells}  # every cell's options, checked before any work
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     evaluate_fn = evaluate_fn or (lambda m, s: evaluate_model(m, s, progress=False))
     fingerprint = {
-        "settings": dict(settings or {}), "eval": spec.fingerprint(), "pruner": pruner, "multiple": multiple,
-        "min_width": min_width, "ridge": ridge, "seed": seed,
+        "settings": dict(settings or {}), "eval": spec.fingerprint(), "config": base.to_dict(),
         "calibration": _tensor_hash(calibration) if calibration is not None else None,
-        "params": count_parameters(model),
+        "compensation_calibration": _tensor_hash(compensation_calibration) if compensation_calibration is not None else None,
+        "params": count_parameters(model), "code": code_fingerprint(),
     }
     settings_hash = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
     _atomic_write(out / "sweep.json", json.dumps({"settings_hash": settings_hash, **fingerprint,
@@ -349,61 +382,43 @@ def run_sweep(
         log(f"resuming: {len(done)} of {len(cells)} cells already computed in {out / 'cells'}")
 
     if pending:
-        start = time.perf_counter()
-        ir = llmrank.analyze(llmrank.trace(model))
-        if not ir.groups:
-            raise ValueError(f"{ir.model_class} has no prunable channel group")
-        shared_timings = {"trace_analyze_s": time.perf_counter() - start}
-        batches = as_batches(calibration, batch_size=batch_size) if calibration is not None else []
-        norms = None
-        if any(c.scorer not in _WEIGHT_ONLY for c in pending):
-            if not batches:
-                raise ValueError("the activation-based scorers need calibration tokens")
-            start = time.perf_counter()
-            norms = llmrank.calibrate(model, ir, batches, linears=ir.calibration_linears(), progress=progress, total=len(batches))
-            shared_timings["calibrate_s"] = time.perf_counter() - start
-        stats = None
-        comps = {c.compensation for c in pending} - {"none"}
-        if comps:
-            comp_tokens = compensation_calibration if compensation_calibration is not None else calibration
-            if comp_tokens is None:
-                raise ValueError("compensation needs calibration tokens")
-            wanted = {c.compensation_samples for c in pending if c.compensation != "none"}
-            have = 0 if compensation_calibration is None else int(comp_tokens.shape[0])
-            if wanted != {have}:
-                raise ValueError(f"compensated cells want {sorted(wanted)} compensation sequences (0: the calibration "
-                                 f"ones), this run has {have}; run them separately")
-            start = time.perf_counter()
-            stats = collect_input_stats(model, ir, as_batches(comp_tokens, batch_size=batch_size), second_moment=any(c.startswith("lstsq") for c in comps), progress=progress)
-            shared_timings["input_stats_s"] = time.perf_counter() - start
+        wanted = {c.compensation_samples for c in pending if c.compensation != "none"}
+        have = 0 if compensation_calibration is None else int(compensation_calibration.shape[0])
+        if wanted and wanted != {have}:
+            raise ConfigError(f"compensated cells want {sorted(wanted)} compensation sequences (0: the calibration "
+                              f"ones), this run has {have}; run them separately")
+        # The data-dependent passes run once, with what the most demanding cell needs ...
+        shared = PruneState(
+            config=_shared_config(base, [cell_configs[c.key] for c in pending]), model=model,
+            batches=tuple(as_batches(calibration, batch_size=batch_size)) if calibration is not None else (),
+            refit_batches=tuple(as_batches(compensation_calibration, batch_size=batch_size)) if compensation_calibration is not None else None,
+            progress=progress,
+        )
+        shared = Pipeline([Trace(), Analyze(), Calibrate()]).run(shared)
+        shared_timings = {f"{name.lower()}_s": seconds for name, seconds in shared.timings.items()}
+        per_cell = Pipeline([Score(), Select(), Compensate(), Shrink(), Verify(), CheckOutputs()])
 
         bar = tqdm(pending, desc="sweep", unit="cell", disable=not progress)
         for cell in bar:
             bar.set_postfix_str(cell.key)
+            # ... and each cell runs the rest of the same pipeline on its own options.
+            state = per_cell.run(shared.update(config=cell_configs[cell.key], history=()))
+            prune_s = sum(state.timings.values())
             start = time.perf_counter()
-            config = ScoreConfig(scorer=cell.scorer, representation=cell.representation, theta=cell.theta,
-                                 gamma=cell.gamma, seed=seed)
-            scores = llmrank.score(model, ir, norms, config)
-            kept = llmrank.select(ir, scores.groups, cell.sparsity, pruner=pruner, multiple=multiple, min_width=min_width)
-            slim = llmrank.shrink(model, ir, kept)
-            if cell.compensation != "none":
-                compensate(slim, model, ir, kept, stats, method=cell.compensation, ridge=ridge)
-            prune_s = time.perf_counter() - start
-            start = time.perf_counter()
-            metrics = evaluate_fn(slim, spec)
+            metrics = evaluate_fn(state.slim, spec)
             eval_s = time.perf_counter() - start
-            widths = [len(kept[g.name]) for g in ir.groups]
+            widths = [len(state.kept[g.name]) for g in state.ir.groups]
             record = {
-                **cell.to_dict(), "settings_hash": settings_hash, "params": count_parameters(slim),
-                "param_reduction": 1 - count_parameters(slim) / params_before,
+                **cell.to_dict(), "settings_hash": settings_hash, "config": cell_configs[cell.key].to_dict(),
+                "params": count_parameters(state.slim), "param_reduction": 1 - count_parameters(state.slim) / params_before,
                 "kept_width": {"min": min(widths), "max": max(widths), "mean": sum(widths) / len(widths),
-                               "dense": ir.groups[0].width},
+                               "dense": state.ir.groups[0].width},
                 "metrics": metrics, "prune_s": prune_s, "eval_s": eval_s, "shared_timings": shared_timings,
             }
             _atomic_write(out / "cells" / f"{cell.key}.json", json.dumps(record, indent=2, default=str))
             done[cell.key] = record
             computed.append(cell.key)
-            del slim, scores
+            del state
             gc.collect()
             if len(pending) > 1 and cell is not pending[-1]:  # partial summaries while a long sweep runs
                 _summarise(out, dense, cells, done, settings_hash, spec, plots=plots, include_stored=include_stored)

@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from llmrank.api import PruneResult, prune
 from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
+from llmrank.ir.errors import ConfigError
+from llmrank.passes.config import CLI_DEFAULTS, PruneConfig
 from llmrank.report import plot_prune
 
 
@@ -31,33 +33,34 @@ ONNX_RTOL = 1e-4
 
 @dataclass
 class PruneJob:
-    """Everything ``llmrank prune`` needs; defaults are the documented defaults."""
+    """``llmrank prune``: what to load, the pruning options (one PruneConfig), what to write.
+
+    The job's own fields are about data and outputs; every pruning option lives in
+    ``config``. ``check()`` validates them all before anything is loaded.
+    """
 
     model: str
     out: Path
-    sparsity: float = 0.3
-    scorer: str = "wpr"
-    representation: str = "dataflow"
-    pruner: str = "local"
-    theta: float = 0.5
-    gamma: float = 0.5
-    multiple: int = 1
-    min_width: int = 1
-    mode: str = "shrink"
-    compensation: str = "lstsq"
+    config: PruneConfig = field(default_factory=lambda: PruneConfig(**CLI_DEFAULTS))
     calib: str = "wiki"
     samples: int = 16
     compensation_samples: int = 64
     seq_len: int = 512
-    seed: int = 0
     onnx: bool = True
     kv_cache: bool = True
     hf: bool = True
     optimize: bool = False
-    verify: bool = True
-    force: bool = False
+    force: bool | int = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Every setting and combination, before the model is read (ConfigError names the flag)."""
+        for flag, value in (("--samples", self.samples), ("--compensation-samples", self.compensation_samples),
+                            ("--seq-len", self.seq_len)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
+        check_writable(Path(self.out), self.force)
 
 
 def load(model: str, *, progress: bool = True):
@@ -76,29 +79,18 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
     """Run the job; returns the report (also written as report.json in ``job.out``)."""
     from llmrank.data import calibration_tokens
 
-    out = Path(job.out)
-    check_writable(out, job.force)
+    job.check()
+    out, config = Path(job.out), job.config
     clock = time.perf_counter()
     model, tokenizer, folder = loaded or load(job.model, progress=job.progress)
     refuse_input_overlap(out, folder)
     load_s = time.perf_counter() - clock
 
-    calib = calibration_tokens(tokenizer, job.calib, n=job.samples, seq_len=job.seq_len, seed=job.seed)
-    if job.compensation_samples < 1:
-        raise ValueError(f"--compensation-samples must be >= 1, got {job.compensation_samples}")
+    calib = calibration_tokens(tokenizer, job.calib, n=job.samples, seq_len=job.seq_len, seed=config.seed)
     refit = None
-    if job.compensation != "none" and job.compensation_samples != job.samples:
-        refit = calibration_tokens(tokenizer, job.calib, n=job.compensation_samples, seq_len=job.seq_len, seed=job.seed)
-    result = prune(
-        model, calib, sparsity=job.sparsity, scorer=job.scorer, representation=job.representation, pruner=job.pruner,
-        theta=job.theta, gamma=job.gamma, multiple=job.multiple, min_width=job.min_width, mode=job.mode,
-        compensation=job.compensation, compensation_data=refit, verify_outputs=job.verify, seed=job.seed, progress=job.progress,
-    )
-    if result.verification is not None and not result.verification.ok:
-        raise RuntimeError(
-            f"verification failed: shrunk vs masked outputs differ by {result.verification.max_abs_diff:.3g} "
-            f"(bound {result.verification.atol} + {result.verification.rtol} x {result.verification.reference_scale:.3g}); please report this model"
-        )
+    if config.compensation != "none" and job.compensation_samples != job.samples:
+        refit = calibration_tokens(tokenizer, job.calib, n=job.compensation_samples, seq_len=job.seq_len, seed=config.seed)
+    result = prune(model, calib, config=config, compensation_data=refit, progress=job.progress)
     report = build_report(job, result, load_s)
     with atomic_path(out, force=job.force) as tmp:
         tmp.mkdir(parents=True)
@@ -110,12 +102,14 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
 def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str, Any]:
     from llmrank import __version__
 
-    job_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()}
+    job_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items() if k != "config"}
     return {
         "llmrank_version": __version__,
         "model": job.model,
         "job": job_dict,
         **result.to_dict(),
+        "requested_sparsity": job.config.sparsity,
+        "effective_sparsity": result.config.get("effective_sparsity"),
         "timings_s": {"load": load_s, **result.timings},
         "artifacts": {},
     }
@@ -125,17 +119,18 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
     """scores.safetensors, plot.png, hf/, model.onnx and report.json inside ``folder``."""
     from llmrank.exporters.hf import save_hf
 
+    c = job.config
     metadata = {
-        "source_model": job.model, "scorer": job.scorer, "representation": job.representation, "sparsity": job.sparsity,
-        "pruner": job.pruner, "compensation": job.compensation, "layer_widths": {k: a for k, (_, a) in result.widths.items()},
+        "source_model": job.model, "scorer": c.scorer, "representation": c.representation, "sparsity": c.sparsity,
+        "pruner": c.pruner, "compensation": c.compensation, "layer_widths": {k: a for k, (_, a) in result.widths.items()},
     }
     tensors = {f"{name}": s.to(torch.float32).contiguous() for name, s in result.scores.groups.items()}
     tensors.update({f"{name}.kept": k.contiguous() for name, k in result.kept.items()})
-    save_file(tensors, str(folder / "scores.safetensors"), metadata={"scorer": job.scorer})
+    save_file(tensors, str(folder / "scores.safetensors"), metadata={"scorer": c.scorer})
     report["artifacts"]["scores"] = "scores.safetensors"
-    plot_prune(result.widths, result.scores.groups, folder / "plot.png", f"{job.model}: {job.scorer}/{job.representation}, sparsity {job.sparsity}")
-    report["artifacts"]["plot"] = "plot.png"
-    if job.hf and job.mode != "mask-paper":
+    if plot_prune(result.widths, result.scores.groups, folder / "plot.png", f"{job.model}: {c.scorer}/{c.representation}, sparsity {c.sparsity}"):
+        report["artifacts"]["plot"] = "plot.png"
+    if job.hf and c.mode != "mask-paper":
         saved = save_hf(result.model, tokenizer, folder / "hf", metadata=metadata)
         report["artifacts"]["hf"] = {"path": "hf", "uniform": saved.uniform}
     if job.onnx:

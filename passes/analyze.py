@@ -11,7 +11,6 @@ residual sum of different writers, or the model output mark the channels as not 
 
 from __future__ import annotations
 
-import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,30 +18,9 @@ import torch
 from torch import fx, nn
 
 from llmrank.ir.graph import ChannelGroup, LinearInfo, ModelIR, Port, Slot
+from llmrank.ir.errors import InputError
 from llmrank.ir.trace import Traced
-
-UNARY = {
-    "silu", "gelu", "relu", "tanh", "sigmoid", "erf", "leaky_relu", "softplus", "mish", "elu",
-    "hardswish", "hardsigmoid", "hardtanh", "relu6", "celu", "selu", "gelu_", "silu_", "relu_",
-    "neg", "abs", "exp", "sqrt", "pow", "square", "dropout", "clone", "contiguous", "to",
-    "_to_copy", "alias", "detach", "type_as", "lift_fresh_copy", "native_dropout",
-}
-NONLINEAR = UNARY - {"neg", "abs", "dropout", "clone", "contiguous", "to", "_to_copy", "alias", "detach", "type_as", "lift_fresh_copy", "native_dropout"}
-BINARY = {"mul", "add", "sub", "div", "mul_", "add_", "sub_", "div_", "true_divide", "multiply", "maximum", "minimum"}
-VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten"}
-SPLITS = {"split", "split_with_sizes", "chunk", "tensor_split"}
-SHAPE_ONLY = {"sym_size", "_assert_tensor_metadata", "sym_numel", "sym_stride"}
-
-
-def op_name(node: fx.Node) -> str:
-    """'silu' for aten.silu.default, 'getitem' for operator.getitem, '' for non-calls."""
-    if node.op != "call_function":
-        return node.op
-    if node.target is operator.getitem:
-        return "getitem"
-    packet = getattr(node.target, "_overloadpacket", None)
-    return packet.__name__ if packet is not None else getattr(node.target, "__name__", str(node.target))
-
+from llmrank.passes.ops import BINARY, LINEAR_OPS, NONLINEAR, SHAPE_ONLY, SPLITS, UNARY, VIEWS, linear_data_input, linear_weight_arg, op_name
 
 def _val(node: object) -> torch.Tensor | None:
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
@@ -69,7 +47,7 @@ class _Graph:
         return next(lin for lin in self.linear_of_node.values() if lin.name == linear)
 
     def data_input(self, node: fx.Node) -> fx.Node:
-        return node.args[1] if op_name(node) == "addmm" else node.args[0]
+        return linear_data_input(node)
 
 
 def _index(traced: Traced) -> _Graph:
@@ -82,9 +60,9 @@ def _index(traced: Traced) -> _Graph:
                 graph.param_of_node[node] = path
     for node in traced.program.graph.nodes:
         name = op_name(node)
-        if name not in ("linear", "addmm", "matmul", "mm"):
+        if name not in LINEAR_OPS:
             continue
-        weight_node = node.args[2] if name == "addmm" else _transposed_param(node.args[1]) if name in ("matmul", "mm") else node.args[1]
+        weight_node = linear_weight_arg(node)
         if weight_node not in graph.param_of_node:
             continue  # a matmul of two activations (attention), not a layer
         module_path = _module_path(node, traced.prefix)
@@ -100,13 +78,6 @@ def _index(traced: Traced) -> _Graph:
             kind=kind, in_features=int(in_f), out_features=int(out_f), node=node.name,
         )
     return graph
-
-
-def _transposed_param(node: object) -> object:
-    """``W`` for ``x @ W.T`` written by hand (e.g. Falcon's Linear): matmul(x, t(W))."""
-    if isinstance(node, fx.Node) and op_name(node) in ("t", "transpose", "permute", "numpy_T") and node.args:
-        return node.args[0]
-    return None
 
 
 def _module_path(node: fx.Node, prefix: str) -> str:
@@ -375,6 +346,6 @@ def group_regions(traced: Traced, ir: ModelIR) -> dict[str, tuple[str, ...]]:
     for group in ir.groups:
         found = _find_group(g, by_name[ir.linears[group.consumers[0].linear].node])
         if isinstance(found, str):
-            raise ValueError(f"group {group.name!r} no longer closes in this graph: {found}")
+            raise InputError(f"group {group.name!r} no longer closes in this graph: {found}")
         regions[group.name] = tuple(node.name for node in sorted(found[0].region, key=order.__getitem__))
     return regions

@@ -1,14 +1,19 @@
-"""Compensation passes: repair what a cut removed, from calibration statistics of the dense model.
+"""Compensation: repair what a cut removes, from calibration moments of the dense model.
 
-For a consumer Linear y = W x + b whose inputs x (the group's channels) lose the set R:
+For a consumer Linear y = W x + b whose input channels (the group's) lose the set R:
 - ``bias``: the removed channels' mean contribution goes into the bias,
   b' = b + W[:, R] @ mean(x_R) (a bias is added when the layer has none);
 - ``lstsq``: the kept columns are refitted so that W' x_K best reproduces W x on the
   calibration tokens (ridge-regularised closed form):
       W' = W G[:, K] (G[K, K] + lambda I)^-1,  G = E[x x^T]
-  with lambda = ridge * mean(diag G[K, K]); ``lstsq+bias`` also fits the affine term.
-Statistics are streamed per batch (sum x, sum x x^T, token count), so memory is
-O(width^2) per consumer, never O(tokens).
+  with lambda = ridge * mean(diag G[K, K]); ``lstsq+bias`` fits the affine term too, on the
+  centred covariance C = G - mu mu^T, with b' = b + W mu - W' mu_K.
+
+:func:`plan_refit` is pure: it reads the *dense* weights and returns the new consumer weights
+(a :class:`Refit` per consumer), before anything is rewritten, so an in-place rewrite cannot
+feed it already-shrunk weights. The rewrite passes apply the plan (``shrink`` and ``mask`` both
+take ``refits``), which makes "shrunk == masked" verification cover the refit as well. A group
+that loses no channel gets no refit: nothing removed means nothing changed.
 """
 
 from __future__ import annotations
@@ -18,58 +23,126 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from llmrank.ir.errors import ConfigError, InputError
 from llmrank.ir.graph import ModelIR
-from llmrank.passes.calibrate import _run
+from llmrank.passes.calibrate import Accumulator, InputStats, Plan, collect
 
 METHODS = ("none", "bias", "lstsq", "lstsq+bias")
 
 
-@dataclass
-class InputStats:
-    """Streamed first and second moments of one consumer's input channels (float64)."""
+@dataclass(frozen=True)
+class Refit:
+    """New parameters of one consumer Linear after its group was cut.
 
-    total: torch.Tensor
-    gram: torch.Tensor | None
-    count: int
+    ``weight`` is in (out x kept-in) orientation over ``columns`` (indices of the kept input
+    channels in the dense layout, ascending); ``bias`` is the whole new bias, or None when the
+    bias does not change.
+    """
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.total / max(self.count, 1)
+    linear: str
+    columns: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def consumer_linears(ir: ModelIR) -> list[str]:
+    """Linears whose inputs the refit needs moments of: every group's consumers."""
+    return sorted({c.linear for g in ir.groups for c in g.consumers})
+
+
+def plan_refit(
+    dense: nn.Module,
+    ir: ModelIR,
+    kept: dict[str, torch.Tensor],
+    moments: dict[str, InputStats],
+    *,
+    method: str = "lstsq",
+    ridge: float = 1e-3,
+) -> dict[str, Refit]:
+    """The refit of every consumer whose group loses channels, from ``dense``'s weights."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown compensation {method!r}; choose one of {', '.join(METHODS)}")
+    if ridge < 0:
+        raise ConfigError(f"ridge must be >= 0, got {ridge}")
+    refits: dict[str, Refit] = {}
+    if method == "none":
+        return refits
+    with torch.no_grad():
+        for g in ir.groups:
+            keep = kept[g.name].to(torch.long)
+            if keep.numel() == g.width:
+                continue
+            for port in g.consumers:
+                info = ir.linears[port.linear]
+                stats = moments.get(info.name)
+                if stats is None or stats.count == 0:
+                    raise InputError(f"no calibration moments for {info.name!r}: the refit data never reached it")
+                w = dense.get_parameter(info.weight).detach().to(torch.float64)
+                w = w.t() if info.kind == "conv1d" else w
+                columns, w_new, shift = _solve(w, stats, keep, port.offset, g.width, method, ridge)
+                bias = None
+                if shift is not None:
+                    old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
+                    bias = old + shift
+                refits[info.name] = Refit(info.name, columns, w_new, bias)
+    return refits
+
+
+def _solve(w: torch.Tensor, s: InputStats, keep: torch.Tensor, offset: int, width: int, method: str, ridge: float):
+    cols = torch.arange(w.shape[1])
+    block = cols[offset:offset + width]
+    kept_cols = torch.cat([cols[:offset], block[keep], cols[offset + width:]])
+    removed = block[torch.ones(width, dtype=torch.bool).index_fill_(0, keep, False)]
+    if method == "bias":
+        return kept_cols, w[:, kept_cols], w[:, removed] @ s.mean[removed]
+    gram = s.gram / float(s.count)
+    mean = s.mean
+    if method == "lstsq+bias":
+        cov = gram - torch.outer(mean, mean)
+        w_new = _ridge_solve(cov[kept_cols][:, kept_cols], cov[kept_cols] @ w.T, ridge).T
+        return kept_cols, w_new, w @ mean - w_new @ mean[kept_cols]
+    return kept_cols, _ridge_solve(gram[kept_cols][:, kept_cols], gram[kept_cols] @ w.T, ridge).T, None
+
+
+def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    return torch.linalg.solve(a + lam * eye, rhs)
+
+
+def apply_refit(model: nn.Module, ir: ModelIR, refits: dict[str, Refit], *, shrunk: bool) -> None:
+    """Write ``refits`` into ``model`` in place: into the shrunk weights, or (``shrunk=False``)
+    into the kept columns of a masked model whose dropped columns are already zero."""
+    with torch.no_grad():
+        for name, refit in refits.items():
+            info = ir.linears[name]
+            module = model.get_submodule(name)
+            param = module.weight
+            new = refit.weight.to(param.dtype)
+            if shrunk:
+                value = new
+            else:
+                value = (param.detach().t() if info.kind == "conv1d" else param.detach()).clone()
+                value[:, refit.columns] = new
+            value = value.t() if info.kind == "conv1d" else value
+            module.weight = nn.Parameter(value.contiguous(), requires_grad=param.requires_grad)
+            if refit.bias is not None:
+                bias = refit.bias.to(param.dtype).clone()
+                old = getattr(module, "bias", None)
+                module.bias = nn.Parameter(bias, requires_grad=True if old is None else old.requires_grad)
+
+
+# ---------------------------------------------------------------------- the earlier entry points
 
 
 def collect_input_stats(
     model: nn.Module, ir: ModelIR, batches: Iterable, *, second_moment: bool = True, progress: bool = True
 ) -> dict[str, InputStats]:
     """Moments of every group consumer's input on ``batches`` (the dense model is not changed)."""
-    names = sorted({c.linear for g in ir.groups for c in g.consumers})
-    stats: dict[str, InputStats] = {}
-
-    def hook(name: str):
-        def record(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = stats.get(name)
-            # One batch's Gram in fp32 (fast GEMM), accumulated across batches in fp64.
-            gram = (x.T @ x).double() if second_moment else None
-            if s is None:
-                stats[name] = InputStats(x.double().sum(0), gram, x.shape[0])
-            else:
-                s.total += x.double().sum(0)
-                if gram is not None:
-                    s.gram += gram
-                s.count += x.shape[0]
-        return record
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in tqdm(list(batches), desc="collecting stats", unit="batch", disable=not progress):
-                _run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    plan = Plan.build(list(batches), None, norms=False, moments=True)
+    acc = Accumulator((), consumer_linears(ir), second_moment=second_moment)
+    return collect(model, plan, acc, progress=progress).moments
 
 
 def compensate(
@@ -82,66 +155,6 @@ def compensate(
     method: str = "lstsq",
     ridge: float = 1e-3,
 ) -> nn.Module:
-    """Adjust the consumers of the shrunk ``model`` in place and return it.
-
-    ``dense`` is the model before the cut (its consumer weights are the target map); ``ir``,
-    ``kept`` and ``stats`` belong to it.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown compensation {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "none":
-        return model
-    with torch.no_grad():
-        for g in ir.groups:
-            keep = kept[g.name].to(torch.long)
-            for port in g.consumers:
-                info = ir.linears[port.linear]
-                module = model.get_submodule(info.name)
-                w = dense.get_parameter(info.weight).detach().to(torch.float64)
-                dense_w = w.t() if info.kind == "conv1d" else w
-                w_new, shift = _solve(dense_w, stats[info.name], keep, port.offset, g.width, method, ridge)
-                _set_weight(module, info.kind, w_new)
-                if shift is not None:
-                    _add_bias(module, shift)
+    """Refit the consumers of the shrunk ``model`` in place from ``dense`` and return it."""
+    apply_refit(model, ir, plan_refit(dense, ir, kept, stats, method=method, ridge=ridge), shrunk=True)
     return model
-
-
-def _solve(w: torch.Tensor, s: InputStats, keep: torch.Tensor, offset: int, width: int, method: str, ridge: float):
-    cols = torch.arange(w.shape[1])
-    block = cols[offset:offset + width]
-    kept_cols = torch.cat([cols[:offset], block[keep], cols[offset + width:]])
-    removed = block[torch.ones(width, dtype=torch.bool).index_fill_(0, keep, False)]
-    if method == "bias":
-        return w[:, kept_cols], w[:, removed] @ s.mean[removed]
-    n = float(s.count)
-    gram = s.gram / n
-    mean = s.mean
-    if method == "lstsq+bias":
-        # Fit [W' b'] on [x; 1]: centred covariance for W', then b' = W mean - W' mean_K.
-        cov = gram - torch.outer(mean, mean)
-        a = cov[kept_cols][:, kept_cols]
-        rhs = cov[kept_cols] @ w.T
-        w_new = _ridge_solve(a, rhs, ridge).T
-        return w_new, w @ mean - w_new @ mean[kept_cols]
-    a = gram[kept_cols][:, kept_cols]
-    rhs = gram[kept_cols] @ w.T
-    return _ridge_solve(a, rhs, ridge).T, None
-
-
-def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
-    return torch.linalg.solve(a + lam * eye, rhs)
-
-
-def _set_weight(module: nn.Module, kind: str, w: torch.Tensor) -> None:
-    w = w.T if kind == "conv1d" else w
-    module.weight.data = w.to(module.weight.dtype).contiguous()
-
-
-def _add_bias(module: nn.Module, shift: torch.Tensor) -> None:
-    shift = shift.to(module.weight.dtype)
-    if getattr(module, "bias", None) is None:
-        module.bias = nn.Parameter(shift.clone())
-    else:
-        module.bias.data += shift

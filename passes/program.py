@@ -11,10 +11,10 @@ graph have the shrunk shapes, ready for ``torch.onnx.export``, AOTInductor or
     res.program            # slim ExportedProgram, same inputs/outputs and dynamic dims
     res.max_abs_diff       # slim vs dense-with-dropped-channels-zeroed, on the inputs
 
-Steps: adapt the program (``program_traced``) -> ``analyze`` -> calibrate with an FX
-interpreter (``calibrate_program``) -> ``score`` -> ``select`` -> ``shrink`` the parameters of
-``ep.module()`` and rewrite hard-coded widths in the groups' regions (``rewrite_shapes``) ->
-re-export with the same dynamic dims (``reexport``) -> compare with the masked dense module.
+``prune_program`` runs the one pipeline of ``llmrank.passes.pipeline``; this module holds
+what is particular to programs: adapting the program for ``analyze`` (``program_traced``),
+rewriting the widths hard-coded in the groups' graph regions (``rewrite_shapes``) and
+re-exporting with the same dynamic dims (``reexport``).
 Analyse the program BEFORE ``run_decompositions()``: the default decomposition turns
 ``aten.linear`` into transposes + mm, and the weights are no longer recognisable.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +32,13 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
+from llmrank.ir.errors import InputError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced
-from llmrank.passes.analyze import SPLITS, _transposed_param, analyze, group_regions, op_name
-from llmrank.passes.calibrate import ActivationNorms, CalibrationError, _batch_norm
-from llmrank.passes.score import ScoreConfig, Scores, score
-from llmrank.passes.select import check_sparsity, select
+from llmrank.passes.analyze import analyze
+from llmrank.passes.calibrate import Accumulator, ActivationNorms, Plan, as_inputs, collect_program
+from llmrank.passes.ops import LINEAR_OPS, SHAPE_VIEWS, SPLITS, linear_weight_arg, op_name
+from llmrank.passes.score import Scores
 from llmrank.passes.shrink import mask, shrink
 
 __all__ = [
@@ -55,12 +55,8 @@ __all__ = [
     "shrink_program",
 ]
 
-LINEAR_OPS = ("linear", "addmm", "matmul", "mm")  # what analyze recognises as a layer
-SHAPE_VIEWS = ("view", "reshape", "_unsafe_view")
-
-
-class ProgramError(ValueError):
-    """The program cannot be pruned as given; the message says what to change."""
+#: Errors about a program that cannot be pruned as given (the API's InputError).
+ProgramError = InputError
 
 
 @dataclass
@@ -93,16 +89,6 @@ def _owner_from_stack(node: fx.Node) -> str | None:
     return list(stack.values())[-1][0] if stack else None
 
 
-def _weight_arg(node: fx.Node) -> object:
-    """The weight operand of a layer node, as ``analyze`` reads it (x @ W.T: W under the transpose)."""
-    name = op_name(node)
-    if name == "addmm":
-        return node.args[2]
-    if name in ("matmul", "mm"):
-        return _transposed_param(node.args[1])
-    return node.args[1]
-
-
 def program_traced(ep: ExportedProgram, module: nn.Module | None = None) -> Traced:
     """``Traced(program=ep, model=ep.module(), prefix="")`` with module paths that resolve.
 
@@ -119,7 +105,7 @@ def program_traced(ep: ExportedProgram, module: nn.Module | None = None) -> Trac
         name = op_name(node)
         if name not in LINEAR_OPS:
             continue
-        weight = _weight_arg(node)
+        weight = linear_weight_arg(node)
         fqn = sig.inputs_to_parameters.get(getattr(weight, "name", None))
         if fqn is None or not fqn.endswith(".weight"):
             continue
@@ -140,7 +126,7 @@ def analyze_program(ep: ExportedProgram, module: nn.Module | None = None) -> tup
     traced = program_traced(ep, module)
     ir = analyze(traced)
     if not ir.linears:
-        raise ProgramError(
+        raise InputError(
             "the program has no aten.linear/aten.addmm with a weight parameter: analyse the program from "
             "torch.export.export BEFORE run_decompositions() (the default table turns linear into mm)"
         )
@@ -151,73 +137,17 @@ def analyze_program(ep: ExportedProgram, module: nn.Module | None = None) -> tup
 # calibration: per-batch L2 norms of every Linear's input and output, read by an interpreter
 
 
-def _data_input(node: fx.Node) -> fx.Node:
-    return node.args[1] if op_name(node) == "addmm" else node.args[0]
-
-
-class _NormRecorder(fx.Interpreter):
-    """Runs a GraphModule and adds up ``_batch_norm`` of each watched node's input and output."""
-
-    def __init__(self, module: fx.GraphModule, watch: dict[str, str]):
-        super().__init__(module)
-        self.watch = watch
-        self.sums_in: dict[str, torch.Tensor] = {}
-        self.sums_out: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        name = self.watch.get(n.name)
-        if name is not None:
-            a_in, a_out = _batch_norm(self.env[_data_input(n)]), _batch_norm(out)
-            self.sums_in[name] = a_in if name not in self.sums_in else self.sums_in[name] + a_in
-            self.sums_out[name] = a_out if name not in self.sums_out else self.sums_out[name] + a_out
-        return out
-
-
-def _as_inputs(item: Any) -> tuple:
-    return tuple(item) if isinstance(item, (tuple, list)) else (item,)
-
-
-def _tokens(inputs: tuple) -> int:
-    first = next((x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)), None)
-    if first is None or first.dim() == 0:
-        return 1
-    return int(first.shape[0] * (first.shape[1] if first.dim() > 1 and not first.is_floating_point() else 1))
-
-
 def calibrate_program(
     module: fx.GraphModule, ir: ModelIR, calibration_inputs: Iterable[Any], *, linears: Iterable[str] | None = None
 ) -> ActivationNorms:
-    """The norms of ``llmrank.passes.calibrate.calibrate``, from an FX interpreter over ``module``.
+    """The scoring norms of ``llmrank.calibrate``, from an FX interpreter over ``ep.module()``.
 
-    ``module`` is ``ep.module()`` (its node names are those of ``ep.graph``). Each item of
-    ``calibration_inputs`` is a tuple of positional inputs (a lone tensor is accepted).
-    a_in[j] / a_out[j] are the mean over batches of the per-batch L2 norm of feature j over
-    all positions, for the data input and output of each aten.linear / aten.addmm node.
+    Each item of ``calibration_inputs`` is a tuple of positional inputs (a lone tensor is
+    accepted); the statistics are those of ``llmrank.passes.calibrate`` (one accumulator).
     """
-    names = set(ir.linears) if linears is None else set(linears)
-    graph_nodes = {n.name for n in module.graph.nodes}
-    watch = {ir.linears[n].node: n for n in names}
-    missing = [node for node in watch if node not in graph_nodes]
-    if missing:
-        raise ProgramError(f"the module's graph lacks the nodes {missing[:3]} of the analysed program: pass ep.module() of the same program")
-    recorder = _NormRecorder(module, watch)
-    norms = ActivationNorms()
-    with torch.no_grad():
-        for item in calibration_inputs:
-            inputs = _as_inputs(item)
-            if not inputs:
-                raise CalibrationError("a calibration input is an empty tuple")
-            recorder.run(*inputs)
-            norms.batches += 1
-            norms.tokens += _tokens(inputs)
-    if norms.batches == 0:
-        raise CalibrationError("calibration_inputs is empty: give at least one tuple of inputs")
-    for name in names:
-        if name in recorder.sums_in:
-            norms.a_in[name] = (recorder.sums_in[name] / norms.batches).to(torch.float32)
-            norms.a_out[name] = (recorder.sums_out[name] / norms.batches).to(torch.float32)
-    return norms
+    names = list(ir.linears) if linears is None else list(linears)
+    plan = Plan.build(list(calibration_inputs), None, norms=True, moments=False)
+    return collect_program(module, ir, plan, Accumulator(names, ())).norms
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +181,7 @@ def rewrite_shapes(gm: fx.GraphModule, ir: ModelIR, kept: dict[str, torch.Tensor
     for g in ir.groups:
         for name in regions[g.name]:
             if name not in nodes:
-                raise ProgramError(f"node {name!r} of group {g.name!r} is not in the module's graph: pass ep.module() of the analysed program")
+                raise InputError(f"node {name!r} of group {g.name!r} is not in the module's graph: pass ep.module() of the analysed program")
             width[name] = (g.width, len(kept[g.name]))
     changes: list[str] = []
     for name, (old, new) in width.items():
@@ -288,10 +218,11 @@ def rewrite_shapes(gm: fx.GraphModule, ir: ModelIR, kept: dict[str, torch.Tensor
 
 
 def shrink_program(
-    module: fx.GraphModule, ir: ModelIR, kept: dict[str, torch.Tensor], regions: dict[str, Sequence[str]]
+    module: fx.GraphModule, ir: ModelIR, kept: dict[str, torch.Tensor], regions: dict[str, Sequence[str]], *,
+    refits: dict | None = None,
 ) -> tuple[fx.GraphModule, list[str]]:
     """A copy of ``module`` (``ep.module()``) with shrunk parameters and rewritten shape constants."""
-    slim = shrink(module, ir, kept)
+    slim = shrink(module, ir, kept, refits=refits)
     return slim, rewrite_shapes(slim, ir, kept, regions)
 
 
@@ -371,20 +302,21 @@ def reexport(module: nn.Module, example_inputs: tuple, dynamic_shapes: Any = Non
             return torch.export.export(module, tuple(example_inputs), kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:  # noqa: BLE001 - explained
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise ProgramError(
+        raise InputError(
             f"re-exporting the shrunk program failed: {type(error).__name__}: {first}. A shape constant outside the "
             "groups' regions may still hard-code an old width; pass dynamic_shapes= explicitly if the dims were the issue"
         ) from error
 
 
-def _example_inputs(ep: ExportedProgram, calibration_inputs: Sequence[Any]) -> tuple[tuple, dict]:
+def example_inputs(ep: ExportedProgram, calibration_inputs: Sequence[Any]) -> tuple[tuple, dict]:
+    """The program's own example inputs, else the first calibration input."""
     example = getattr(ep, "example_inputs", None)
     if example is not None:
         args, kwargs = example
         return tuple(args), dict(kwargs or {})
     if not calibration_inputs:
-        raise ProgramError("the program carries no example inputs: give calibration or example inputs to re-export it")
-    return _as_inputs(calibration_inputs[0]), {}
+        raise InputError("the program carries no example inputs: give calibration or example inputs to re-export it")
+    return as_inputs(calibration_inputs[0]), {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,7 +328,7 @@ def outputs_diff(reference: nn.Module, candidate: nn.Module, inputs: Sequence[tu
     worst = 0.0
     with torch.no_grad():
         for item in inputs:
-            args = _as_inputs(item)
+            args = as_inputs(item)
             ref = pytree.tree_leaves(reference(*args))
             got = pytree.tree_leaves(candidate(*args))
             if len(ref) != len(got):
@@ -416,62 +348,37 @@ def outputs_diff(reference: nn.Module, candidate: nn.Module, inputs: Sequence[tu
 
 def prune_program(
     ep: ExportedProgram,
-    calibration_inputs: list[tuple],
+    calibration_inputs: Sequence[Any],
     *,
-    sparsity: float,
-    scorer: str = "wpr",
-    representation: str = "dataflow",
-    gamma: float = 0.5,
-    theta: float = 0.5,
-    pruner: str = "local",
-    multiple: int = 1,
+    config: Any = None,
     dynamic_shapes: Any = None,
     verify_inputs: Sequence[tuple] | None = None,
+    refit_inputs: Sequence[Any] | None = None,
+    **options: Any,
 ) -> ProgramResult:
-    """Prune the FFN channel groups of ``ep`` and return a slim ExportedProgram.
+    """Prune the channel groups of ``ep`` and return a slim ExportedProgram.
 
-    ``calibration_inputs`` is a list of input tuples for the program (token batches for a
-    logits-only HF wrapper, feature batches for an MLP). ``dynamic_shapes`` is what the
-    program was exported with; by default it is rebuilt from the program (same symbols and
-    ranges). ``verify_inputs`` defaults to the first calibration input. ``ep`` is not modified.
+    The same passes as ``llmrank.prune`` (one ``PruneConfig``: ``config`` and/or options such
+    as ``sparsity=0.3, compensation="lstsq"``). ``calibration_inputs`` is a list of input
+    tuples for the program; ``refit_inputs`` (default: the same) feed the compensation.
+    ``dynamic_shapes`` is what the program was exported with (default: rebuilt from the
+    program). ``verify_inputs`` defaults to the first calibration input. ``ep`` is not modified.
     """
-    check_sparsity(sparsity)
-    calibration_inputs = list(calibration_inputs)
+    from llmrank.passes.config import PruneConfig
+    from llmrank.passes.pipeline import Pipeline, PruneState
+
+    config = PruneConfig.from_options(config, **options)
+    calibration_inputs = [as_inputs(item) for item in calibration_inputs]
     if not calibration_inputs:
-        raise CalibrationError("calibration_inputs is empty: give at least one tuple of inputs")
-    config = ScoreConfig(scorer=scorer, representation=representation, theta=theta, gamma=gamma)
-    timings: dict[str, float] = {}
-
-    clock = time.perf_counter()
-    module = ep.module()
-    traced, ir = analyze_program(ep, module)
-    if not ir.groups:
-        raise ProgramError(f"the program has no prunable channel group. Blocked: {dict(list(ir.blocked.items())[:4])}")
-    regions = group_regions(traced, ir)
-    timings["analyze"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    norms = None
-    if scorer not in ("l1", "lp", "random"):
-        norms = calibrate_program(module, ir, calibration_inputs)
-    timings["calibrate"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    scores = score(module, ir, norms, config)
-    kept = select(ir, scores.groups, sparsity, pruner=pruner, multiple=multiple)
-    timings["score_select"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    slim_module, rewrites = shrink_program(module, ir, kept, regions)
-    args, kwargs = _example_inputs(ep, calibration_inputs)
-    shapes = dynamic_shapes if dynamic_shapes is not None else program_dynamic_shapes(ep)
-    program = reexport(slim_module, args, shapes, kwargs=kwargs)
-    timings["shrink_reexport"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    checks = list(verify_inputs) if verify_inputs is not None else calibration_inputs[:1]
-    diff = outputs_diff(mask_program(module, ir, kept), program.module(), checks)
-    timings["verify"] = time.perf_counter() - clock
-
-    widths = {g.name: (g.width, len(kept[g.name])) for g in ir.groups}
-    return ProgramResult(program, ir, kept, scores, diff, norms, widths, rewrites, timings)
+        raise InputError("calibration_inputs is empty: give at least one tuple of inputs")
+    checks = [as_inputs(item) for item in verify_inputs] if verify_inputs is not None else calibration_inputs[:1]
+    state = Pipeline.default().run(PruneState(
+        config=config, program=ep, batches=tuple(calibration_inputs),
+        refit_batches=None if refit_inputs is None else tuple(as_inputs(item) for item in refit_inputs),
+        example_inputs=checks[0], dynamic_shapes=dynamic_shapes,
+    ))
+    reference = mask(state.model, state.ir, state.kept, refits=state.refits)
+    diff = outputs_diff(reference, state.slim_program.module(), checks)
+    widths = {g.name: (g.width, len(state.kept[g.name])) for g in state.ir.groups}
+    return ProgramResult(state.slim_program, state.ir, state.kept, state.scores, diff, state.norms, widths,
+                         list(state.rewrites), state.timings)

@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from llmrank import scorers as S
+from llmrank.ir.errors import CalibrationError, ConfigError, UnsupportedModelError
 from llmrank.ir.graph import ChannelGroup, ModelIR, Port
+from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
 
 SCORERS = ("wpr", "mpr", "hits", "l1", "lp", "activation", "wanda", "random")
 REPRESENTATIONS = ("isolated", "chained", "dataflow")
+WEIGHT_ONLY_SCORERS = ("l1", "lp", "random")  # need no calibration data
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+            raise ConfigError(f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
         if self.representation not in REPRESENTATIONS:
-            raise ValueError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
+            raise ConfigError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
         for name in ("theta", "gamma"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise ConfigError(f"{name} must be in [0, 1], got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,16 +82,16 @@ def _block(v: torch.Tensor, port: Port, width: int) -> torch.Tensor:
 def _need(norms: ActivationNorms, name: str, kind: str) -> torch.Tensor:
     table = norms.a_in if kind == "in" else norms.a_out
     if name not in table:
-        raise ValueError(f"no calibration norms for {name!r}: the calibration inputs never reached it")
+        raise CalibrationError(f"no calibration norms for {name!r}: the calibration inputs never reached it")
     return table[name]
 
 
 def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig) -> Scores:
     """Score every channel group of ``ir`` (pure: reads the model, changes nothing)."""
     if not ir.groups:
-        raise ValueError(f"{ir.model_class} has no prunable channel group; nothing to score")
-    if norms is None and config.scorer not in ("l1", "lp", "random"):
-        raise ValueError(f"scorer {config.scorer!r} needs calibration data")
+        raise UnsupportedModelError(f"{ir.model_class} has no prunable channel group; nothing to score")
+    if norms is None and config.scorer not in WEIGHT_ONLY_SCORERS:
+        raise CalibrationError(f"scorer {config.scorer!r} needs calibration data")
     if config.scorer == "hits":
         return _hits(model, ir, norms, config)
     if config.scorer in ("wpr", "mpr"):
@@ -131,7 +133,7 @@ def _chains(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: Score
 def _check_chain(chain: list[S.ChainLayer], ir: ModelIR) -> None:
     for prev, nxt in zip(chain, chain[1:]):
         if prev.weight.shape[0] != nxt.weight.shape[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"the chained representation needs each FFN's output width to equal the next FFN's input width "
                 f"({ir.model_class}: {prev.weight.shape[0]} vs {nxt.weight.shape[1]}); use representation='isolated'"
             )
@@ -157,12 +159,12 @@ def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: Sco
         else:
             r_in = r.clone()
             if config.z_importance:
-                r_in[S._lowest(r_in, round(config.z_importance * r_in.numel()))] = 0.0
+                r_in[S.lowest(r_in, int(config.z_importance * r_in.numel()))] = 0.0
             into = torch.stack([w.to(torch.float64).abs() @ r_in for w in weights]).mean(0)
             mid = S.normalize(into * mid_act)
             mid_in = mid.clone()
             if config.z_importance:
-                mid_in[S._lowest(mid_in, round(config.z_importance * mid_in.numel()))] = 0.0
+                mid_in[S.lowest(mid_in, int(config.z_importance * mid_in.numel()))] = 0.0
             exit_ = S.normalize((w_down.to(torch.float64).abs() @ mid_in) * a_down)
         out.groups[g.name], out.outputs[g.name] = mid, exit_
         written[down.linear] = exit_

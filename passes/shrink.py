@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from llmrank.ir.graph import ModelIR
+from llmrank.passes.compensate import Refit, apply_refit
 
 FFN_CONFIG_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size")
 
@@ -46,13 +47,20 @@ def _replace(model: nn.Module, path: str, value: torch.Tensor) -> None:
     setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
-def shrink(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplace: bool = False) -> nn.Module:
-    """Return a model whose groups keep only ``kept`` channels, with smaller tensors."""
+def shrink(
+    model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplace: bool = False, refits: dict[str, Refit] | None = None
+) -> nn.Module:
+    """Return a model whose groups keep only ``kept`` channels, with smaller tensors.
+
+    ``refits`` (from ``compensate.plan_refit``) replace the shrunk consumer weights.
+    """
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for (path, axis), mask in _keep_masks(target, ir, kept).items():
             param = target.get_parameter(path)
             _replace(target, path, param.index_select(axis, mask.nonzero().squeeze(1)))
+    if refits:
+        apply_refit(target, ir, refits, shrunk=True)
     for lin in ir.linears.values():
         _sync_shape(target.get_submodule(lin.name))
     _update_config(target, ir, kept)
@@ -88,8 +96,13 @@ def _update_config(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor])
                 setattr(cfg, field, new)
 
 
-def mask(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplace: bool = False) -> nn.Module:
-    """Zero the dropped channels in every slot (same shapes): the reference for verification."""
+def mask(
+    model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplace: bool = False, refits: dict[str, Refit] | None = None
+) -> nn.Module:
+    """Zero the dropped channels in every slot (same shapes): the reference for verification.
+
+    ``refits`` are written into the kept columns, so the reference matches a refitted shrink.
+    """
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for (path, axis), keep in _keep_masks(target, ir, kept).items():
@@ -97,6 +110,8 @@ def mask(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], *, inplac
             shape = [1] * param.dim()
             shape[axis] = -1
             param.mul_(keep.to(param.dtype).view(shape))
+    if refits:
+        apply_refit(target, ir, refits, shrunk=False)
     return target
 
 

@@ -48,7 +48,11 @@ def outputs(model: nn.Module, inputs: tuple) -> torch.Tensor:
 
 def verify(
     original: nn.Module, shrunk: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor], inputs: tuple, *,
-    atol: float = 1e-5, rtol: float = 1e-5,
+    atol: float = 1e-5, rtol: float = 1e-5, refits: dict | None = None,
 ) -> Verification:
-    """Compare ``shrunk`` with a zero-masked copy of ``original`` on ``inputs`` (fp32 tolerance)."""
-    return Verification.compare(outputs(mask(original, ir, kept), inputs), outputs(shrunk, inputs), inputs, atol=atol, rtol=rtol)
+    """Compare ``shrunk`` with a zero-masked copy of ``original`` on ``inputs`` (fp32 tolerance).
+
+    With ``refits`` the reference carries the same refitted consumer weights.
+    """
+    reference = outputs(mask(original, ir, kept, refits=refits), inputs)
+    return Verification.compare(reference, outputs(shrunk, inputs), inputs, atol=atol, rtol=rtol)

@@ -27,6 +27,8 @@ from llmrank.passes.program import (
     ProgramError, ProgramResult, calibrate_program, mask_program, outputs_diff, program_dynamic_shapes, program_traced,
     prune_program,
 )
+from llmrank.ir import errors as llmrank_errors
+from llmrank.passes.config import PruneConfig
 from llmrank.passes.score import ScoreConfig, Scores
 from llmrank.passes.select import select
 
@@ -301,13 +303,14 @@ def test_pipeline_with_custom_scorer_matches_direct_calls(tiny_llama):
     norms = calibrate(tiny_llama.model, ir, batches, linears=calibrated_linears(ir), progress=False)
     expected = select(ir, down_input_norm(tiny_llama.model, ir, norms).groups, 0.3, multiple=8)
 
-    pipeline = Pipeline([Analyze(), Calibrate(batches), Score(down_input_norm), Select(0.3, multiple=8), Shrink(), Verify(batches[0][:2])])
-    state = pipeline.run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
+    pipeline = Pipeline([Analyze(), Calibrate(), Score(down_input_norm), Select(), Shrink(), Verify()])
+    state = pipeline.run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced), PruneConfig(sparsity=0.3, multiple=8),
+                         batches=batches, example_inputs=(batches[0][:2],))
     assert state.kept.keys() == expected.keys()
     for name in expected:
         assert torch.equal(state.kept[name], expected[name])
     assert state.verification.ok
-    assert [name for name, _ in state.history] == ["Analyze", "Calibrate", "Score[down_input_norm]", "Select", "Shrink", "Verify"]
+    assert [r.name for r in state.history] == ["Analyze", "Calibrate", "Score[down_input_norm]", "Select", "Shrink", "Verify"]
     assert state.slim.get_submodule("model.layers.0.mlp.up_proj").weight.shape[0] == len(expected["model.layers.0.mlp"])
 
 
@@ -315,35 +318,83 @@ def test_pipeline_builtin_scorer_matches_prune(tiny_llama):
     import llmrank
 
     batches = list(tiny_llama.calib.split(4))
-    config = ScoreConfig(scorer="wpr", representation="dataflow", gamma=0.5)
-    state = Pipeline([Analyze(), Calibrate(batches), Score(config), Select(0.3)]).run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
-    ref = llmrank.prune(tiny_llama.model, tiny_llama.calib, representation="dataflow", gamma=0.5, progress=False, traced=tiny_llama.traced,
-                        verify_outputs=False)
+    config = PruneConfig(scorer="wpr", representation="dataflow", gamma=0.5)
+    state = Pipeline([Analyze(), Calibrate(), Score(), Select()]).run(
+        PipelineState(model=tiny_llama.model, traced=tiny_llama.traced), config, batches=batches)
+    ref = llmrank.prune(tiny_llama.model, tiny_llama.calib, config=config, progress=False, traced=tiny_llama.traced, verify=False)
     for name in ref.kept:
         assert torch.equal(state.kept[name], ref.kept[name])
 
 
 def test_pipeline_on_an_exported_program_matches_prune_program(mlp_case):
-    pipeline = Pipeline([Trace(), Analyze(), Calibrate(mlp_case.calib), Score(scorer="wpr", representation="dataflow", gamma=0.5),
-                         Select(SPARSITY), Shrink(), Verify(mlp_case.other_shape)])
-    state = pipeline.run(mlp_case.ep)
+    config = PruneConfig(sparsity=SPARSITY, scorer="wpr", representation="dataflow", gamma=0.5)
+    state = Pipeline.default().run(mlp_case.ep, config, batches=mlp_case.calib, example_inputs=mlp_case.other_shape)
     assert state.from_program and state.verification.ok
     for name, kept in mlp_case.result.kept.items():
         assert torch.equal(state.kept[name], kept)
     assert {k: v.shape for k, v in state.slim_program.state_dict.items()} == {k: v.shape for k, v in mlp_case.result.program.state_dict.items()}
 
 
-def test_pipeline_errors_say_what_is_missing(tiny_llama):
+def test_every_route_produces_the_cli_default_model(tiny_llama):
+    """prune_program, the pass manager and llmrank.prune give the same refitted model (issue 10)."""
+    import llmrank
+    from llmrank.passes.config import CLI_DEFAULTS
+
+    config = PruneConfig(**CLI_DEFAULTS)
+    assert config.compensation == "lstsq"
+    calib = tiny_llama.calib
+    api = llmrank.prune(tiny_llama.model, calib, config=config, progress=False)
+    manager = Pipeline.default().run(tiny_llama.model, config, batches=list(calib.split(4)))
+    ep = torch.export.export(TensorOutput(copy.deepcopy(tiny_llama.model)), (calib[:2],), strict=False,
+                             dynamic_shapes=({0: Dim("batch"), 1: Dim("seq", max=64)},))
+    program = prune_program(ep, [(b,) for b in calib.split(4)], config=config)
+    probe = calib[:3, :9]
+    with torch.no_grad():
+        expected = api.model(input_ids=probe, use_cache=False).logits
+        by_manager = manager.slim(input_ids=probe, use_cache=False).logits
+        by_program = program.program.module()(probe)
+    assert api.config["compensation"] == "lstsq" and api.output_check.relative_error_without_refit is not None
+    torch.testing.assert_close(by_manager, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(by_program, expected, rtol=0, atol=1e-5)
+    for name, kept in api.kept.items():
+        assert torch.equal(manager.kept[name], kept)
+        assert torch.equal(program.kept[f"model.{name}"], kept)
+
+
+def test_pipeline_errors_name_the_pass_and_what_ran(tiny_llama):
     with pytest.raises(PipelineError, match="Analyze"):
-        Pipeline([Score(scorer="l1")]).run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
-    wrong = Pipeline([Analyze(), Score(lambda model, ir, norms: {g.name: torch.ones(3) for g in ir.groups})])
-    with pytest.raises(PipelineError, match="width"):
-        wrong.run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
+        Pipeline([Score()]).run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced, config=PruneConfig(scorer="l1")))
+    wrong = Pipeline([Analyze(), Calibrate(), Score(lambda model, ir, norms: {g.name: torch.ones(3) for g in ir.groups})])
+    with pytest.raises(llmrank_errors.InputError, match=r"pass Score\[<lambda>\] failed \(after Analyze, Calibrate\).*width"):
+        wrong.run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced), batches=list(tiny_llama.calib.split(4)))
     seen = []
-    state = Pipeline([Analyze(), FunctionPass(lambda s: seen.append(len(s.ir.groups)), name="count", modified=False)]).run(
+    state = Pipeline([Analyze(), FunctionPass(lambda s: seen.append(len(s.ir.groups)), name="count")]).run(
         PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
-    assert seen == [len(tiny_llama.ir.groups)] and state.history[-1] == ("count", False)
+    assert seen == [len(tiny_llama.ir.groups)] and (state.history[-1].name, state.history[-1].modified) == ("count", False)
     with pytest.raises(TypeError):
         Score("wpr")
     with pytest.raises(TypeError):
         Pipeline([]).run(copy.deepcopy)
+
+
+def test_a_functional_pass_that_mutates_is_caught(tiny_llama):
+    """The runner checks the in-place claim: a pass declared functional must not touch a model."""
+    model = copy.deepcopy(tiny_llama.model)
+
+    def sneaky(state):
+        with torch.no_grad():
+            state.model.get_submodule("model.layers.0.mlp.down_proj").weight = torch.nn.Parameter(torch.zeros(32, 64))
+
+    with pytest.raises(PipelineError, match="declared functional"):
+        Pipeline([FunctionPass(sneaky, name="sneaky")]).run(PipelineState(model=model))
+    Pipeline([FunctionPass(sneaky, name="allowed", in_place=True)]).run(PipelineState(model=copy.deepcopy(tiny_llama.model)))
+
+
+def test_unexpected_errors_are_wrapped_with_the_pass_name(tiny_llama):
+    def broken(state):
+        raise KeyError("boom")
+
+    with pytest.raises(PipelineError, match=r"pass broken failed \(after Analyze\): KeyError") as info:
+        Pipeline([Analyze(), FunctionPass(broken, name="broken")]).run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
+    assert info.value.pass_name == "broken" and info.value.passes_before == ("Analyze",)
+    assert isinstance(info.value.__cause__, KeyError)

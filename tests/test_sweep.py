@@ -58,14 +58,16 @@ class Counter:
 def test_sweep_runs_resumes_and_writes(setup, tmp_path, monkeypatch):
     model, calib, spec = setup
     calibrations = []
-    real_calibrate = llmrank.calibrate
-    monkeypatch.setattr(llmrank, "calibrate", lambda *a, **k: calibrations.append(1) or real_calibrate(*a, **k))
+    import llmrank.passes.pipeline as pipeline
+
+    real_collect = pipeline.collect
+    monkeypatch.setattr(pipeline, "collect", lambda *a, **k: calibrations.append(1) or real_collect(*a, **k))
     cells = expand_cells(["l1", "wpr"], [0.25, 0.5], gammas=[0.5])
     assert len(cells) == 4
     count = Counter()
     res = run_sweep(model, cells, tmp_path, calibration=calib, spec=spec, evaluate_fn=count, progress=False, log=lambda s: None)
     assert count.calls == 5  # dense once + 4 cells
-    assert len(calibrations) == 1  # calibrated once for all cells
+    assert len(calibrations) == 1  # one walk over the calibration data for all cells
     assert set(res.computed) == {"dense"} | {c.key for c in cells}
     for name in ("results.json", "results.csv", "results.md", "retention_perplexity.png", "retention_accuracy.png"):
         assert (tmp_path / name).is_file(), name

@@ -1,0 +1,165 @@
+"""``PruneConfig``: every pruning option in one place, checked before any work starts.
+
+The CLI, ``llmrank.prune``, ``prune_program``, the pass pipeline and the sweep all build one
+of these; the passes read their options from it and nowhere else. Each field carries its
+help text and choices as dataclass metadata, so the CLI's flags are generated from here and
+cannot drift from the library's defaults. Construction validates every value and every
+combination, so a bad option fails in milliseconds, before a model is loaded or a text is
+tokenised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from llmrank.ir.errors import ConfigError
+from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, ScoreConfig
+from llmrank.passes.select import PRUNERS
+
+MODES = ("shrink", "mask", "mask-paper")
+COMPENSATIONS = ("none", "bias", "lstsq", "lstsq+bias")
+
+#: What the ``llmrank prune`` command changes from the library defaults, and why: the command
+#: line always has text to refit on, while ``llmrank.prune`` leaves the refit opt-in because it
+#: wants more calibration tokens than scoring (see README, "Results").
+CLI_DEFAULTS: dict[str, Any] = {"compensation": "lstsq"}
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:  # noqa: A002 - argparse's word
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how. Immutable; ``with_(**changes)`` returns a checked copy."""
+
+    sparsity: float = _opt(0.3, "fraction of each group's channels to remove, in [0, 1)")
+    scorer: str = _opt("wpr", "neuron score", SCORERS)
+    representation: str = _opt("dataflow", "which Linears form the centrality chain", REPRESENTATIONS)
+    pruner: str = _opt("local", "local: the same fraction per group; global: pool all scores", PRUNERS)
+    theta: float = _opt(0.5, "wpr: weight of |W| against the 0/1 adjacency, in [0, 1]")
+    gamma: float = _opt(0.5, "wpr/hits: weight of the graph term against the activation norm, in [0, 1]")
+    p: float = _opt(1.0, "lp scorer: the norm's order (> 0)")
+    z_importance: float | None = _opt(None, "mpr: zero the int(width * z) lowest inputs before propagating, in [0, 1)")
+    seed: int = _opt(0, "seed of the random scorer and of calibration sampling")
+    multiple: int = _opt(1, "round kept widths to a multiple (8, 64: faster GEMMs)")
+    min_width: int = _opt(1, "never keep fewer channels than this per group")
+    mode: str = _opt("shrink", "shrink tensors, zero them (mask), or the authors' row masks (mask-paper)", MODES)
+    compensation: str = _opt("none", "repair the consumers of cut channels from calibration statistics", COMPENSATIONS)
+    ridge: float = _opt(1e-3, "least-squares refit: ridge, relative to the mean diagonal of the Gram matrix (>= 0)")
+    verify: bool = _opt(True, "check that the shrunk model equals the dense one with the same channels zeroed", cli=False)
+    verify_atol: float = _opt(1e-5, "verification bound: atol + rtol * max|reference|", cli=False)
+    verify_rtol: float = _opt(1e-5, "verification bound: atol + rtol * max|reference|", cli=False)
+    batch_size: int = _opt(4, "calibration sequences per forward pass")
+    inplace: bool = _opt(False, "rewrite the caller's model instead of a copy", cli=False)
+    prune_tied: bool = _opt(False, "also cut channels of tied parameters", cli=False)
+
+    def __post_init__(self) -> None:
+        self._check_values()
+        self._check_combinations()
+        self.scoring  # noqa: B018 - ScoreConfig checks its own fields
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_values(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
+        _number("sparsity", self.sparsity, low=0.0, high=1.0, high_open=True,
+                what="the fraction of channels to remove")
+        _number("theta", self.theta, low=0.0, high=1.0)
+        _number("gamma", self.gamma, low=0.0, high=1.0)
+        _number("p", self.p, low=0.0, low_open=True, high=math.inf)
+        if self.z_importance is not None:
+            _number("z_importance", self.z_importance, low=0.0, high=1.0, high_open=True)
+        _number("ridge", self.ridge, low=0.0, high=math.inf)
+        _number("verify_atol", self.verify_atol, low=0.0, high=math.inf)
+        _number("verify_rtol", self.verify_rtol, low=0.0, high=math.inf)
+        for name in ("multiple", "min_width", "batch_size"):
+            _integer(name, getattr(self, name), low=1)
+        _integer("seed", self.seed, low=0)
+        for name in ("verify", "inplace", "prune_tied"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _check_combinations(self) -> None:
+        if self.compensation != "none" and self.mode != "shrink":
+            raise ConfigError(f"compensation {self.compensation!r} rewrites shrunk weights: it needs mode 'shrink' "
+                              f"(got {self.mode!r}); use compensation 'none' with the mask modes")
+        if self.mode == "mask-paper" and self.pruner != "local":
+            raise ConfigError("mode 'mask-paper' reproduces the authors' local pruner only; their global pruner pools "
+                              "up and down row scores, which llmrank does not implement: use pruner 'local'")
+        if self.z_importance is not None and self.scorer != "mpr":
+            raise ConfigError(f"z_importance is an option of the mpr scorer, not of {self.scorer!r}")
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def scoring(self) -> ScoreConfig:
+        """The scorer's own options (what the Score pass needs)."""
+        try:
+            return ScoreConfig(scorer=self.scorer, representation=self.representation, theta=self.theta, gamma=self.gamma,
+                               p=self.p, z_importance=self.z_importance, seed=self.seed)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the passes need calibration data (activation scorers or a refit)."""
+        return self.scorer not in WEIGHT_ONLY_SCORERS or self.compensation != "none"
+
+    @property
+    def needs_moments(self) -> bool:
+        return self.compensation != "none"
+
+    @property
+    def second_moment(self) -> bool:
+        return self.compensation.startswith("lstsq")
+
+    def with_(self, **changes: Any) -> PruneConfig:
+        """A checked copy with ``changes`` applied; unknown names are refused."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(option_names())}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_options(cls, config: PruneConfig | None = None, **options: Any) -> PruneConfig:
+        """``config`` (or the defaults) with ``options`` applied: how every facade builds one."""
+        return (config or cls()).with_(**options) if options else (config or cls())
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(PruneConfig)]
+
+
+def cli_options() -> list[tuple[str, Any, dict[str, Any]]]:
+    """(name, default, metadata) of every option the command line exposes, with its defaults."""
+    out = []
+    for f in fields(PruneConfig):
+        if f.metadata.get("cli"):
+            default = CLI_DEFAULTS.get(f.name, f.default if f.default is not MISSING else None)
+            out.append((f.name, default, dict(f.metadata)))
+    return out
+
+
+def _number(name: str, value: Any, *, low: float, high: float, low_open: bool = False, high_open: bool = False,
+            what: str = "") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be in {interval}{f' ({what})' if what else ''}, got {value!r}")
+
+
+def _integer(name: str, value: Any, *, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,567 @@
+"""The one pruning pipeline: a pass contract, a runner, and the passes in order.
+
+Every route runs these passes: ``llmrank.prune`` (an nn.Module), ``prune_program`` (a
+torch.export program), the sweep (the first three passes once, the rest per cell) and any
+pipeline a user assembles. A pass maps a frozen :class:`PruneState` to
+``PassResult(new_state, modified)``; it reads its options from ``state.config`` (one
+:class:`~llmrank.passes.config.PruneConfig`) and never from anywhere else.
+
+The contract, after torch.fx's pass infra and onnx-ir's ``_pass_infra``:
+- ``requires`` checks the state holds what the pass reads, ``ensures`` what it wrote;
+- ``in_place`` declares whether the pass may change the parameters of a model it is given.
+  The runner checks the claim: a pass that declares itself functional and changes a model's
+  parameters anyway is a :class:`PassError`;
+- the runner logs each pass, records ``(name, modified, seconds)`` in ``state.history`` and,
+  when a pass fails, names it and the passes that ran before it in the error.
+
+    trace -> analyze -> calibrate -> score -> select -> compensate -> rewrite -> verify -> check
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.utils import _pytree as pytree
+
+from llmrank.ir.errors import CalibrationError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
+from llmrank.ir.graph import ModelIR
+from llmrank.ir.trace import Traced, trace
+from llmrank.passes import program as P
+from llmrank.passes.analyze import analyze, group_regions
+from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
+from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
+from llmrank.passes.config import PruneConfig
+from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
+from llmrank.passes.select import clamp_notes, effective_sparsity, select
+from llmrank.passes.shrink import mask, mask_paper, shrink
+from llmrank.passes.verify import Verification, outputs
+
+log = logging.getLogger(__name__)
+
+ScorerFn = Callable[[nn.Module, ModelIR, Any], "Scores | dict[str, torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """The final model's outputs on the verification sample, against the dense model's.
+
+    ``relative_error`` is ||final - dense|| / ||dense||; ``relative_error_without_refit`` the
+    same for the cut model before compensation (None when there was no refit), so a report
+    shows what the refit did.
+    """
+
+    finite: bool
+    relative_error: float
+    relative_error_without_refit: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"finite": self.finite, "relative_error": self.relative_error,
+                "relative_error_without_refit": self.relative_error_without_refit}
+
+
+@dataclass(frozen=True)
+class PruneState:
+    """Everything the passes read and write; a field stays None until a pass fills it.
+
+    ``model`` is the dense model the passes read (``ep.module()`` on the program route);
+    ``slim`` the rewritten model, ``slim_program`` its re-export (program route only).
+    ``batches`` feed the scoring statistics, ``refit_batches`` (default: ``batches``) the
+    compensation moments.
+    """
+
+    config: PruneConfig = field(default_factory=PruneConfig)
+    model: nn.Module | None = None
+    program: ExportedProgram | None = None
+    batches: tuple = ()
+    refit_batches: tuple | None = None
+    example_inputs: tuple | None = None
+    dynamic_shapes: Any = None
+    progress: bool = False
+    traced: Traced | None = None
+    ir: ModelIR | None = None
+    stats: CalibrationStats | None = None
+    scores: Scores | None = None
+    kept: dict[str, torch.Tensor] | None = None
+    refits: dict[str, Refit] | None = None
+    slim: nn.Module | None = None
+    slim_program: ExportedProgram | None = None
+    rewrites: tuple[str, ...] = ()
+    verification: Verification | None = None
+    output_check: OutputCheck | None = None
+    notes: tuple[str, ...] = ()
+    history: tuple[PassRecord, ...] = ()
+
+    @property
+    def from_program(self) -> bool:
+        return self.program is not None
+
+    @property
+    def norms(self):
+        return self.stats.norms if self.stats is not None else None
+
+    @property
+    def timings(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for record in self.history:
+            out[record.name] = out.get(record.name, 0.0) + record.seconds
+        return out
+
+    def update(self, **changes: Any) -> PruneState:
+        return replace(self, **changes)
+
+    def verification_inputs(self) -> tuple:
+        """A small sample to compare models on: the example inputs, else the first batch."""
+        if self.example_inputs is not None:
+            return tuple(self.example_inputs)
+        for batch in self.batches:
+            if isinstance(batch, torch.Tensor):
+                return (batch[:2, :64] if batch.dim() == 2 and batch.dtype == torch.long else batch[:2],)
+            if isinstance(batch, (tuple, list)):
+                return tuple(batch)
+        if self.traced is not None:
+            return tuple(self.traced.program.example_inputs[0])
+        raise InputError("no inputs to verify on: give calibration batches or example_inputs")
+
+
+class PassResult(tuple):
+    """What a pass returns: ``(state, modified)``."""
+
+    __slots__ = ()
+
+    def __new__(cls, state: PruneState, modified: bool) -> PassResult:
+        return super().__new__(cls, (state, bool(modified)))
+
+    @property
+    def state(self) -> PruneState:
+        return self[0]
+
+    @property
+    def modified(self) -> bool:
+        return self[1]
+
+
+_MAKERS = {"traced": "Trace", "ir": "Analyze", "stats": "Calibrate", "scores": "Score", "kept": "Select",
+           "refits": "Compensate", "slim": "Shrink", "model": "the pipeline's input (run(model))"}
+
+
+class Pass:
+    """Base of every pass: ``requires`` -> ``call`` -> ``ensures``.
+
+    ``needs`` / ``makes`` name PruneState fields. ``in_place``: whether ``call`` may change
+    the parameters of a model in the state it is given (only the rewrite with
+    ``config.inplace`` and user passes that say so).
+    """
+
+    needs: tuple[str, ...] = ()
+    makes: tuple[str, ...] = ()
+    in_place: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def call(self, state: PruneState) -> PassResult:
+        raise NotImplementedError
+
+    def mutates(self, state: PruneState) -> bool:
+        """Whether this run may change a given model's parameters (``in_place``, unless an
+        option decides, as ``config.inplace`` does for the rewrite)."""
+        return self.in_place
+
+    def requires(self, state: PruneState) -> None:
+        missing = [f for f in self.needs if getattr(state, f) is None]
+        if missing:
+            maker = _MAKERS.get(missing[0])
+            raise PassError(f"{self.name} needs {', '.join(missing)} in the state: "
+                            + (f"run {maker} before it" if maker else "set it before running the pipeline"))
+
+    def ensures(self, state: PruneState) -> None:
+        missing = [f for f in self.makes if getattr(state, f) is None]
+        if missing:
+            raise PassError(f"{self.name} did not set {', '.join(missing)}")
+
+    def __call__(self, state: PruneState) -> PassResult:
+        self.requires(state)
+        result = self.call(state)
+        if not isinstance(result, PassResult):
+            raise PassError(f"pass {self.name} returned {type(result).__name__}, not PassResult")
+        self.ensures(result.state)
+        return result
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+class FunctionPass(Pass):
+    """Wrap a function ``state -> PruneState | None`` (None: nothing changed)."""
+
+    def __init__(self, fn: Callable[[PruneState], PruneState | None], name: str | None = None, *, in_place: bool = False):
+        self.fn, self._name, self.in_place = fn, name or getattr(fn, "__name__", "FunctionPass"), in_place
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def call(self, state: PruneState) -> PassResult:
+        out = self.fn(state)
+        return PassResult(state if out is None else out, out is not None)
+
+
+# ---------------------------------------------------------------------- the passes
+
+
+class Trace(Pass):
+    """model -> traced (torch.export); a program is adapted instead (its own graph)."""
+
+    makes = ("traced", "model")
+
+    def requires(self, state: PruneState) -> None:
+        if state.model is None and state.program is None:
+            raise PassError("Trace needs a model or a program: Pipeline.run(model) or run(exported_program)")
+
+    def call(self, state: PruneState) -> PassResult:
+        if state.traced is not None:  # traced by the caller (e.g. once for many prunes)
+            if not state.from_program:
+                check_weights(state.model)
+            return PassResult(state, False)
+        if state.from_program:
+            module = state.model if state.model is not None else state.program.module()
+            return PassResult(state.update(model=module, traced=P.program_traced(state.program, module)), True)
+        check_weights(state.model)
+        return PassResult(state.update(traced=trace(state.model, state.example_inputs)), True)
+
+
+class Analyze(Pass):
+    """traced -> ir: channel groups, the dataflow DAG and what is blocked, read from the graph."""
+
+    needs = ("traced",)
+    makes = ("ir",)
+
+    def call(self, state: PruneState) -> PassResult:
+        ir = analyze(state.traced, prune_tied=state.config.prune_tied)
+        if state.from_program and not ir.linears:
+            raise InputError("the program has no aten.linear/aten.addmm with a weight parameter: analyse the program from "
+                             "torch.export.export BEFORE run_decompositions() (the default table turns linear into mm)")
+        if not ir.groups:
+            model = state.traced.model
+            if any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in model.modules()):
+                raise UnsupportedModelError(
+                    f"{ir.model_class} is a mixture-of-experts model whose experts are stored as 3-D tensors (not Linear "
+                    "layers); llmrank does not prune them yet. Dense FFNs and shared experts built from nn.Linear are supported.")
+            raise UnsupportedModelError(
+                f"{ir.model_class} has no prunable channel group: no Linear's output feeds another Linear only through "
+                f"element-wise ops. Blocked: {dict(list(ir.blocked.items())[:4])}")
+        return PassResult(state.update(ir=ir), True)
+
+
+class Calibrate(Pass):
+    """model + ir + batches -> stats: scoring norms and refit moments, in one walk over the data."""
+
+    needs = ("model", "ir")
+    makes = ("stats",)
+
+    def call(self, state: PruneState) -> PassResult:
+        config, ir = state.config, state.ir
+        wants_norms = bool(state.batches) or config.scorer not in WEIGHT_ONLY_SCORERS
+        if not wants_norms and not config.needs_moments:
+            return PassResult(state.update(stats=CalibrationStats()), False)
+        if config.needs_calibration and not state.batches and not state.refit_batches:
+            raise CalibrationError(f"scorer {config.scorer!r} with compensation {config.compensation!r} needs calibration data: "
+                                   "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
+        batches = state.batches or ()
+        plan = Plan.build(batches, state.refit_batches, norms=wants_norms and bool(batches), moments=config.needs_moments)
+        acc = Accumulator(ir.calibration_linears() if wants_norms else (), consumer_linears(ir) if config.needs_moments else (),
+                          second_moment=config.second_moment)
+        if state.from_program:
+            stats = collect_program(state.model, ir, plan, acc)
+        else:
+            stats = collect(state.model, plan, acc, progress=state.progress)
+        if wants_norms and stats.norms is None:
+            raise CalibrationError("calibration data is empty: give at least one batch of token ids")
+        return PassResult(state.update(stats=stats), True)
+
+
+class Score(Pass):
+    """model + ir + norms -> scores, by the configured scorer or a plug-in callable.
+
+    ``Score()`` uses ``state.config``; ``Score(fn)`` calls ``fn(model, ir, norms)``, which
+    returns ``Scores`` or ``{group name: 1-D tensor of width scores}``.
+    """
+
+    needs = ("model", "ir", "stats")
+    makes = ("scores",)
+
+    def __init__(self, scorer: ScorerFn | None = None):
+        if scorer is not None and not callable(scorer):
+            raise TypeError(f"Score takes a callable (model, ir, norms) -> Scores, got {type(scorer).__name__}; "
+                            "built-in scorers are chosen with PruneConfig(scorer=...)")
+        self.scorer = scorer
+
+    @property
+    def name(self) -> str:
+        return "Score" if self.scorer is None else f"Score[{getattr(self.scorer, '__name__', type(self.scorer).__name__)}]"
+
+    def call(self, state: PruneState) -> PassResult:
+        if self.scorer is None:
+            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, state.config.scoring)), True)
+        return PassResult(state.update(scores=_as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)), True)
+
+
+def _as_scores(value: Any, ir: ModelIR) -> Scores:
+    scores = value if isinstance(value, Scores) else Scores(groups=dict(value)) if isinstance(value, dict) else None
+    if scores is None:
+        raise InputError(f"a custom scorer must return Scores or a dict of group name -> tensor, got {type(value).__name__}")
+    for g in ir.groups:
+        got = scores.groups.get(g.name)
+        if got is None:
+            raise InputError(f"the custom scorer gave no scores for group {g.name!r}")
+        if tuple(got.shape) != (g.width,):
+            raise InputError(f"the custom scorer gave {tuple(got.shape)} scores for group {g.name!r} of width {g.width}")
+    return scores
+
+
+class Select(Pass):
+    """ir + scores -> kept channel indices per group; notes say where rounding moved the target."""
+
+    needs = ("ir", "scores")
+    makes = ("kept",)
+
+    def call(self, state: PruneState) -> PassResult:
+        c = state.config
+        kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
+        notes = clamp_notes(state.ir, kept, c.sparsity, multiple=c.multiple, min_width=c.min_width) if c.mode != "mask-paper" else []
+        for note in notes:
+            log.warning(note)
+        return PassResult(state.update(kept=kept, notes=state.notes + tuple(notes)), True)
+
+
+class Compensate(Pass):
+    """model + kept + moments -> refits: new consumer weights from the dense weights (pure)."""
+
+    needs = ("model", "ir", "kept", "stats")
+    makes = ("refits",)
+
+    def call(self, state: PruneState) -> PassResult:
+        c = state.config
+        if c.compensation == "none":
+            return PassResult(state.update(refits={}), False)
+        refits = plan_refit(state.model, state.ir, state.kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
+        return PassResult(state.update(refits=refits), bool(refits))
+
+
+class Shrink(Pass):
+    """model + kept (+ refits) -> slim: smaller tensors (or zeroed ones in the mask modes).
+
+    On the program route the widths hard-coded in the groups' graph regions are rewritten
+    and the module is re-exported with the input program's dynamic dims.
+    """
+
+    needs = ("model", "ir", "kept")
+    makes = ("slim",)
+
+    def mutates(self, state: PruneState) -> bool:
+        return state.config.inplace
+
+    def call(self, state: PruneState) -> PassResult:
+        c, refits = state.config, state.refits or {}
+        if c.mode == "mask-paper":
+            slim = mask_paper(state.model, state.ir, state.scores.groups, state.scores.outputs, c.sparsity, inplace=c.inplace)
+            return PassResult(state.update(slim=slim), True)
+        if c.mode == "mask":
+            return PassResult(state.update(slim=mask(state.model, state.ir, state.kept, inplace=c.inplace, refits=refits)), True)
+        if not state.from_program:
+            return PassResult(state.update(slim=shrink(state.model, state.ir, state.kept, inplace=c.inplace, refits=refits)), True)
+        slim, rewrites = P.shrink_program(state.model, state.ir, state.kept, group_regions(state.traced, state.ir), refits=refits)
+        args, kwargs = P.example_inputs(state.program, list(state.batches))
+        shapes = state.dynamic_shapes if state.dynamic_shapes is not None else P.program_dynamic_shapes(state.program)
+        program = P.reexport(slim, args, shapes, kwargs=kwargs)
+        return PassResult(state.update(slim=slim, slim_program=program, rewrites=tuple(rewrites)), True)
+
+
+#: The rewrite pass under the name of what it does in every mode.
+Rewrite = Shrink
+
+
+class Verify(Pass):
+    """slim == the dense model with the same channels zeroed (and the same refit), on a sample."""
+
+    needs = ("model", "ir", "kept", "slim")
+    makes = ()
+
+    def call(self, state: PruneState) -> PassResult:
+        c = state.config
+        if not c.verify or c.mode != "shrink":
+            return PassResult(state, False)
+        if c.inplace:
+            note = "verification skipped: the rewrite was in place, so no dense model is left to compare with"
+            return PassResult(state.update(notes=state.notes + (note,)), True)
+        inputs = state.verification_inputs()
+        reference = mask(state.model, state.ir, state.kept, refits=state.refits)
+        candidate = state.slim_program.module() if state.slim_program is not None else state.slim
+        ver = Verification.compare(_first_output(reference, inputs), _first_output(candidate, inputs), inputs,
+                                   atol=c.verify_atol, rtol=c.verify_rtol)
+        if not ver.ok:
+            raise VerificationError(
+                f"the shrunk model differs from the masked dense model by {ver.max_abs_diff:.3g} (bound {ver.atol:g} + "
+                f"{ver.rtol:g} x {ver.reference_scale:.3g}); this is a bug: please report the model")
+        return PassResult(state.update(verification=ver), True)
+
+
+class CheckOutputs(Pass):
+    """The final model must produce finite outputs; report how far it is from the dense model."""
+
+    needs = ("model", "slim")
+    makes = ("output_check",)
+
+    def call(self, state: PruneState) -> PassResult:
+        if state.config.inplace:
+            return PassResult(state.update(output_check=_finite_only(state)), True)
+        inputs = state.verification_inputs()
+        dense = _first_output(state.model, inputs).double()
+        final = _first_output(state.slim_program.module() if state.slim_program is not None else state.slim, inputs).double()
+        finite = bool(torch.isfinite(final).all())
+        without = None
+        if state.refits:
+            cut = _first_output(mask(state.model, state.ir, state.kept), inputs).double()
+            without = _relative(cut, dense)
+        check = OutputCheck(finite, _relative(final, dense) if finite else math.inf, without)
+        if not finite:
+            raise VerificationError(
+                "the pruned model produces NaN/Inf outputs"
+                + (f" after the {state.config.compensation!r} refit (before it: relative error {without:.3g})" if state.refits else "")
+                + ": the weights or calibration activations overflow; check the checkpoint, or use compensation 'none'")
+        return PassResult(state.update(output_check=check), True)
+
+
+def _finite_only(state: PruneState) -> OutputCheck:
+    out = _first_output(state.slim, state.verification_inputs())
+    if not torch.isfinite(out).all():
+        raise VerificationError("the pruned model produces NaN/Inf outputs: check the checkpoint, or use compensation 'none'")
+    return OutputCheck(True, math.nan)
+
+
+def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _first_output(model: nn.Module, inputs: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(model, torch.fx.GraphModule):
+            return pytree.tree_leaves(model(*inputs))[0]
+        return outputs(model, inputs)
+
+
+def check_weights(model: nn.Module) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise InputError(f"the model has NaN/Inf weights in {bad[:3]}{' ...' if len(bad) > 3 else ''}; fix or reload the checkpoint before pruning")
+
+
+# ---------------------------------------------------------------------- the runner
+
+
+def _fingerprint(state: PruneState) -> dict[tuple[str, str], tuple[int, tuple[int, ...]]]:
+    """Identity and shape of every parameter of the state's models (cheap: no data is read)."""
+    out = {}
+    for field_name in ("model", "slim"):
+        model = getattr(state, field_name)
+        if isinstance(model, nn.Module):
+            for name, p in model.named_parameters(remove_duplicate=False):
+                out[(field_name, name)] = (p.data_ptr(), tuple(p.shape))
+    return out
+
+
+class Pipeline:
+    """An ordered list of passes; ``run`` feeds each the state the previous one returned.
+
+    A Pipeline is itself a pass, so pipelines nest. ``checks`` run on the state after each pass.
+    """
+
+    def __init__(self, passes: Sequence[Pass], *, checks: Sequence[Callable[[PruneState], None]] = ()):
+        self.passes = list(passes)
+        self.checks = list(checks)
+
+    name = "Pipeline"
+    in_place = False
+
+    def mutates(self, state: PruneState) -> bool:
+        return False  # each inner pass is checked on its own
+
+    @classmethod
+    def default(cls, *, scorer: ScorerFn | None = None) -> Pipeline:
+        """The passes every route runs, in order (a plug-in ``scorer`` replaces the built-in ones)."""
+        return cls([Trace(), Analyze(), Calibrate(), Score(scorer), Select(), Compensate(), Shrink(), Verify(), CheckOutputs()])
+
+    def __call__(self, state: PruneState) -> PassResult:
+        modified, ran = False, [r.name for r in state.history]
+        for p in self.passes:
+            name = getattr(p, "name", type(p).__name__)
+            mutates = p.mutates(state) if hasattr(p, "mutates") else getattr(p, "in_place", False)
+            before = None if mutates else _fingerprint(state)
+            log.info("pass %s", name)
+            clock = time.perf_counter()
+            try:
+                result = p(state)
+            except LLMRankError as error:
+                if error.pass_name is None:
+                    error.pass_name, error.passes_before = name, tuple(ran)
+                raise
+            except Exception as error:  # noqa: BLE001 - an unexpected failure, re-raised with the pass named
+                raise _pass_error(name, ran, error) from error
+            seconds = time.perf_counter() - clock
+            if not isinstance(result, PassResult):
+                raise _pass_error(name, ran, PassError(f"returned {type(result).__name__}, not PassResult"))
+            if before is not None and _fingerprint(state) != before:
+                raise _pass_error(name, ran, PassError("declared functional (in_place=False) but changed a model's parameters"))
+            log.info("pass %s: %.2f s%s", name, seconds, "" if result.modified else " (no change)")
+            state = result.state
+            if not isinstance(p, Pipeline):
+                state = state.update(history=state.history + (PassRecord(name, result.modified, seconds),))
+            ran.append(name)
+            modified = modified or result.modified
+            for check in self.checks:
+                check(state)
+        return PassResult(state, modified)
+
+    def run(self, target: nn.Module | ExportedProgram | PruneState, config: PruneConfig | None = None, **fields: Any) -> PruneState:
+        """Run on a model, a program or a ready state; ``fields`` fill the state (batches=...)."""
+        if isinstance(target, PruneState):
+            state = target
+        elif isinstance(target, ExportedProgram):
+            state = PruneState(program=target)
+        elif isinstance(target, nn.Module):
+            state = PruneState(model=target)
+        else:
+            raise TypeError(f"Pipeline.run takes an nn.Module, an ExportedProgram or a PruneState, got {type(target).__name__}")
+        if config is not None:
+            state = state.update(config=config)
+        if fields:
+            state = state.update(**{k: tuple(v) if k in ("batches", "refit_batches", "example_inputs") and v is not None else v
+                                    for k, v in fields.items()})
+        return self(state).state
+
+    def __repr__(self) -> str:
+        return "Pipeline([" + ", ".join(repr(p) for p in self.passes) + "])"
+
+
+def _pass_error(name: str, ran: list[str], error: Exception) -> PassError:
+    text = str(error).strip().splitlines()
+    wrapped = PassError(f"{type(error).__name__}: {text[0] if text else ''}" if not isinstance(error, PassError) else str(error))
+    wrapped.pass_name, wrapped.passes_before = name, tuple(ran)
+    return wrapped
+
