@@ -396,7 +396,7 @@ def run_sweep(
         )
         shared = Pipeline([Trace(), Analyze(), Calibrate()]).run(shared)
         shared_timings = {f"{name.lower()}_s": seconds for name, seconds in shared.timings.items()}
-        per_cell = Pipeline([Score(), Select(), Compensate(), Shrink(), Verify(), CheckOutputs()])
+        per_cell = Pipeline([Score(), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
 
         bar = tqdm(pending, desc="sweep", unit="cell", disable=not progress)
         for cell in bar:

@@ -8,6 +8,7 @@ temporary name and renamed into place at the end, so a failed run leaves nothing
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +61,19 @@ class PruneJob:
                             ("--seq-len", self.seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
+        check_out_parent(Path(self.out))
         check_writable(Path(self.out), self.force)
+
+
+def check_out_parent(out: Path) -> None:
+    """The nearest existing folder above ``out`` must be a writable folder (checked before any work)."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder; choose an --out inside a folder")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out}: the folder {parent} is not writable; choose another --out")
 
 
 def load(model: str, *, progress: bool = True):

@@ -505,7 +505,7 @@ class Pipeline:
     @classmethod
     def default(cls, *, scorer: ScorerFn | None = None) -> Pipeline:
         """The passes every route runs, in order (a plug-in ``scorer`` replaces the built-in ones)."""
-        return cls([Trace(), Analyze(), Calibrate(), Score(scorer), Select(), Compensate(), Shrink(), Verify(), CheckOutputs()])
+        return cls([Trace(), Analyze(), Calibrate(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
 
     def __call__(self, state: PruneState) -> PassResult:
         modified, ran = False, [r.name for r in state.history]
