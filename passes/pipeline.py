@@ -460,10 +460,16 @@ def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _first_output(model: nn.Module, inputs: tuple) -> torch.Tensor:
-    with torch.no_grad():
-        if isinstance(model, torch.fx.GraphModule):
-            return pytree.tree_leaves(model(*inputs))[0]
-        return outputs(model, inputs)
+    """The model's (first) output in eval mode: dropout would make two runs incomparable."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(model, torch.fx.GraphModule):
+                return pytree.tree_leaves(model(*inputs))[0]
+            return outputs(model, inputs)
+    finally:
+        model.train(was_training)
 
 
 def check_weights(model: nn.Module) -> None:
