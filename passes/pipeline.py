@@ -460,13 +460,17 @@ def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _first_output(model: nn.Module, inputs: tuple) -> torch.Tensor:
-    """The model's (first) output in eval mode: dropout would make two runs incomparable."""
+    """The model's (first) output in eval mode: dropout would make two runs incomparable.
+
+    An exported program's module has its mode fixed at export time (it refuses ``eval()``).
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        with torch.no_grad():
+            return pytree.tree_leaves(model(*inputs))[0]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            if isinstance(model, torch.fx.GraphModule):
-                return pytree.tree_leaves(model(*inputs))[0]
             return outputs(model, inputs)
     finally:
         model.train(was_training)
