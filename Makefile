@@ -20,7 +20,7 @@ test: venv
 	$(PY) -m pytest -q -ra
 
 test-fast: venv
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow and not onnx"
 
 demo: venv
 	$(PY) -m llmrank.demo

@@ -104,6 +104,7 @@ def test_inspect_prints_groups(workspace, capsys):
     assert "prunable groups" in text
 
 
+@pytest.mark.onnx
 def test_generate_onnx_matches_torch_greedy(workspace, capsys):
     import llmrank
 
@@ -120,6 +121,7 @@ def test_generate_onnx_matches_torch_greedy(workspace, capsys):
     assert tokens == ref[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.onnx
 def test_eval_hf_and_onnx_agree(workspace, capsys, monkeypatch):
     import llmrank.tasks
     from llmrank.tasks import MCItem

@@ -64,6 +64,7 @@ def _run(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return TensorOutput(model)(ids)
 
 
+@pytest.mark.onnx
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_prunes_shrinks_and_exports(name, tmp_path):
     model = _build(name)

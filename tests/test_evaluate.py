@@ -183,6 +183,7 @@ class EmbedLinear(torch.nn.Module):
         return self.out(torch.tanh(self.emb(input_ids)))
 
 
+@pytest.mark.onnx
 def test_onnx_adapter_matches_torch(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

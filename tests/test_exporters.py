@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.onnx
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 

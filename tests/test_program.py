@@ -236,6 +236,7 @@ def test_decomposed_program_is_refused(mlp_case):
         prune_program(decomposed, mlp_case.calib, sparsity=0.3)
 
 
+@pytest.mark.onnx
 def test_onnx_export_of_slim_program(mlp_case, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")

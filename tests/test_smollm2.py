@@ -19,6 +19,12 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
+def smollm2_traced(smollm2):
+    """SmolLM2 is traced once for every test here (torch.export of 30 layers takes a while)."""
+    return llmrank.trace(smollm2[0])
+
+
+@pytest.fixture(scope="module")
 def wiki_tokens(smollm2):
     from llmrank.data import calibration_tokens, eval_tokens
 
@@ -26,11 +32,11 @@ def wiki_tokens(smollm2):
     return calibration_tokens(tok, "wiki", n=8, seq_len=256, seed=0), eval_tokens(tok)[:, : 4 * 256 + 1]
 
 
-def test_default_prune_at_30_percent(smollm2, wiki_tokens):
+def test_default_prune_at_30_percent(smollm2, smollm2_traced, wiki_tokens):
     model, _ = smollm2
     calib, held_out = wiki_tokens
     before = {k: v.clone() for k, v in list(model.state_dict().items())[:5]}
-    result = llmrank.prune(model, calib, sparsity=0.3, progress=False)
+    result = llmrank.prune(model, calib, sparsity=0.3, progress=False, traced=smollm2_traced)
 
     assert result.verification is not None and result.verification.ok, result.verification
     assert len(result.ir.groups) == 30
@@ -48,13 +54,13 @@ def test_default_prune_at_30_percent(smollm2, wiki_tokens):
     assert slim < 3 * dense, (dense, slim)
 
 
-def test_slim_onnx_with_kv_cache_matches_pytorch(smollm2, wiki_tokens, tmp_path):
+def test_slim_onnx_with_kv_cache_matches_pytorch(smollm2, smollm2_traced, wiki_tokens, tmp_path):
     from llmrank.exporters.onnx import export_onnx, generate_onnx
     from llmrank.workflow import ONNX_ATOL
 
     model, tok = smollm2
     calib, _ = wiki_tokens
-    slim = llmrank.prune(model, calib[:4], sparsity=0.3, progress=False).model
+    slim = llmrank.prune(model, calib[:4], sparsity=0.3, progress=False, traced=smollm2_traced).model
     # export_onnx validates prefill at (2,16), (1,37), (1,1) and a decode step on ORT's own
     # presents, and raises above the tolerance
     res = export_onnx(slim, tmp_path / "slim.onnx", with_past=True, atol=ONNX_ATOL)
