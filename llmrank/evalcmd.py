@@ -9,7 +9,6 @@ protocol goes into every report next to the numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,14 +44,17 @@ def load_torch_model(target: str):
 
     A folder whose config has an ``llmrank`` entry (written by ``save_hf``) is rebuilt with
     ``llmrank.load``, which handles per-layer FFN widths; any other folder goes through
-    ``from_pretrained``.
+    ``from_pretrained`` of the causal-LM class its config.json names (GPT2LMHeadModel, ...).
+    A model without a language-model head is refused: perplexity and tasks need logits.
     """
+    from llmrank.models import read_config_json
+
     path = Path(target).expanduser()
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
-        if "llmrank" in json.loads(config_path.read_text()):
+        if "llmrank" in read_config_json(path):
             from llmrank.exporters.hf import load_hf
 
             model = load_hf(path)
@@ -61,6 +63,10 @@ def load_torch_model(target: str):
     from llmrank.models import load_model
 
     model, tokenizer = load_model(target)
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{target} loads as {type(model).__name__}, which has no language-model head: "
+                         f"perplexity and tasks need a causal LM (config.json architectures "
+                         f"{getattr(model.config, 'architectures', None)})")
     return model, tokenizer, "hf-folder" if path.is_dir() else "builtin-or-hub"
 
 

@@ -23,7 +23,12 @@ from torch import nn
 
 from llmrank.cache import atomic_dir, cache_dir, log, pip_download
 
-__all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf"]
+__all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf",
+           "read_config_json", "ModelConfigError"]
+
+
+class ModelConfigError(ValueError):
+    """A model folder's config.json cannot be read; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -246,18 +251,62 @@ def resolve_model_dir(name: str) -> Path:
 # Loading
 
 
-def _auto_class(task: str):
+def read_config_json(folder: Path | str) -> dict:
+    """A model folder's config.json as a dict; a broken file is named in the error, because
+    json's own message ("Expecting value: line 1 column 1") does not say which file."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ModelConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                               f"save the model again with save_pretrained") from None
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                               f"fix the file or save the model again with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; "
+                               f"it is not a Hugging Face config")
+    return data
+
+
+def _architecture_class(architectures, model_type: str | None = None) -> type | None:
+    """The causal-LM class that config.json's `architectures` names, whatever its suffix
+    (LlamaForCausalLM, GPT2LMHeadModel, ...), as transformers' own causal-LM mapping lists
+    it; None for other heads, unknown (remote-code) names or a class of another model type."""
+    import transformers
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - the mapping moved
+        return None
+    causal = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    for name in architectures or ():
+        if name not in causal:
+            continue
+        cls = getattr(transformers, name, None)
+        config_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+        if cls is not None and (model_type is None or config_type in (None, "", model_type)):
+            return cls
+    return None
+
+
+def _auto_class(task: str, architectures=(), model_type: str | None = None):
+    """The class to load: the causal LM that config.json names when there is one, else the
+    Auto class of the task (AutoModelForCausalLM / AutoModel)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    return AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    if task != "causal-lm":
+        return AutoModel
+    return _architecture_class(architectures, model_type) or AutoModelForCausalLM
 
 
 def _natural_task(folder: Path) -> str:
-    """causal-lm when the config names a *ForCausalLM architecture, else the base model."""
-    import json
-
-    archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "base"
+    """causal-lm when the config names a causal-LM architecture (ForCausalLM, LMHeadModel, ...)."""
+    archs = read_config_json(folder).get("architectures") or []
+    causal = _architecture_class(archs) is not None or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return "causal-lm" if causal else "base"
 
 
 def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -294,8 +343,9 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
         task = task or (BUILTIN_MODELS[name_or_path].task if name_or_path in BUILTIN_MODELS
                         else _natural_task(folder))
         safe = True if any(folder.glob("*.safetensors")) else None
-        model = _auto_class(task).from_pretrained(folder, dtype=torch.float32, local_files_only=True,
-                                                  use_safetensors=safe)
+        config = read_config_json(folder)
+        cls = _auto_class(task, config.get("architectures") or [], config.get("model_type"))
+        model = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True, use_safetensors=safe)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return _finish(model, dtype), tok
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
