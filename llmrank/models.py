@@ -24,7 +24,7 @@ from torch import nn
 from llmrank.cache import atomic_dir, cache_dir, log, pip_download
 
 __all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf",
-           "read_config_json", "ModelConfigError"]
+           "read_config_json", "read_config", "max_positions", "check_seq_len", "ModelConfigError", "SeqLenError"]
 
 
 class ModelConfigError(ValueError):
@@ -307,6 +307,80 @@ def _natural_task(folder: Path) -> str:
     archs = read_config_json(folder).get("architectures") or []
     causal = _architecture_class(archs) is not None or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     return "causal-lm" if causal else "base"
+
+
+# Config fields that bound the sequence length, by family (Llama-likes/BERT, GPT-2, others).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+class SeqLenError(ValueError):
+    """A sequence length longer than the model has positions for."""
+
+
+def _positions(config) -> tuple[int, str] | None:
+    """(limit, config field) of a config object or a raw config.json dict; None when unknown."""
+    if isinstance(config, dict):
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        get, model_type = text.get, config.get("model_type", "")
+    else:
+        text = config.get_text_config(decoder=True) if callable(getattr(config, "get_text_config", None)) else config
+        get, model_type = (lambda name, default=None: getattr(text, name, default)), getattr(config, "model_type", "")
+    for name in _POSITION_FIELDS:
+        value = get(name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if "roberta" in str(model_type) and isinstance(get("pad_token_id", None), int):
+                value -= get("pad_token_id") + 1  # position ids start after the padding index
+            aliases = getattr(text, "attribute_map", None) or {}  # GPT-2 stores it as n_positions
+            return value, aliases.get(name, name)
+    return None
+
+
+def max_positions(config) -> int | None:
+    """How many token positions the model has (max_position_embeddings, n_positions, ...);
+    None when the config names no limit. Accepts a config object or a config.json dict."""
+    found = _positions(config)
+    return found[0] if found else None
+
+
+def check_seq_len(config, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse a sequence length the model has no positions for, before any expensive work:
+    past the limit a model either fails deep inside its forward or silently degrades."""
+    found = _positions(config)
+    if found is not None and seq_len > found[0]:
+        limit, name = found
+        raise SeqLenError(f"{option} {seq_len} exceeds the model's {limit} positions ({name}); use {option} <= {limit}")
+
+
+def read_config(name_or_folder: str):
+    """The model's config without loading weights (or None when that is not cheap), so
+    options such as --seq-len can be checked before minutes of loading.
+
+    A local folder is read with AutoConfig (a broken config.json raises ModelConfigError); a
+    built-in name only when it is already converted in the cache; a hub id only when it is
+    in the local hub cache. Built-ins not yet converted, .gguf files and uncached hub ids give None.
+    """
+    from transformers import AutoConfig
+
+    if name_or_folder in BUILTIN_MODELS:
+        folder = cache_dir() / "models" / name_or_folder
+        if not _is_complete(folder):
+            return None
+    else:
+        path = Path(name_or_folder).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                return None  # a .gguf file: its config appears only after conversion
+            folder = resolve_model_dir(str(path))
+        else:
+            try:
+                return AutoConfig.from_pretrained(name_or_folder, local_files_only=True)
+            except Exception:  # noqa: BLE001 - not in the local hub cache (or not a hub id)
+                return None
+    read_config_json(folder)  # a clear error naming the file, before AutoConfig's
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception:  # noqa: BLE001 - e.g. remote code: the load itself will report it
+        return None
 
 
 def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -71,3 +71,60 @@ def test_eval_loader_refuses_a_model_without_an_lm_head(tmp_path):
     save_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="no language-model head"):
         load_torch_model(str(tmp_path))
+
+
+# ---------------------------------------------------------------- item 7: --seq-len against the positions
+
+
+def test_max_positions_of_the_families():
+    assert models.max_positions(transformers.LlamaConfig(max_position_embeddings=64)) == 64
+    assert models.max_positions(transformers.GPT2Config(n_positions=128)) == 128
+    assert models.max_positions(transformers.Gemma3Config(text_config={"max_position_embeddings": 96})) == 96
+    # RoBERTa's position ids start after the padding index: 514 - (1 + 1) usable positions
+    assert models.max_positions(transformers.RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512
+    assert models.max_positions({"max_position_embeddings": 32}) == 32  # a raw config.json dict
+    assert models.max_positions({"model_type": "custom"}) is None
+
+
+def test_check_seq_len_names_the_limit_and_the_option():
+    cfg = transformers.GPT2Config(n_positions=64)
+    models.check_seq_len(cfg, 64)  # at the limit is fine
+    with pytest.raises(ValueError, match=r"--seq-len 65 exceeds the model's 64 positions \(n_positions\); use --seq-len <= 64"):
+        models.check_seq_len(cfg, 65)
+    with pytest.raises(models.SeqLenError, match="--calib-seq-len 100"):
+        models.check_seq_len(cfg, 100, option="--calib-seq-len")
+    models.check_seq_len({"model_type": "custom"}, 10 ** 6)  # no known limit: nothing to check
+
+
+def test_read_config_reads_a_folder_without_loading_weights(gpt2_folder, monkeypatch):
+    import safetensors.torch
+
+    def no_weights(*a, **k):
+        raise AssertionError("read_config must not read weights")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_weights)
+    cfg = models.read_config(str(gpt2_folder))
+    assert cfg.model_type == "gpt2" and models.max_positions(cfg) == 64
+
+
+def test_read_config_of_a_builtin_only_when_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMRANK_CACHE", str(tmp_path / "cache"))
+    assert models.read_config("smollm2-135m") is None  # not converted yet: nothing fetched, nothing built
+    assert not (tmp_path / "cache" / "models" / "smollm2-135m").exists()
+    cached = tmp_path / "cache" / "models" / "smollm2-135m"
+    transformers.LlamaConfig(max_position_embeddings=77).save_pretrained(cached)
+    (cached / ".llmrank-complete").write_text("ok\n")
+    assert models.max_positions(models.read_config("smollm2-135m")) == 77
+    assert models.read_config("no-such-org-xyz/no-such-model-xyz") is None  # hub id, not cached
+
+
+def test_eval_refuses_a_seq_len_past_the_positions(gpt2_folder, tmp_path, capsys):
+    from llmrank.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat " * 200)
+    code = main(["eval", str(gpt2_folder), "--ppl-source", str(text), "--seq-len", "65", "--tasks", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--seq-len 65 exceeds the model's 64 positions (n_positions); use --seq-len <= 64" in err
+    assert main(["eval", str(gpt2_folder), "--ppl-source", str(text), "--seq-len", "64", "--tasks", "none", "--quiet"]) == 0
