@@ -115,10 +115,12 @@ def _one_line(exc: Exception) -> str:
 
 
 def _hint(exc: Exception) -> str:
+    if getattr(exc, "hint", None):  # errors that know their fix carry it (data, models, atomic)
+        return str(exc.hint)
     if isinstance(exc, FileExistsError):
         return "choose a new --out folder or pass --force"
     if isinstance(exc, FileNotFoundError):
-        return "give a local model folder or a built-in name: smollm2-135m, gemma3-270m, minilm-l6"
+        return "check the path named in the message"
     if isinstance(exc, ValueError):
         return "check the option values with --help"
     return "see the message above"

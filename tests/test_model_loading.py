@@ -128,3 +128,43 @@ def test_eval_refuses_a_seq_len_past_the_positions(gpt2_folder, tmp_path, capsys
     assert code == 2 and "Traceback" not in err
     assert "--seq-len 65 exceeds the model's 64 positions (n_positions); use --seq-len <= 64" in err
     assert main(["eval", str(gpt2_folder), "--ppl-source", str(text), "--seq-len", "64", "--tasks", "none", "--quiet"]) == 0
+
+
+# ---------------------------------------------------------------- item 9: errors that name the file at fault
+
+
+def test_invalid_config_json_names_the_file(tmp_path, capsys):
+    from llmrank.cli import main
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(models.ModelConfigError, match="not valid JSON") as err:
+        models.load_model(str(folder))
+    assert str(folder / "config.json") in str(err.value) and isinstance(err.value, ValueError)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "config.json") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["models/lama", "./lama", "../lama", "models/lama/sub"])
+def test_mistyped_local_folder_is_not_a_hub_error(tmp_path, monkeypatch, name):
+    work = tmp_path / "work"
+    (work / "models" / "llama").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(models.ModelNotFoundError, match="does not exist") as err:
+        models.load_model(name)
+    assert "hub" not in str(err.value) and isinstance(err.value, FileNotFoundError)
+    if name == "models/lama":
+        assert "models/llama" in str(err.value)  # the close match is suggested
+
+
+def test_missing_calibration_file_gets_no_model_hint(gpt2_folder, tmp_path, capsys):
+    from llmrank.cli import main
+
+    code = main(["prune", str(gpt2_folder), "--calib", str(tmp_path / "calib.txt"), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "calib.txt" in err and "does not exist" in err
+    hint = [line for line in err.splitlines() if line.startswith("hint:")]
+    assert len(hint) == 1 and "--calib" in hint[0] and "model" not in hint[0]
+    assert not (tmp_path / "out").exists()
