@@ -184,7 +184,7 @@ def save_hf(
     out_dir: Path | str,
     *,
     metadata: Mapping[str, Any] | None = None,
-    force: bool = False,
+    force: bool | int = False,
     max_shard_size: str | int = "5GB",
 ) -> SaveResult:
     """Write safetensors + config (+ tokenizer) into `out_dir`, atomically.

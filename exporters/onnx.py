@@ -304,7 +304,7 @@ def export_onnx(
     metadata: Mapping[str, Any] | None = None,
     opset: int | None = None,
     optimize: bool = False,
-    force: bool = False,
+    force: bool | int = False,
     external_data: bool | None = None,
     validate_shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
     atol: float = 1e-4,

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="export logits-only ONNX (no past key/values)")
     p.add_argument("--optimize", action="store_true", help="apply onnxruntime graph optimisation to the ONNX file")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--force", action="count", default=0,
+                   help="replace an existing --out folder: it is deleted with everything in it; a folder "
+                        "without report.json (not an llmrank output) needs --force --force")
     _common(p)
 
     p = sub.add_parser("inspect", help="show the channel groups found in the graph and what a cut would remove")
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="path of the .onnx file")
     p.add_argument("--no-kv-cache", action="store_true")
     p.add_argument("--optimize", action="store_true")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="count", default=0,
+                   help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
     _common(p)
 
     p = sub.add_parser("generate", help="greedy generation with onnxruntime and the KV cache")
