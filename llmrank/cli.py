@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export an (already pruned) HF checkpoint folder to ONNX")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", required=True, type=Path, help="path of the .onnx file")
+    p.add_argument("--out", required=True, help="path of the .onnx file, or a folder (trailing / or existing) for FOLDER/model.onnx")
     p.add_argument("--no-kv-cache", action="store_true")
     p.add_argument("--optimize", action="store_true")
     p.add_argument("--force", action="count", default=0,
@@ -93,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-    _quiet_libraries()
+    from llmrank.quiet import quiet_libraries
+
     try:
-        report = COMMANDS[args.command](args)
+        with quiet_libraries(args.quiet):  # third-party bars, warnings and logs: only with --quiet, only for the command
+            report = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("llmrank: interrupted", file=sys.stderr)
         return 130
@@ -127,18 +126,6 @@ def _hint(exc: Exception) -> str:
     if isinstance(exc, ValueError):
         return "check the option values with --help"
     return "see the message above"
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -217,8 +204,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     if not (args.checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{args.checkpoint} is not a HF checkpoint folder (no config.json)")
+    from llmrank.exporters.atomic import check_writable
+    from llmrank.exporters.onnx import onnx_target
+
+    out = check_writable(onnx_target(args.out), args.force)  # before loading: refuse in seconds
     model = load_hf(args.checkpoint)
-    res = export_onnx(model, args.out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
+    res = export_onnx(model, out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
     report = {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff}
     _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB), max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}")
     return report
