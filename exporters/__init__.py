@@ -4,10 +4,10 @@ Exporters take an already pruned model; they never score or shrink.
 """
 
 from llmrank.exporters.atomic import atomic_path, refuse_input_overlap
-from llmrank.exporters.hf import load_hf, mlp_widths, save_hf
+from llmrank.exporters.hf import check_reload, load_hf, mlp_widths, save_hf
 from llmrank.exporters.onnx import export_onnx, generate_onnx, read_onnx_metadata, validate_onnx
 
 __all__ = [
-    "atomic_path", "export_onnx", "generate_onnx", "load_hf", "mlp_widths", "read_onnx_metadata", "refuse_input_overlap",
+    "atomic_path", "check_reload", "export_onnx", "generate_onnx", "load_hf", "mlp_widths", "read_onnx_metadata", "refuse_input_overlap",
     "save_hf", "validate_onnx",
 ]

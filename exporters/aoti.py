@@ -52,7 +52,7 @@ def export_aoti(
     program: torch.export.ExportedProgram,
     path: Path | str,
     *,
-    force: bool = False,
+    force: bool | int = False,
     inductor_configs: dict[str, Any] | None = None,
 ) -> Path:
     """Compile ``program`` into an AOTInductor package at ``path`` (a ``.pt2`` file).

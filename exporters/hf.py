@@ -4,8 +4,12 @@ Stock `from_pretrained` rebuilds every MLP from one `config.intermediate_size`, 
 model whose layers kept different widths cannot round-trip through it. When all
 layers agree we write that width into the config (stock loading then works); when
 they differ we record the widths under `config.llmrank` and `load_hf` rebuilds the
-model from the saved weight shapes. Nothing here scores or prunes: it only reads
-the shapes the model already has.
+model from the saved weight shapes. Compensation can add a bias the family's config
+does not declare (Llama with `mlp_bias: false`): the config's switch is turned on
+where the family has one, otherwise the checkpoint is marked for `llmrank.load`,
+because stock loading would silently drop those biases. `check_reload` proves the
+claim by reloading the folder and comparing logits. Nothing here scores or prunes:
+it only reads the shapes the model already has.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,19 @@ from torch import nn
 
 from .atomic import atomic_path, refuse_input_overlap
 
-__all__ = ["save_hf", "load_hf", "mlp_widths", "SaveResult"]
+__all__ = ["save_hf", "load_hf", "check_reload", "mlp_widths", "SaveResult", "ReloadMismatchError"]
 
 # Output projections of an FFN; their input dimension is the FFN width.
 _DOWN_NAMES = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 # Config fields that hold the FFN width, by family (Llama-likes, GPT-2, OPT).
 _WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
+# Config switches that give a family's FFN Linears a bias (Llama, Granite, SmolLM3, ...).
+# Qwen2, Mistral and Gemma have none: there an added bias needs `llmrank.load`.
+_BIAS_SWITCHES = ("mlp_bias",)
+
+
+class ReloadMismatchError(RuntimeError):
+    """A written checkpoint does not reload into the model it was written from."""
 
 
 def _conv1d_type() -> type | None:
@@ -69,9 +80,9 @@ def mlp_widths(model: nn.Module) -> dict[str, int]:
 
 
 def _width_field(config: Any) -> str | None:
-    for field in _WIDTH_FIELDS:
-        if hasattr(config, field):
-            return field
+    for name in _WIDTH_FIELDS:
+        if hasattr(config, name):
+            return name
     return None
 
 
@@ -80,32 +91,91 @@ def _text_config(config: Any) -> Any:
     return get(decoder=True) if callable(get) else config
 
 
-def _config_for_save(model: nn.Module, metadata: Mapping[str, Any]) -> tuple[Any, dict[str, int], bool]:
+def _declared_keys(model: nn.Module, config: Any) -> set[str]:
+    """State-dict keys that `config` makes stock loading build, read on the meta device (no memory)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover
+        from transformers.modeling_utils import no_init_weights
+
+    with torch.device("meta"), no_init_weights():
+        fresh = type(model)(copy.deepcopy(config))
+    return set(fresh.state_dict())
+
+
+def _zero_bias(model: nn.Module, key: str) -> torch.Tensor:
+    """A zero bias for the Linear/Conv1D that owns `key` (a declared bias the model lacks)."""
+    module = model.get_submodule(key.rsplit(".", 1)[0])
+    weight = module.weight
+    width = weight.shape[0] if isinstance(module, nn.Linear) else weight.shape[1]
+    return torch.zeros(width, dtype=weight.dtype, device=weight.device)
+
+
+def _declare_biases(model: nn.Module, config: Any) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Make `config` declare every bias the model has (compensation may have added some).
+
+    Returns (biases the config still cannot declare, zero tensors to add to the checkpoint).
+    Turning a family's switch on (`mlp_bias`) also declares gate/up biases the model lacks;
+    they are written as zeros so stock loading builds exactly the model's function.
+    """
+    have = set(model.state_dict())
+    try:
+        declared = _declared_keys(model, config)
+    except Exception:  # noqa: BLE001 - a class that cannot be built from its config alone: nothing to compare
+        return [], {}
+    undeclared = sorted(k for k in have - declared if k.endswith(".bias"))
+    if not undeclared:
+        return [], {}
+    text = _text_config(config)
+    for switch in _BIAS_SWITCHES:
+        if getattr(text, switch, None) is not False:
+            continue
+        setattr(text, switch, True)
+        declared = _declared_keys(model, config)
+        extra = declared - have
+        if set(undeclared) <= declared and all(k.endswith(".bias") for k in extra):
+            return [], {k: _zero_bias(model, k) for k in sorted(extra)}
+        setattr(text, switch, False)
+    return undeclared, {}
+
+
+def _config_for_save(model: nn.Module, metadata: Mapping[str, Any]) -> tuple[Any, dict[str, int], bool, list[str], dict[str, torch.Tensor]]:
     """A copy of the model's config that describes the shrunk shapes (the live model is untouched)."""
     config = copy.deepcopy(model.config)
     widths = mlp_widths(model)
     text = _text_config(config)
     uniform = len(set(widths.values())) == 1
-    field = _width_field(text)
-    if uniform and field is not None:
-        setattr(text, field, next(iter(widths.values())))
+    width_field = _width_field(text)
+    if uniform and width_field is not None:
+        setattr(text, width_field, next(iter(widths.values())))
+    undeclared, zeros = _declare_biases(model, config)
     info: dict[str, Any] = {"metadata": {k: str(v) for k, v in metadata.items()}}
     if widths and not uniform:
         info["layer_widths"] = widths
         info["loader"] = "llmrank.load"
+    if undeclared:
+        info["undeclared_biases"] = undeclared
+        info["loader"] = "llmrank.load"
     config.llmrank = info
-    return config, widths, uniform
+    return config, widths, uniform, undeclared, zeros
 
 
 @dataclass
 class SaveResult:
-    """Where the model went and whether stock `from_pretrained` can reload it (`uniform`)."""
+    """Where the model went and how to reload it.
+
+    `uniform`: every FFN kept the same width. `stock_loadable`: stock `from_pretrained`
+    rebuilds the model exactly; when False, use `llmrank.load` (per-layer widths, or biases
+    the family's config cannot declare, listed in `undeclared_biases`).
+    """
 
     path: Path
     uniform: bool
     widths: dict[str, int]
     files: list[str]
     seconds: float
+    stock_loadable: bool = True
+    undeclared_biases: list[str] = field(default_factory=list)
 
 
 def save_hf(
@@ -114,26 +184,31 @@ def save_hf(
     out_dir: Path | str,
     *,
     metadata: Mapping[str, Any] | None = None,
-    force: bool = False,
+    force: bool | int = False,
     max_shard_size: str | int = "5GB",
 ) -> SaveResult:
     """Write safetensors + config (+ tokenizer) into `out_dir`, atomically.
 
     With uniform FFN widths the config's width field is set so stock
     `AutoModelForCausalLM.from_pretrained(out_dir)` reloads exactly; with per-layer
-    widths use `load_hf` (the widths are in `config.llmrank["layer_widths"]`).
+    widths use `load_hf` (the widths are in `config.llmrank["layer_widths"]`). A bias the
+    config does not declare turns on the family's switch (`mlp_bias`) or, where there is
+    none, marks the checkpoint for `load_hf` (`SaveResult.stock_loadable` is then False).
+    `force`: see `atomic.check_writable` (2 replaces a folder that is not an llmrank output).
     """
     out_dir = Path(out_dir)
     refuse_input_overlap(out_dir, getattr(model, "name_or_path", None) or None)
     start = time.perf_counter()
-    config, widths, uniform = _config_for_save(model, metadata or {})
+    config, widths, uniform, undeclared, zeros = _config_for_save(model, metadata or {})
+    state = {**model.state_dict(), **zeros} if zeros else None
     with atomic_path(out_dir, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state)
         config.save_pretrained(tmp)  # overwrite config.json with the shrunk-shape description
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     files = sorted(p.name for p in out_dir.iterdir())
-    return SaveResult(out_dir, uniform, widths, files, time.perf_counter() - start)
+    stock = (not widths or (uniform and _width_field(_text_config(config)) is not None)) and not undeclared
+    return SaveResult(out_dir, uniform, widths, files, time.perf_counter() - start, stock, undeclared)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -172,6 +247,15 @@ def _resize_to(module: nn.Module, name: str, state: Mapping[str, torch.Tensor]) 
     return True
 
 
+def _add_saved_bias(module: nn.Module, name: str, state: Mapping[str, torch.Tensor]) -> bool:
+    """Give a bias-less Linear the bias the checkpoint holds (added by compensation)."""
+    bias = state.get(f"{name}.bias")
+    if bias is None or not isinstance(module, nn.Linear) or module.bias is not None:
+        return False
+    module.bias = nn.Parameter(torch.empty_like(bias), requires_grad=module.weight.requires_grad)
+    return True
+
+
 def _tied_targets(model: nn.Module) -> set[str]:
     keys = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
     return set(keys) if isinstance(keys, Mapping) else set(keys)
@@ -181,8 +265,9 @@ def load_hf(path: Path | str, *, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a (possibly per-layer shrunk) causal LM saved by `save_hf`.
 
     Builds the architecture from the config, resizes every Linear/Conv1D whose
-    saved weight has another shape, then loads the safetensors strictly: the only
-    keys allowed to be missing are tied ones (e.g. `lm_head.weight`), re-tied after.
+    saved weight has another shape, gives a bias to every Linear the checkpoint has one
+    for, then loads the safetensors strictly: the only keys allowed to be missing are
+    tied ones (e.g. `lm_head.weight`), re-tied after.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -201,6 +286,7 @@ def load_hf(path: Path | str, *, dtype: torch.dtype | None = None) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, kinds):
             _resize_to(module, name, state)
+            _add_saved_bias(module, name, state)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys) - _tied_targets(model)
     if missing or result.unexpected_keys:
@@ -212,3 +298,72 @@ def load_hf(path: Path | str, *, dtype: torch.dtype | None = None) -> nn.Module:
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return True
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def _outputs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False)
+    return out.logits if getattr(out, "logits", None) is not None else out[0]
+
+
+def check_reload(
+    folder: Path | str,
+    model: nn.Module,
+    *,
+    stock: bool,
+    sample_ids: torch.Tensor | None = None,
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+) -> float:
+    """Reload `folder` the way the report will tell users to, and compare with `model`.
+
+    stock=True: `AutoModelForCausalLM.from_pretrained` (the model's own class for non-causal
+    models), which must use every saved tensor and miss none; stock=False: `load_hf`. The
+    outputs on `sample_ids` (default: 2 x 8 seeded random ids) must agree within
+    atol + rtol * max|output|. Returns the max abs difference; raises ReloadMismatchError.
+    """
+    folder = Path(folder)
+    dtype = next(model.parameters()).dtype
+    if stock:
+        from transformers import AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM if _is_causal_lm(model) else type(model)
+        how = f"stock {cls.__name__}.from_pretrained"
+        try:
+            reloaded, info = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, output_loading_info=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means the claim is wrong
+            raise ReloadMismatchError(f"{folder} does not load with {how}: {type(exc).__name__}: {exc}; "
+                                      f"load it with llmrank.load") from exc
+        ignored = sorted(info.get("unexpected_keys") or [])
+        missing = sorted(set(info.get("missing_keys") or []) - _tied_targets(reloaded))
+        mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
+        if ignored or missing or mismatched:
+            raise ReloadMismatchError(
+                f"{how} does not rebuild {folder} exactly: ignores {ignored}, misses {missing}, "
+                f"mismatches {mismatched}; load it with llmrank.load instead")
+    else:
+        how = "llmrank.load"
+        reloaded = load_hf(folder, dtype=dtype)
+    reloaded.eval()
+    if sample_ids is None:
+        vocab = model.get_input_embeddings().num_embeddings
+        sample_ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    ids = sample_ids.to(device)
+    ref = _outputs(model, ids).float()
+    got = _outputs(reloaded.to(device), ids).float()
+    diff = float((ref - got).abs().max()) if ref.shape == got.shape else float("inf")
+    bound = atol + rtol * float(ref.abs().max())
+    if not diff <= bound:  # also catches NaN
+        raise ReloadMismatchError(
+            f"{folder} reloaded with {how} gives outputs that differ from the model it was written from "
+            f"by {diff:.3g} (bound {bound:.3g}); the checkpoint is not the pruned model, please report this")
+    return diff

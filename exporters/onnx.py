@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "validate_onnx",
     "generate_onnx",
     "read_onnx_metadata",
+    "onnx_target",
 ]
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((2, 16), (1, 37), (1, 1))
@@ -296,6 +298,17 @@ def _ort_optimize(src: Path, dst: Path, external: bool) -> None:
     ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
 
 
+def onnx_target(out: str | os.PathLike, name: str = "model.onnx") -> Path:
+    """The file an export to `out` writes: `out/model.onnx` when `out` means a folder (a
+    trailing slash, or an existing folder), else `out` itself. Path() drops a trailing
+    slash, so callers must pass the user's text, not a Path made from it."""
+    text = os.fspath(out)
+    path = Path(text).expanduser()
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return path / name
+    return path
+
+
 def export_onnx(
     model: nn.Module,
     path: Path | str,
@@ -304,7 +317,7 @@ def export_onnx(
     metadata: Mapping[str, Any] | None = None,
     opset: int | None = None,
     optimize: bool = False,
-    force: bool = False,
+    force: bool | int = False,
     external_data: bool | None = None,
     validate_shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
     atol: float = 1e-4,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="export logits-only ONNX (no past key/values)")
     p.add_argument("--optimize", action="store_true", help="apply onnxruntime graph optimisation to the ONNX file")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
-    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--force", action="count", default=0,
+                   help="replace an existing --out folder: it is deleted with everything in it; a folder "
+                        "without report.json (not an llmrank output) needs --force --force")
     _common(p)
 
     p = sub.add_parser("inspect", help="show the channel groups found in the graph and what a cut would remove")
@@ -74,10 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export an (already pruned) HF checkpoint folder to ONNX")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--out", required=True, type=Path, help="path of the .onnx file")
+    p.add_argument("--out", required=True, help="path of the .onnx file, or a folder (trailing / or existing) for FOLDER/model.onnx")
     p.add_argument("--no-kv-cache", action="store_true")
     p.add_argument("--optimize", action="store_true")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="count", default=0,
+                   help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
     _common(p)
 
     p = sub.add_parser("generate", help="greedy generation with onnxruntime and the KV cache")
@@ -97,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quiet:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-    _quiet_libraries()
+    from llmrank.quiet import quiet_libraries
+
     try:
-        report = COMMANDS[args.command](args)
+        with quiet_libraries(args.quiet):  # third-party bars, warnings and logs: only with --quiet, only for the command
+            report = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("llmrank: interrupted", file=sys.stderr)
         return 130
@@ -131,25 +133,15 @@ def _one_line(exc: Exception) -> str:
 
 
 def _hint(exc: Exception) -> str:
+    if getattr(exc, "hint", None):  # errors that know their fix carry it (data, models, atomic)
+        return str(exc.hint)
     if isinstance(exc, FileExistsError):
         return "choose a new --out folder or pass --force"
     if isinstance(exc, FileNotFoundError):
-        return "give a local model folder or a built-in name: smollm2-135m, gemma3-270m, minilm-l6"
+        return "check the path named in the message"
     if isinstance(exc, ValueError):
         return "check the option values with --help"
     return "see the message above"
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -229,8 +221,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     if not (args.checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{args.checkpoint} is not a HF checkpoint folder (no config.json)")
+    from llmrank.exporters.atomic import check_writable
+    from llmrank.exporters.onnx import onnx_target
+
+    out = check_writable(onnx_target(args.out), args.force)  # before loading: refuse in seconds
     model = load_hf(args.checkpoint)
-    res = export_onnx(model, args.out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
+    res = export_onnx(model, out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
     report = {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff}
     _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB), max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}")
     return report

@@ -37,7 +37,38 @@ __all__ = [
     "tuning_tokens",
     "tokenize_text",
     "bos_token_id",
+    "TextSourceError",
+    "TextEncodingError",
 ]
+
+_SOURCE_HINT = "--calib / --ppl-source take 'wiki', a .txt file, a folder of .txt files or a dataset name"
+
+
+class TextSourceError(FileNotFoundError):
+    """A text source that names a file or folder that is not there."""
+
+    hint = _SOURCE_HINT
+
+
+class TextEncodingError(ValueError):
+    """A text file that is not UTF-8; the message names the file and the first bad byte."""
+
+    hint = "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN.txt > OUT.txt"
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextEncodingError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                                f"convert it to UTF-8") from None
+
+
+def _looks_like_path(source: str) -> bool:
+    """A name the user meant as a file or folder rather than a dataset id: it has a suffix,
+    starts with ./ ../ / or ~, or has a slash under a folder that exists here."""
+    path = Path(source).expanduser()
+    return bool(path.suffix) or source.startswith((".", "/", "~")) or ("/" in source and path.parent.is_dir())
 
 SPLITS = ("calib", "eval")
 _DUMP_IN_PACKAGE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -293,14 +324,14 @@ def load_text_source(source: str, split: str = "calib") -> str:
         return wiki_text(split)
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        return _read_utf8(path)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
         if not files:
-            raise FileNotFoundError(f"no .txt files in folder {path}")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
-    if path.suffix or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"text source {source!r} does not exist (expected a .txt file or a folder)")
+            raise TextSourceError(f"no .txt files in folder {path}")
+        return "\n\n".join(_read_utf8(f) for f in files)
+    if _looks_like_path(source):
+        raise TextSourceError(f"text source {source!r} does not exist (expected a .txt file or a folder)")
     return _hf_dataset_text(source, split)
 
 

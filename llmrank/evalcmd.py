@@ -9,7 +9,6 @@ protocol goes into every report next to the numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -45,14 +44,17 @@ def load_torch_model(target: str):
 
     A folder whose config has an ``llmrank`` entry (written by ``save_hf``) is rebuilt with
     ``llmrank.load``, which handles per-layer FFN widths; any other folder goes through
-    ``from_pretrained``.
+    ``from_pretrained`` of the causal-LM class its config.json names (GPT2LMHeadModel, ...).
+    A model without a language-model head is refused: perplexity and tasks need logits.
     """
+    from llmrank.models import read_config_json
+
     path = Path(target).expanduser()
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
-        if "llmrank" in json.loads(config_path.read_text()):
+        if "llmrank" in read_config_json(path):
             from llmrank.exporters.hf import load_hf
 
             model = load_hf(path)
@@ -61,6 +63,10 @@ def load_torch_model(target: str):
     from llmrank.models import load_model
 
     model, tokenizer = load_model(target)
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{target} loads as {type(model).__name__}, which has no language-model head: "
+                         f"perplexity and tasks need a causal LM (config.json architectures "
+                         f"{getattr(model.config, 'architectures', None)})")
     return model, tokenizer, "hf-folder" if path.is_dir() else "builtin-or-hub"
 
 
@@ -160,6 +166,24 @@ def load_items(tasks: list[str], limit: int | None, seed: int) -> dict[str, list
 # ---------------------------------------------------------------- parsers
 
 
+def _check_positions(info: dict[str, Any], seq_len: int) -> None:
+    """--seq-len must fit the model's positions: the torch model's config, or for an ONNX file
+    the config.json beside its tokenizer (the prune layout's hf/), when there is one."""
+    from llmrank.models import check_seq_len, read_config
+
+    model = info.get("model")
+    if model is not None and getattr(model, "config", None) is not None:
+        check_seq_len(model.config, seq_len)
+        return
+    source = info.get("tokenizer")
+    if source is None:
+        return
+    folder = Path(source).expanduser()
+    config = read_config(str(source)) if (folder / "config.json").is_file() or not folder.exists() else None
+    if config is not None:
+        check_seq_len(config, seq_len)
+
+
 def _check_ppl_window(seq_len: int, stride: int | None) -> None:
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2, got {seq_len}")
@@ -254,6 +278,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     progress = not (args.quiet or args.json)
     start = time.perf_counter()
     fn, tokenizer, info = load_eval_target(args.model, args.tokenizer, onnx=True if args.onnx else None, threads=args.threads)
+    if n_tokens != 0:
+        _check_positions(info, args.seq_len)
     info.pop("model", None)
     report: dict[str, Any] = {"model": args.model, "target": info, "load_s": time.perf_counter() - start}
     rows = []
@@ -317,6 +343,11 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, _ = load_torch_model(args.model)
     if tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer")
+    from llmrank.models import check_seq_len
+
+    check_seq_len(model.config, args.calib_seq_len, option="--calib-seq-len")
+    if n_tokens != 0:
+        check_seq_len(model.config, args.seq_len)
     calib = calibration_tokens(tokenizer, args.calib, n=args.samples, seq_len=args.calib_seq_len, seed=args.seed)
     refit = None
     if any(c.compensation_samples for c in cells):

@@ -23,7 +23,21 @@ from torch import nn
 
 from llmrank.cache import atomic_dir, cache_dir, log, pip_download
 
-__all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf"]
+__all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf",
+           "read_config_json", "read_config", "max_positions", "check_seq_len", "ModelConfigError", "ModelNotFoundError",
+           "SeqLenError"]
+
+
+class ModelConfigError(ValueError):
+    """A model folder's config.json cannot be read; the message names the file."""
+
+    hint = "fix config.json or save the model again with save_pretrained"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """MODEL names no built-in model, no existing folder or file, and cannot be a hub id."""
+
+    hint = "give an existing local model folder or a built-in name: smollm2-135m, gemma3-270m, minilm-l6"
 
 
 @dataclass(frozen=True)
@@ -232,32 +246,180 @@ def resolve_model_dir(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+            raise ModelNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
         return path
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
         key = f"gguf-{path.stem}-{hashlib.sha256(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}'.encode()).hexdigest()[:10]}"
         return _materialise(key, lambda tmp: convert_gguf(path, tmp))
-    raise FileNotFoundError(f"{name!r} is not a built-in model ({', '.join(builtin_names())}), "
-                            f"a local model folder, or a .gguf file")
+    if _looks_like_path(name):
+        raise ModelNotFoundError(_missing_folder(path))
+    raise ModelNotFoundError(f"{name!r} is not a built-in model ({', '.join(builtin_names())}), "
+                             f"a local model folder, or a .gguf file")
+
+
+def _looks_like_path(name: str) -> bool:
+    """MODEL meant as a local path, not a hub id (org/name): it starts with ./ ../ / or ~, has
+    more than one slash, or has a slash and its parent folder exists (models/lama, models/ exists)."""
+    if name.startswith(("./", "../", "/", "~")) or name in (".", "..") or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name).expanduser().parent.is_dir()
+
+
+def _missing_folder(path: Path) -> str:
+    """'folder X does not exist', with the closest names in the nearest existing parent."""
+    import difflib
+
+    message = f"model folder {path} does not exist"
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    if parent.is_dir() and parent == path.parent:
+        names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        close = difflib.get_close_matches(path.name, names, n=3, cutoff=0.6)
+        if close:
+            message += "; did you mean " + " or ".join(str(parent / c) for c in close) + "?"
+    elif parent.is_dir():
+        message += f" (the nearest existing folder is {parent})"
+    return message
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def _auto_class(task: str):
+def read_config_json(folder: Path | str) -> dict:
+    """A model folder's config.json as a dict; a broken file is named in the error, because
+    json's own message ("Expecting value: line 1 column 1") does not say which file."""
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ModelConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                               f"save the model again with save_pretrained") from None
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                               f"fix the file or save the model again with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path} holds a JSON {type(data).__name__}, not an object; "
+                               f"it is not a Hugging Face config")
+    return data
+
+
+def _architecture_class(architectures, model_type: str | None = None) -> type | None:
+    """The causal-LM class that config.json's `architectures` names, whatever its suffix
+    (LlamaForCausalLM, GPT2LMHeadModel, ...), as transformers' own causal-LM mapping lists
+    it; None for other heads, unknown (remote-code) names or a class of another model type."""
+    import transformers
+
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - the mapping moved
+        return None
+    causal = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    for name in architectures or ():
+        if name not in causal:
+            continue
+        cls = getattr(transformers, name, None)
+        config_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+        if cls is not None and (model_type is None or config_type in (None, "", model_type)):
+            return cls
+    return None
+
+
+def _auto_class(task: str, architectures=(), model_type: str | None = None):
+    """The class to load: the causal LM that config.json names when there is one, else the
+    Auto class of the task (AutoModelForCausalLM / AutoModel)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    return AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    if task != "causal-lm":
+        return AutoModel
+    return _architecture_class(architectures, model_type) or AutoModelForCausalLM
 
 
 def _natural_task(folder: Path) -> str:
-    """causal-lm when the config names a *ForCausalLM architecture, else the base model."""
-    import json
+    """causal-lm when the config names a causal-LM architecture (ForCausalLM, LMHeadModel, ...)."""
+    archs = read_config_json(folder).get("architectures") or []
+    causal = _architecture_class(archs) is not None or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return "causal-lm" if causal else "base"
 
-    archs = json.loads((folder / "config.json").read_text()).get("architectures") or []
-    return "causal-lm" if any(a.endswith("ForCausalLM") for a in archs) else "base"
+
+# Config fields that bound the sequence length, by family (Llama-likes/BERT, GPT-2, others).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+class SeqLenError(ValueError):
+    """A sequence length longer than the model has positions for."""
+
+    hint = "use a --seq-len within the limit named above"
+
+
+def _positions(config) -> tuple[int, str] | None:
+    """(limit, config field) of a config object or a raw config.json dict; None when unknown."""
+    if isinstance(config, dict):
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        get, model_type = text.get, config.get("model_type", "")
+    else:
+        text = config.get_text_config(decoder=True) if callable(getattr(config, "get_text_config", None)) else config
+        get, model_type = (lambda name, default=None: getattr(text, name, default)), getattr(config, "model_type", "")
+    for name in _POSITION_FIELDS:
+        value = get(name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if "roberta" in str(model_type) and isinstance(get("pad_token_id", None), int):
+                value -= get("pad_token_id") + 1  # position ids start after the padding index
+            aliases = getattr(text, "attribute_map", None) or {}  # GPT-2 stores it as n_positions
+            return value, aliases.get(name, name)
+    return None
+
+
+def max_positions(config) -> int | None:
+    """How many token positions the model has (max_position_embeddings, n_positions, ...);
+    None when the config names no limit. Accepts a config object or a config.json dict."""
+    found = _positions(config)
+    return found[0] if found else None
+
+
+def check_seq_len(config, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse a sequence length the model has no positions for, before any expensive work:
+    past the limit a model either fails deep inside its forward or silently degrades."""
+    found = _positions(config)
+    if found is not None and seq_len > found[0]:
+        limit, name = found
+        raise SeqLenError(f"{option} {seq_len} exceeds the model's {limit} positions ({name}); use {option} <= {limit}")
+
+
+def read_config(name_or_folder: str):
+    """The model's config without loading weights (or None when that is not cheap), so
+    options such as --seq-len can be checked before minutes of loading.
+
+    A local folder is read with AutoConfig (a broken config.json raises ModelConfigError); a
+    built-in name only when it is already converted in the cache; a hub id only when it is
+    in the local hub cache. Built-ins not yet converted, .gguf files and uncached hub ids give None.
+    """
+    from transformers import AutoConfig
+
+    if name_or_folder in BUILTIN_MODELS:
+        folder = cache_dir() / "models" / name_or_folder
+        if not _is_complete(folder):
+            return None
+    else:
+        path = Path(name_or_folder).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                return None  # a .gguf file: its config appears only after conversion
+            folder = resolve_model_dir(str(path))
+        else:
+            try:
+                return AutoConfig.from_pretrained(name_or_folder, local_files_only=True)
+            except Exception:  # noqa: BLE001 - not in the local hub cache (or not a hub id)
+                return None
+    read_config_json(folder)  # a clear error naming the file, before AutoConfig's
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception:  # noqa: BLE001 - e.g. remote code: the load itself will report it
+        return None
 
 
 def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -270,7 +432,7 @@ def load_tokenizer(name_or_path: str):
     """Only the tokenizer (no weights loaded): for tokenising calibration/eval text cheaply."""
     from transformers import AutoTokenizer
 
-    if name_or_path in BUILTIN_MODELS or Path(name_or_path).expanduser().exists():
+    if name_or_path in BUILTIN_MODELS or Path(name_or_path).expanduser().exists() or _looks_like_path(name_or_path):
         return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), local_files_only=True)
     return AutoTokenizer.from_pretrained(name_or_path)
 
@@ -294,13 +456,16 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
         task = task or (BUILTIN_MODELS[name_or_path].task if name_or_path in BUILTIN_MODELS
                         else _natural_task(folder))
         safe = True if any(folder.glob("*.safetensors")) else None
-        model = _auto_class(task).from_pretrained(folder, dtype=torch.float32, local_files_only=True,
-                                                  use_safetensors=safe)
+        config = read_config_json(folder)
+        cls = _auto_class(task, config.get("architectures") or [], config.get("model_type"))
+        model = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True, use_safetensors=safe)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         return _finish(model, dtype), tok
-    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{name_or_path!r} is not a built-in model, an existing local path, or a hub "
-                                f"id (org/name). Built-in models: {_builtin_help()}")
+    if _looks_like_path(name_or_path):
+        raise ModelNotFoundError(_missing_folder(path))
+    if name_or_path.count("/") != 1:
+        raise ModelNotFoundError(f"{name_or_path!r} is not a built-in model, an existing local path, or a hub "
+                                 f"id (org/name). Built-in models: {_builtin_help()}")
     cls = _auto_class(task or "causal-lm")
     try:  # already in the local hub cache?
         model = cls.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=True)

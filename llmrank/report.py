@@ -40,12 +40,22 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def plot_prune(widths: dict[str, tuple[int, int]], scores: dict[str, torch.Tensor], path: Path, title: str) -> Path:
-    """Kept width per group (left) and the distribution of normalised scores (right)."""
-    import matplotlib
+def plot_prune(widths: dict[str, tuple[int, int]], scores: dict[str, torch.Tensor], path: Path, title: str) -> Path | None:
+    """Kept width per group (left) and the distribution of normalised scores (right).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib is an optional extra: without it the plot is skipped with a one-line note and
+    None is returned, so a plain install can still prune (the caller records no plot).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from llmrank.cache import log
+
+        log(f"plot skipped: matplotlib is not installed (pip install 'llmrank[plot]'); {Path(path).name} not written")
+        return None
 
     names = list(widths)
     before = [widths[n][0] for n in names]

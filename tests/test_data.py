@@ -78,6 +78,26 @@ def test_load_text_source_file_and_folder(tmp_path):
         data.load_text_source(str(tmp_path / "missing.txt"))
 
 
+def test_non_utf8_text_names_the_file(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    for source in (bad, tmp_path):  # the file itself, and the folder that holds it
+        with pytest.raises(data.TextEncodingError, match="not UTF-8") as err:
+            data.load_text_source(str(source))
+        assert str(bad) in str(err.value) and "byte 3" in str(err.value)
+        assert isinstance(err.value, ValueError) and "iconv" in err.value.hint
+
+
+@pytest.mark.parametrize("name", ["missing.txt", "sub/missing", "./missing"])
+def test_missing_text_source_is_a_text_error(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(data.TextSourceError, match="does not exist") as err:
+        data.load_text_source(name)
+    assert isinstance(err.value, FileNotFoundError)
+    assert "--calib" in err.value.hint and "model" not in err.value.hint
+
+
 STREAM = torch.arange(1000, 2000)  # a token stream whose values give their own positions
 
 

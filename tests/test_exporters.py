@@ -397,14 +397,14 @@ def test_atomic_path_file_and_dir(tmp_path):
         with atomic_path(target):
             pass
     with pytest.raises(ValueError):
-        with atomic_path(target, force=True) as tmp:
+        with atomic_path(target, force=2) as tmp:  # a .txt is no llmrank output: force=True would refuse it
             tmp.write_text("two")
             raise ValueError("boom")
     assert target.read_text() == "one" and _leftovers(tmp_path) == ["a.txt"]
 
     folder = tmp_path / "d"
     for text in ("first", "second"):
-        with atomic_path(folder, force=True) as tmp:
+        with atomic_path(folder, force=2) as tmp:
             tmp.mkdir()
             (tmp / "f").write_text(text)
     assert (folder / "f").read_text() == "second" and _leftovers(tmp_path) == ["a.txt", "d"]
