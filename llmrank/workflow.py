@@ -8,7 +8,6 @@ temporary name and renamed into place at the end, so a failed run leaves nothing
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,19 +60,12 @@ class PruneJob:
                             ("--seq-len", self.seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
-        check_out_parent(Path(self.out))
         check_writable(Path(self.out), self.force)
+        from llmrank.models import check_seq_len, read_config
 
-
-def check_out_parent(out: Path) -> None:
-    """The nearest existing folder above ``out`` must be a writable folder (checked before any work)."""
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"--out {out}: {parent} is a file, not a folder; choose an --out inside a folder")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"--out {out}: the folder {parent} is not writable; choose another --out")
+        config = read_config(self.model)  # config.json only, no weights (None: not local yet)
+        if config is not None:
+            check_seq_len(config, self.seq_len)
 
 
 def load(model: str, *, progress: bool = True):
@@ -97,6 +89,10 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
     clock = time.perf_counter()
     model, tokenizer, folder = loaded or load(job.model, progress=job.progress)
     refuse_input_overlap(out, folder)
+    if hasattr(model, "config"):
+        from llmrank.models import check_seq_len
+
+        check_seq_len(model.config, job.seq_len)
     load_s = time.perf_counter() - clock
 
     calib = calibration_tokens(tokenizer, job.calib, n=job.samples, seq_len=job.seq_len, seed=config.seed)
@@ -130,7 +126,7 @@ def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str,
 
 def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer, report: dict[str, Any]) -> None:
     """scores.safetensors, plot.png, hf/, model.onnx and report.json inside ``folder``."""
-    from llmrank.exporters.hf import save_hf
+    from llmrank.exporters.hf import check_reload, save_hf
 
     c = job.config
     metadata = {
@@ -141,11 +137,16 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
     tensors.update({f"{name}.kept": k.contiguous() for name, k in result.kept.items()})
     save_file(tensors, str(folder / "scores.safetensors"), metadata={"scorer": c.scorer})
     report["artifacts"]["scores"] = "scores.safetensors"
-    if plot_prune(result.widths, result.scores.groups, folder / "plot.png", f"{job.model}: {c.scorer}/{c.representation}, sparsity {c.sparsity}"):
+    title = f"{job.model}: {c.scorer}/{c.representation}, sparsity {c.sparsity}"
+    if plot_prune(result.widths, result.scores.groups, folder / "plot.png", title) is not None:
         report["artifacts"]["plot"] = "plot.png"
     if job.hf and c.mode != "mask-paper":
         saved = save_hf(result.model, tokenizer, folder / "hf", metadata=metadata)
-        report["artifacts"]["hf"] = {"path": "hf", "uniform": saved.uniform}
+        # reload it the way the report says it reloads, and compare with the model in memory
+        diff = check_reload(folder / "hf", result.model, stock=saved.stock_loadable)
+        report["artifacts"]["hf"] = {"path": "hf", "uniform": saved.uniform, "stock_loadable": saved.stock_loadable,
+                                     "loader": "transformers" if saved.stock_loadable else "llmrank.load",
+                                     "reload_max_abs_diff": diff}
     if job.onnx:
         onnx = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
         report["artifacts"]["onnx"] = onnx

@@ -162,7 +162,7 @@ def test_mistyped_local_folder_is_not_a_hub_error(tmp_path, monkeypatch, name):
 def test_missing_calibration_file_gets_no_model_hint(gpt2_folder, tmp_path, capsys):
     from llmrank.cli import main
 
-    code = main(["prune", str(gpt2_folder), "--calib", str(tmp_path / "calib.txt"), "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(["prune", str(gpt2_folder), "--calib", str(tmp_path / "calib.txt"), "--out", str(tmp_path / "out"), "--seq-len", "16", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "calib.txt" in err and "does not exist" in err
     hint = [line for line in err.splitlines() if line.startswith("hint:")]
