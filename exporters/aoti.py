@@ -22,13 +22,14 @@ from typing import Any, Callable
 import torch
 
 from .atomic import atomic_path
+from llmrank.ir.errors import ExportError
 
 __all__ = ["AotiError", "AotiExportResult", "check_compiler", "export_aoti", "export_aoti_timed", "load_aoti"]
 
 SUFFIX = ".pt2"
 
 
-class AotiError(RuntimeError):
+class AotiError(ExportError):
     """AOTInductor cannot compile here (no C++ compiler) or the package is unusable."""
 
 

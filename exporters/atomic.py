@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from llmrank.ir.errors import ConfigError
 
 __all__ = ["atomic_path", "atomic_files", "refuse_input_overlap", "check_writable", "is_llmrank_output",
            "remove_stale_temporaries", "OutputPathError", "UnsafeOverwriteError"]
@@ -32,13 +33,13 @@ __all__ = ["atomic_path", "atomic_files", "refuse_input_overlap", "check_writabl
 _OUTPUT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
 
 
-class OutputPathError(ValueError):
+class OutputPathError(ConfigError):
     """The output cannot be created there: a parent on its path is a file, not a folder."""
 
     hint = "choose an --out path whose parent folders are folders, not files"
 
 
-class UnsafeOverwriteError(FileExistsError):
+class UnsafeOverwriteError(ConfigError, FileExistsError):
     """force=True met an existing output that llmrank did not write: replacing it would delete it."""
 
     hint = "choose another --out, or pass --force twice (force=2) if that folder really may be deleted"

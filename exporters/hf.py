@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path, refuse_input_overlap
+from llmrank.ir.errors import ExportError
 
 __all__ = ["save_hf", "load_hf", "check_reload", "mlp_widths", "SaveResult", "ReloadMismatchError"]
 
@@ -38,7 +39,7 @@ _WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
 _BIAS_SWITCHES = ("mlp_bias",)
 
 
-class ReloadMismatchError(RuntimeError):
+class ReloadMismatchError(ExportError):
     """A written checkpoint does not reload into the model it was written from."""
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from .atomic import atomic_files, check_writable
 from .hf import mlp_widths
+from llmrank.ir.errors import ExportError
 
 __all__ = [
     "OnnxExportResult",
@@ -50,7 +51,7 @@ DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((2, 16), (1, 37), (1, 1))
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-class OnnxValidationError(RuntimeError):
+class OnnxValidationError(ExportError):
     """onnxruntime disagrees with PyTorch beyond tolerance; `.diffs` holds every case."""
 
     def __init__(self, diffs: Mapping[str, float], atol: float, rtol: float = 0.0,
@@ -376,7 +377,7 @@ def export_onnx(
 # ---------------------------------------------------------------- onnxruntime side
 
 
-def _session(path: Path | str, threads: int | None = None) -> Any:
+def ort_session(path: Path | str, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -396,15 +397,15 @@ def _past_specs(session: Any) -> list[tuple[str, int, int, np.dtype]]:
     return specs
 
 
-def _has_past(session: Any) -> bool:
+def has_past(session: Any) -> bool:
     return any(i.name.startswith("past_key_values.") for i in session.get_inputs())
 
 
-def _empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
+def empty_past(session: Any, batch: int) -> dict[str, np.ndarray]:
     return {name: np.zeros((batch, heads, 0, dim), dtype=dt) for name, heads, dim, dt in _past_specs(session)}
 
 
-def _feed_from_presents(session: Any, outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+def feed_from_presents(session: Any, outputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Map `present.{i}.*` outputs onto `past_key_values.{i}.*` inputs."""
     names = [o.name for o in session.get_outputs()]
     by_name = dict(zip(names, outputs))
@@ -442,9 +443,9 @@ def validate_onnx(
     decode step fed with onnxruntime's own presents, compared with PyTorch given
     the same cache, so an error in the presents shows up in the next logits.
     """
-    session = _session(path)
+    session = ort_session(path)
     if with_past is None:
-        with_past = _has_past(session)
+        with_past = has_past(session)
     vocab = _vocab(model)
     gen = torch.Generator().manual_seed(seed)
     diffs: dict[str, float] = {}
@@ -461,7 +462,7 @@ def validate_onnx(
                 continue
             pos = torch.arange(seq).expand(batch, seq).contiguous()
             feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-            feed.update(_empty_past(session, batch))
+            feed.update(empty_past(session, batch))
             outputs = session.run(None, feed)
             # A plain (non-sliding) cache, as in the graph: presents keep the whole past.
             ref = model(
@@ -479,7 +480,7 @@ def validate_onnx(
             scales[f"present_{case}"] = _scale(*presents)
             # One decode step on top of onnxruntime's presents.
             step = torch.randint(0, vocab, (batch, 1), generator=gen)
-            past = _feed_from_presents(session, outputs)
+            past = feed_from_presents(session, outputs)
             feed = {
                 "input_ids": step.numpy(),
                 "attention_mask": np.ones((batch, seq + 1), dtype=np.int64),
@@ -548,8 +549,8 @@ def generate_onnx(
     if not ids:
         raise ValueError("empty prompt")
     stop = _eos_ids(path, eos_token_id)
-    session = _session(path)
-    kv = _has_past(session)
+    session = ort_session(path)
+    kv = has_past(session)
     new: list[int] = []
     feed: dict[str, np.ndarray] = {
         "input_ids": np.asarray([ids], dtype=np.int64),
@@ -557,7 +558,7 @@ def generate_onnx(
     }
     if kv:
         feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
-        feed.update(_empty_past(session, 1))
+        feed.update(empty_past(session, 1))
     for _ in range(max_new_tokens):
         outputs = session.run(None, feed)
         token = int(np.argmax(outputs[0][0, -1]))
@@ -570,7 +571,7 @@ def generate_onnx(
                 "input_ids": np.asarray([[token]], dtype=np.int64),
                 "attention_mask": np.ones((1, total), dtype=np.int64),
                 "position_ids": np.asarray([[total - 1]], dtype=np.int64),
-                **_feed_from_presents(session, outputs),
+                **feed_from_presents(session, outputs),
             }
         else:
             feed = {

@@ -18,6 +18,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true", help="log each pass as it runs, with its time")
 
 
 def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from llmrank.quiet import quiet_libraries
 
+    if getattr(args, "verbose", False):
+        _log_passes()
     try:
         with quiet_libraries(args.quiet):  # third-party bars, warnings and logs: only with --quiet, only for the command
             report = COMMANDS[args.command](args)
@@ -116,6 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def _log_passes() -> None:
+    """Send llmrank's own log records (one per pass) to stderr; other libraries' stay as they are."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("llmrank: %(message)s"))
+    logger = logging.getLogger("llmrank")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def exit_code(exc: Exception) -> int:

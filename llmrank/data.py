@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from llmrank.cache import atomic_file, cache_dir, pip_download
+from llmrank.ir.errors import InputError
 
 __all__ = [
     "SPLITS",
@@ -44,13 +45,13 @@ __all__ = [
 _SOURCE_HINT = "--calib / --ppl-source take 'wiki', a .txt file, a folder of .txt files or a dataset name"
 
 
-class TextSourceError(FileNotFoundError):
+class TextSourceError(InputError, FileNotFoundError):
     """A text source that names a file or folder that is not there."""
 
     hint = _SOURCE_HINT
 
 
-class TextEncodingError(ValueError):
+class TextEncodingError(InputError):
     """A text file that is not UTF-8; the message names the file and the first bad byte."""
 
     hint = "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 IN.txt > OUT.txt"

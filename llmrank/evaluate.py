@@ -95,7 +95,7 @@ def onnx_logits_fn(path: str | Path, providers: Sequence[str] | None = None,
     return fn
 
 
-def _as_logits_fn(model: Any) -> LogitsFn:
+def as_logits_fn(model: Any) -> LogitsFn:
     if isinstance(model, (str, Path)):
         return onnx_logits_fn(model)
     if isinstance(model, torch.nn.Module):
@@ -156,7 +156,7 @@ def perplexity(logits_fn: LogitsFn | torch.nn.Module, token_ids: torch.Tensor, s
     tokens already makes large matmuls, and its logits are T x V floats); a short last
     window runs on its own.
     """
-    fn = _as_logits_fn(logits_fn)
+    fn = as_logits_fn(logits_fn)
     stride = seq_len if stride is None else stride
     if not 0 < stride <= seq_len:
         raise ValueError(f"need 0 < stride <= seq_len, got stride={stride}, seq_len={seq_len}")
@@ -201,21 +201,21 @@ class MCResult:
     n: int
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _special_prefix(tokenizer: Any) -> list[int]:
+def special_prefix(tokenizer: Any) -> list[int]:
     """Tokens the tokenizer puts before text (e.g. Gemma's BOS), found by encoding a probe."""
     full = list(tokenizer("a")["input_ids"])
-    bare = _encode(tokenizer, "a")
+    bare = encode(tokenizer, "a")
     for i in range(len(full) - len(bare) + 1):
         if full[i:i + len(bare)] == bare:
             return full[:i]
     return []
 
 
-def _start_token(tokenizer: Any, prefix_token_id: int | None) -> int:
+def start_token(tokenizer: Any, prefix_token_id: int | None) -> int:
     """Token put before an empty context: the override, else BOS, else EOS (lm-eval's rule)."""
     for tok_id in (prefix_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tok_id is not None:
@@ -231,8 +231,8 @@ def _request(tokenizer: Any, prefix: list[int], start: int, context: str, choice
     `context` alone, so a merge across the boundary is scored as part of the choice. An
     empty prefix gets the `start` token so the first choice token is scored too.
     """
-    ctx = prefix + _encode(tokenizer, context)
-    whole = prefix + _encode(tokenizer, context + choice)
+    ctx = prefix + encode(tokenizer, context)
+    whole = prefix + encode(tokenizer, context + choice)
     common = 0
     while common < min(len(ctx), len(whole)) and ctx[common] == whole[common]:
         common += 1
@@ -259,10 +259,10 @@ def continuation_logprobs(logits_fn: LogitsFn | torch.nn.Module, tokenizer: Any,
     Requests are sorted by length and right-padded; padding sits after the scored tokens of
     a causal model, so it never changes their logits and no attention mask is needed.
     """
-    fn = _as_logits_fn(logits_fn)
-    prefix = _special_prefix(tokenizer)
+    fn = as_logits_fn(logits_fn)
+    prefix = special_prefix(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    start = _start_token(tokenizer, prefix_token_id)
+    start = start_token(tokenizer, prefix_token_id)
     reqs = [_request(tokenizer, prefix, start, context, cont, max_length) for context, cont in pairs]
     order = sorted(range(len(reqs)), key=lambda r: -len(reqs[r][0]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(reqs)
@@ -317,7 +317,7 @@ def evaluate(model_or_logits_fn: Any, tokenizer: Any, *, ppl_tokens: torch.Tenso
              prefix_token_id: int | None = None, progress: bool = True,
              bos_token_id: int | None = None) -> dict[str, Any]:
     """Perplexity (if tokens are given) and each task's accuracy, as a JSON-able dict."""
-    fn = _as_logits_fn(model_or_logits_fn)
+    fn = as_logits_fn(model_or_logits_fn)
     out: dict[str, Any] = {}
     if ppl_tokens is not None:
         t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from llmrank.evaluate import LogitsFn, _as_logits_fn, _encode, _special_prefix, _start_token, continuation_logprobs
+from llmrank.evaluate import LogitsFn, as_logits_fn, encode, special_prefix, start_token, continuation_logprobs
 
 __all__ = ["lm_eval_model", "rolling_logprob", "greedy_until"]
 
@@ -47,7 +47,7 @@ def rolling_logprob(fn: LogitsFn, token_ids: Sequence[int], start: int, max_leng
 def greedy_until(fn: LogitsFn, tokenizer: Any, context: str, until: Sequence[str], max_new_tokens: int,
                  max_length: int) -> str:
     """Greedy continuation of ``context``, cut at the first stop string (not included)."""
-    ids = _special_prefix(tokenizer) + _encode(tokenizer, context)
+    ids = special_prefix(tokenizer) + encode(tokenizer, context)
     new: list[int] = []
     eos = tokenizer.eos_token_id
     for _ in range(max_new_tokens):
@@ -74,13 +74,13 @@ def lm_eval_model(model: Any, tokenizer: Any = None, *, batch_size: int = 16, ma
         raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install 'llmrank[lmeval]'") from exc
 
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from llmrank.evalcmd import load_eval_target
+        from llmrank.targets import load_eval_target
 
         fn, loaded_tok, _ = load_eval_target(str(model), tokenizer if isinstance(tokenizer, str) else None,
                                              onnx=None, threads=threads)
         tokenizer = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else loaded_tok
     else:
-        fn = _as_logits_fn(model)
+        fn = as_logits_fn(model)
     if tokenizer is None:
         raise ValueError("lm_eval_model needs a tokenizer for a module or logits function")
 
@@ -95,9 +95,9 @@ def lm_eval_model(model: Any, tokenizer: Any = None, *, batch_size: int = 16, ma
         def loglikelihood_rolling(self, requests) -> list[float]:
             # The text is conditioned on the tokenizer's own prefix (Gemma: BOS), else on the
             # start token that an empty multiple-choice context gets.
-            prefix = _special_prefix(tokenizer)
-            start = prefix[-1] if prefix else _start_token(tokenizer, prefix_token_id)
-            return [rolling_logprob(fn, _encode(tokenizer, r.args[0]), start, max_length) for r in requests]
+            prefix = special_prefix(tokenizer)
+            start = prefix[-1] if prefix else start_token(tokenizer, prefix_token_id)
+            return [rolling_logprob(fn, encode(tokenizer, r.args[0]), start, max_length) for r in requests]
 
         def generate_until(self, requests) -> list[str]:
             out = []

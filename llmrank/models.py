@@ -22,19 +22,20 @@ import torch
 from torch import nn
 
 from llmrank.cache import atomic_dir, cache_dir, log, pip_download
+from llmrank.ir.errors import ConfigError, InputError
 
 __all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf",
            "read_config_json", "read_config", "max_positions", "check_seq_len", "ModelConfigError", "ModelNotFoundError",
            "SeqLenError"]
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InputError):
     """A model folder's config.json cannot be read; the message names the file."""
 
     hint = "fix config.json or save the model again with save_pretrained"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(InputError, FileNotFoundError):
     """MODEL names no built-in model, no existing folder or file, and cannot be a hub id."""
 
     hint = "give an existing local model folder or a built-in name: smollm2-135m, gemma3-270m, minilm-l6"
@@ -350,7 +351,7 @@ def _natural_task(folder: Path) -> str:
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
-class SeqLenError(ValueError):
+class SeqLenError(ConfigError):
     """A sequence length longer than the model has positions for."""
 
     hint = "use a --seq-len within the limit named above"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmrank.exporters.onnx import _empty_past, _feed_from_presents, _has_past, _session
+from llmrank.exporters.onnx import empty_past, feed_from_presents, has_past, ort_session
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ def _feed(session, ids: np.ndarray, past_len: int = 0, past: dict | None = None)
         feed["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
     if "position_ids" in names:
         feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)).copy()
-    if _has_past(session):
-        feed.update(past if past is not None else _empty_past(session, batch))
+    if has_past(session):
+        feed.update(past if past is not None else empty_past(session, batch))
     return feed
 
 
@@ -54,7 +54,7 @@ def _decode_once(session, prompt: np.ndarray, steps: int) -> float:
     token = prompt[:, -1:]
     start = time.perf_counter()
     for _ in range(steps):
-        outputs = session.run(None, _feed(session, token, past_len, _feed_from_presents(session, outputs)))
+        outputs = session.run(None, _feed(session, token, past_len, feed_from_presents(session, outputs)))
         token = outputs[0][:, -1:].argmax(-1).astype(np.int64)
         past_len += 1
     return time.perf_counter() - start
@@ -72,7 +72,7 @@ def compare(
 ) -> dict[str, SpeedResult]:
     """Median prefill latency per shape and decode tokens/s, interleaved across ``models``
     (``threads``: onnxruntime intra-op threads, default all cores)."""
-    sessions = {name: _session(path, threads) for name, path in models.items()}
+    sessions = {name: ort_session(path, threads) for name, path in models.items()}
     rng = np.random.default_rng(seed)
     prefill: dict[str, dict[str, list[float]]] = {n: {} for n in sessions}
     decode: dict[str, list[float]] = {n: [] for n in sessions}
@@ -84,7 +84,7 @@ def compare(
             for name, s in sessions.items():
                 prefill[name].setdefault(f"{batch}x{seq}", []).append(_prefill_once(s, ids))
     prompt = rng.integers(0, vocab, size=(1, 16), dtype=np.int64)
-    kv = {name: _has_past(s) for name, s in sessions.items()}
+    kv = {name: has_past(s) for name, s in sessions.items()}
     for _ in range(repeats if decode_steps else 0):
         for name, s in sessions.items():
             if kv[name]:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from llmrank.ir.errors import CalibrationError, InputError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import accepts_cache, is_hf_model
-from llmrank.passes.ops import linear_data_input, op_name
+from llmrank.passes.ops import linear_data_input
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,3 @@ def collect_program(module: fx.GraphModule, ir: ModelIR, plan: Plan, acc: Accumu
 def as_inputs(item: Any) -> tuple:
     """A program's positional inputs: a tuple/list as is, anything else as a 1-tuple."""
     return tuple(item) if isinstance(item, (tuple, list)) else (item,)
-
-
-def is_linear_node(node: fx.Node) -> bool:
-    return op_name(node) in ("linear", "addmm", "matmul", "mm")

@@ -40,7 +40,7 @@ from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collec
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
-from llmrank.passes.select import clamp_notes, effective_sparsity, select
+from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, outputs
 

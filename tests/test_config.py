@@ -133,3 +133,19 @@ def test_mpr_z_importance_zeroes_int_width_times_amount():
     out = mpr_chain([layer], a_in, z_importance=0.35)[0]
     assert int((out == 0).sum()) == 3
     assert torch.equal(out[:3], torch.zeros(3, dtype=out.dtype))
+
+
+def test_every_error_has_one_base_and_an_exit_code():
+    from llmrank.cli import exit_code
+    from llmrank.data import TextEncodingError
+    from llmrank.exporters.onnx import OnnxValidationError
+    from llmrank.ir import errors as E
+    from llmrank.models import SeqLenError
+
+    assert exit_code(E.ConfigError("x")) == 2 and exit_code(SeqLenError("x")) == 2
+    assert exit_code(TextEncodingError("x")) == 2 and exit_code(E.UnsupportedModelError("x")) == 3
+    assert exit_code(E.TraceError("x")) == 3 and exit_code(E.VerificationError("x")) == 4
+    assert exit_code(OnnxValidationError({"prefill": 1.0}, 1e-3)) == 5 and exit_code(E.PassError("x")) == 1
+    assert exit_code(FileExistsError("x")) == 2 and exit_code(RuntimeError("x")) == 1
+    for cls in (E.ConfigError, E.InputError, E.CalibrationError, E.UnsupportedModelError):
+        assert issubclass(cls, (E.LLMRankError, ValueError))

@@ -199,7 +199,7 @@ def test_left_padded_batch(family):
     mask[0, :3] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-    feed.update(onnx_exporter._empty_past(session, 2))
+    feed.update(onnx_exporter.empty_past(session, 2))
     got = session.run(None, feed)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
@@ -211,7 +211,7 @@ def test_left_padded_batch(family):
         "input_ids": np.array([[7], [9]], dtype=np.int64),
         "attention_mask": step_mask.numpy(),
         "position_ids": (pos[:, -1:] + 1).numpy(),
-        **onnx_exporter._feed_from_presents(session, got),
+        **onnx_exporter.feed_from_presents(session, got),
     }
     dec = session.run(None, step)
     with torch.no_grad():
