@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hf", dest="hf", action="store_false")
     p.add_argument("--no-kv-cache", action="store_true", help="export logits-only ONNX (no past key/values)")
     p.add_argument("--optimize", action="store_true", help="apply onnxruntime graph optimisation to the ONNX file")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="also write onnx/model.int8.onnx: int8 MatMul weights by onnxruntime's quantizer, checked against PyTorch")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing --out folder: it is deleted with everything in it; a folder "
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="path of the .onnx file, or a folder (trailing / or existing) for FOLDER/model.onnx")
     p.add_argument("--no-kv-cache", action="store_true")
     p.add_argument("--optimize", action="store_true")
+    p.add_argument("--quantize", choices=("int8",), default=None, help="write int8 MatMul weights (onnxruntime's quantizer), checked against PyTorch")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
     _common(p)
@@ -170,7 +173,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     job = PruneJob(
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
-        hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, force=args.force,
+        hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, quantize=args.quantize, force=args.force,
         progress=not (args.quiet or args.json),
     )
     report = run_prune(job)
@@ -240,10 +243,22 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     out = check_writable(onnx_target(args.out), args.force)  # before loading: refuse in seconds
     model = load_hf(args.checkpoint)
-    res = export_onnx(model, out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)}, optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
-    report = {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff}
-    _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB), max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}")
-    return report
+    if not args.quantize:
+        res = export_onnx(model, out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)},
+                          optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
+        _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB), max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}")
+        return {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff}
+    import tempfile
+
+    from llmrank.exporters.quantize import quantize_onnx
+
+    with tempfile.TemporaryDirectory(prefix="llmrank-fp32-") as scratch:  # the fp32 file is only a step
+        res = export_onnx(model, Path(scratch) / "model.onnx", with_past=not args.no_kv_cache, optimize=args.optimize,
+                          metadata={"source_model": str(args.checkpoint)}, atol=ONNX_ATOL, rtol=ONNX_RTOL)
+        q = quantize_onnx(res.path, out, model, force=args.force)
+    _say(args, f"wrote {q.path} ({q.bytes / 2**20:.1f} MiB, int8), relative logit error {q.relative_error:.3g}, "
+               f"top-1 agreement {q.top1_agreement:.3f}")
+    return {"path": str(q.path), "bytes": q.bytes, "with_past": res.with_past, "int8": q.to_dict()}
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:

@@ -50,12 +50,17 @@ class PruneJob:
     kv_cache: bool = True
     hf: bool = True
     optimize: bool = False
+    quantize: str | None = None  # "int8": also onnx/model.int8.onnx
     force: bool | int = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Every setting and combination, before the model is read (ConfigError names the flag)."""
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"--quantize {self.quantize!r}: choose int8")
+        if self.quantize and not self.onnx:
+            raise ConfigError("--quantize int8 quantizes the ONNX file: drop --no-onnx")
         for flag, value in (("--samples", self.samples), ("--compensation-samples", self.compensation_samples),
                             ("--seq-len", self.seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -150,6 +155,11 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
     if job.onnx:
         onnx = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
         report["artifacts"]["onnx"] = onnx
+        if job.quantize == "int8":
+            from llmrank.exporters.quantize import quantize_onnx
+
+            q = quantize_onnx(folder / "onnx" / "model.onnx", folder / "onnx" / "model.int8.onnx", result.model)
+            report["artifacts"]["onnx_int8"] = {**q.to_dict(), "path": "onnx/model.int8.onnx"}
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
 
 

@@ -171,3 +171,56 @@ def test_sweep_cli(workspace, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["computed"] == [] and len(report["rows"]) == 5
     assert main(["sweep", str(workspace["model"]), "--sparsities", "1.2", "--out", str(out)]) == 2
+
+
+@pytest.mark.onnx
+def test_prune_and_export_with_int8(workspace, capsys):
+    """--quantize int8: onnxruntime's quantizer on the slim file, checked against PyTorch (issue 13.3)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from llmrank.exporters.hf import load_hf
+
+    out = workspace["root"] / "out-int8"
+    code = main(["prune", str(workspace["model"]), "--sparsity", "0.25", "--samples", "4", "--seq-len", "32",
+                 "--calib", str(workspace["calib"]), "--out", str(out), "--quantize", "int8", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    q = report["artifacts"]["onnx_int8"]
+    int8 = out / q["path"]
+    assert int8.is_file() and q["bytes"] < report["artifacts"]["onnx"]["bytes"]
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    # independent: onnxruntime on the int8 file against the reloaded slim checkpoint
+    slim = load_hf(out / "hf")
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 32), dtype=np.int64),
+            "position_ids": np.tile(np.arange(32), (2, 1))}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            feed[inp.name] = np.zeros((2, inp.shape[1], 0, inp.shape[3]), dtype=np.float32)
+    got = torch.from_numpy(session.run(["logits"], feed)[0]).double()
+    with torch.no_grad():
+        ref = slim(input_ids=ids, use_cache=False).logits.double()
+    error = float((got - ref).norm() / ref.norm())
+    assert error == pytest.approx(q["relative_error"], rel=1e-3) and error <= q["bound"]["max_relative_error"]
+
+    exported = workspace["root"] / "export-int8" / "model.int8.onnx"
+    assert main(["export", str(out / "hf"), "--out", str(exported), "--quantize", "int8", "--quiet"]) == 0
+    assert exported.is_file() and not exported.with_name("model.int8.onnx.data").exists()
+
+
+@pytest.mark.onnx
+def test_int8_outside_its_bound_is_refused_and_leaves_nothing(workspace, monkeypatch, tmp_path):
+    from llmrank.exporters import quantize
+    from llmrank.ir.errors import ExportError
+
+    monkeypatch.setattr(quantize, "MAX_RELATIVE_ERROR", 0.0)
+    target = tmp_path / "model.int8.onnx"
+    with pytest.raises(ExportError, match="too far from the fp32 model"):
+        from llmrank.exporters.hf import load_hf
+
+        quantize.quantize_onnx(workspace["out"] / "onnx" / "model.onnx", target, load_hf(workspace["out"] / "hf"))
+    assert not target.exists() and list(tmp_path.iterdir()) == []
