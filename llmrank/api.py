@@ -19,7 +19,7 @@ from llmrank.ir.errors import CalibrationError, InputError, PruneError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.pipeline import OutputCheck, Pipeline, PruneState, ScorerFn
+from llmrank.passes.pipeline import OutputCheck, Pipeline, PruneState, ScorerFn, require_calibration
 from llmrank.passes.score import Scores
 from llmrank.passes.select import effective_sparsity
 from llmrank.passes.verify import Verification
@@ -127,9 +127,7 @@ def prune(
     refit = tuple(as_batches(compensation_data, batch_size=config.batch_size)) if compensation_data is not None else None
     if (calibration is not None and not batches) or (compensation_data is not None and not refit):
         raise CalibrationError("calibration data is empty: give at least one sequence of token ids")
-    if config.needs_calibration and not batches and not refit:
-        raise CalibrationError(f"scorer {config.scorer!r} with compensation {config.compensation!r} needs calibration data: "
-                               "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
+    require_calibration(config, batches, refit)  # before tracing: fail in milliseconds
     params_before = count_parameters(model)
     state = PruneState(config=config, model=model, batches=batches, refit_batches=refit, example_inputs=example_inputs,
                        traced=traced, progress=progress)

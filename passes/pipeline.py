@@ -280,9 +280,7 @@ class Calibrate(Pass):
         wants_norms = bool(state.batches) or config.scorer not in WEIGHT_ONLY_SCORERS
         if not wants_norms and not config.needs_moments:
             return PassResult(state.update(stats=CalibrationStats()), False)
-        if config.needs_calibration and not state.batches and not state.refit_batches:
-            raise CalibrationError(f"scorer {config.scorer!r} with compensation {config.compensation!r} needs calibration data: "
-                                   "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
+        require_calibration(config, state.batches, state.refit_batches)
         batches = state.batches or ()
         plan = Plan.build(batches, state.refit_batches, norms=wants_norms and bool(batches), moments=config.needs_moments)
         acc = Accumulator(ir.calibration_linears() if wants_norms else (), consumer_linears(ir) if config.needs_moments else (),
@@ -294,6 +292,13 @@ class Calibrate(Pass):
         if wants_norms and stats.norms is None:
             raise CalibrationError("calibration data is empty: give at least one batch of token ids")
         return PassResult(state.update(stats=stats), True)
+
+
+def require_calibration(config: PruneConfig, batches: Sequence[Any], refit_batches: Sequence[Any] | None) -> None:
+    """Calibration data must be there when the scorer or the refit reads activations."""
+    if config.needs_calibration and not batches and not refit_batches:
+        raise CalibrationError(f"scorer {config.scorer!r} with compensation {config.compensation!r} needs calibration data: "
+                               "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
 
 
 class Score(Pass):
