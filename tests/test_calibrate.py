@@ -16,7 +16,7 @@ from llmrank.passes.program import program_traced
 
 def _forward_counter(model):
     calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    handle = model.register_forward_pre_hook(lambda *_: calls.append(1))
     return calls, handle
 
 
@@ -111,3 +111,46 @@ def test_inplace_refit_reads_the_dense_weights(tiny_llama, inplace):
     assert (result.model is model) == inplace
     for name, param in reference.model.named_parameters():
         torch.testing.assert_close(result.model.get_parameter(name), param, rtol=0, atol=0)
+
+
+def test_forwards_stop_after_the_last_watched_layer(tiny_llama, norms_of):
+    """After the first (whole) batch, the LM head never runs: it feeds no statistic."""
+    model, ir = tiny_llama.model, tiny_llama.ir
+    batches = list(tiny_llama.calib.split(2))
+    calls, handle = [], model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        norms = llmrank.calibrate(model, ir, batches, linears=ir.calibration_linears(), progress=False)
+    finally:
+        handle.remove()
+    assert "lm_head" not in ir.calibration_linears() and len(calls) == 1
+    reference = norms_of(model, ir.calibration_linears(), batches)  # whole forwards, independent hooks
+    for name, (a_in, a_out) in reference.items():
+        np.testing.assert_allclose(norms.a_in[name].numpy(), a_in, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(norms.a_out[name].numpy(), a_out, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_called_twice_keeps_whole_forwards():
+    """Shared weights: the same Linear runs twice per forward, so no forward may end early."""
+    from torch import nn
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.up, self.down, self.head = nn.Linear(4, 8), nn.Linear(8, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = x + self.down(torch.relu(self.up(x)))
+            x = x + self.down(torch.relu(self.up(x)))
+            return self.head(x)
+
+    model = Twice().eval()
+    x = torch.randn(6, 4)
+    acc = Accumulator(["up", "down"], ())
+    head_calls = []
+    handle = model.head.register_forward_hook(lambda *_: head_calls.append(1))
+    try:
+        stats = collect(model, Plan.build(list(x.split(2)), None, norms=True, moments=False), acc)
+    finally:
+        handle.remove()
+    assert len(head_calls) == 3 and stats.norms.batches == 3
