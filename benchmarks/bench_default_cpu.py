@@ -1,16 +1,17 @@
 #!/usr/bin/env python
-"""CPU cost of ``llmrank prune``'s default on a real model: one calibration walk against two.
+"""CPU cost of ``llmrank prune``'s default (wpr/dataflow, 30 %, lstsq refit) on a real model.
 
-The CLI scores on 16 x 512 tokens and refits on 64 x 512 tokens sampled with the same seed, so
-the scoring sequences are the first 16 refit sequences and one walk over the 64 gathers both
-statistics. ``--walks 2`` hands the pipeline a refit sample that is not a prefix (the same
-sequences in another order: the statistics are the same sums), which forces the two walks the
-earlier pipeline made; the kept sets must come out identical. Process CPU time
-(``time.process_time``, all threads) is what is compared: it does not depend on other jobs the
-way wall time does.
+Each variant runs in a fresh process and prunes with the same call,
+``llmrank.prune(model, calib_16x512, sparsity=0.3, compensation="lstsq", compensation_data=refit_64x512)``:
+- ``current``: this checkout: one calibration walk (the 16 scoring sequences are the first 16
+  of the 64 refit sequences) that stops each forward after the last watched layer;
+- ``current-2walk``: this checkout handed the refit sequences in another order (not a prefix
+  any more: the same sums, two walks), to show what sharing the walk saves;
+- ``rev:REV``: the package as it was at git revision REV (``git archive``), for a before/after.
+Process CPU time (``time.process_time``, all threads) is compared; run with ``--threads 1`` on
+a busy machine, where spinning OpenMP threads inflate CPU time.
 
-    python benchmarks/bench_default_cpu.py                       # smollm2-135m, both variants
-    python benchmarks/bench_default_cpu.py --model gemma3-270m --threads 2
+    python benchmarks/bench_default_cpu.py --threads 1 --variants current,rev:b19bf04
 
 Writes benchmarks/results/default-cpu-<model>.json.
 """
@@ -20,22 +21,59 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import subprocess
+import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
-def run(model, calib: torch.Tensor, refit: torch.Tensor, config) -> dict:
+def child(spec: dict) -> dict:
+    """One prune in this process; ``spec["package"]``: a folder holding an older ``llmrank``."""
+    if spec.get("package"):
+        # take the older package instead of this checkout's editable install
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        sys.path.insert(0, spec["package"])
+    import time
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
     import llmrank
+    from llmrank.data import calibration_tokens
+    from llmrank.models import load_model
 
+    model, tok = load_model(spec["model"])
+    calib = calibration_tokens(tok, "wiki", n=spec["samples"], seq_len=spec["seq_len"], seed=0)
+    refit = calibration_tokens(tok, "wiki", n=spec["compensation_samples"], seq_len=spec["seq_len"], seed=0)
+    if spec.get("two_walks"):
+        refit = torch.cat([refit[spec["samples"]:], refit[: spec["samples"]]])
     cpu, wall = time.process_time(), time.perf_counter()
-    result = llmrank.prune(model, calib, config=config, compensation_data=refit, progress=False)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return {"cpu_s": cpu, "wall_s": wall, "passes_s": result.timings, "kept": {k: v.tolist() for k, v in result.kept.items()},
-            "params_after": result.params_after, "relative_error": result.output_check.relative_error}
+    result = llmrank.prune(model, calib, sparsity=0.3, compensation="lstsq", compensation_data=refit, progress=False)
+    return {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, "passes_s": result.timings,
+            "llmrank": llmrank.__file__, "params_after": result.params_after,
+            "kept_hash": hash(tuple(tuple(v.tolist()) for v in result.kept.values()))}
+
+
+def package_at(rev: str, into: Path) -> Path:
+    """The import package ``llmrank`` as it was at ``rev`` (ir/, passes/, exporters/ folded in)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = into / "src.tar"
+    with open(archive, "wb") as fh:
+        subprocess.run(["git", "-C", str(ROOT), "archive", rev], stdout=fh, check=True)
+    src = into / "src"
+    with tarfile.open(archive) as tar:
+        tar.extractall(src, filter="data")
+    package = into / "pkg" / "llmrank"
+    package.parent.mkdir(parents=True)
+    (src / "llmrank").rename(package)
+    for sub in ("ir", "passes", "exporters"):
+        (src / sub).rename(package / sub)
+        (package / sub / "__init__.py").touch()
+    return package.parent
 
 
 def main() -> None:
@@ -44,42 +82,35 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--compensation-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--walks", default="1,2", help="which variants to run: 1 (shared walk), 2 (separate walks)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default="current,current-2walk,rev:b19bf04")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import llmrank
-    from llmrank.data import calibration_tokens
-    from llmrank.models import load_model
-    from llmrank.passes.config import CLI_DEFAULTS
-
-    model, tok = load_model(args.model)
-    calib = calibration_tokens(tok, "wiki", n=args.samples, seq_len=args.seq_len, seed=0)
-    refit = calibration_tokens(tok, "wiki", n=args.compensation_samples, seq_len=args.seq_len, seed=0)
-    assert torch.equal(refit[: args.samples], calib), "the scoring sample must prefix the refit sample"
-    config = llmrank.PruneConfig(**CLI_DEFAULTS, sparsity=0.3)
-    out: dict = {"model": args.model, "config": config.to_dict(), "calibration": f"{args.samples}x{args.seq_len}",
-                 "refit": f"{args.compensation_samples}x{args.seq_len}", "threads": torch.get_num_threads(),
-                 "machine": f"{platform.machine()}, torch {torch.__version__}", "variants": {}}
-    for walks in [int(w) for w in args.walks.split(",")]:
-        # two walks: the same refit sequences, the first block moved to the end (not a prefix any more)
-        data = refit if walks == 1 else torch.cat([refit[args.samples:], refit[: args.samples]])
-        out["variants"][f"{walks}-walk"] = run(model, calib, data, config)
-        print(f"{walks} walk(s): {out['variants'][f'{walks}-walk']['cpu_s']:.0f} s CPU, "
-              f"{out['variants'][f'{walks}-walk']['wall_s']:.0f} s wall", flush=True)
-    variants = list(out["variants"].values())
-    if len(variants) == 2:
-        out["same_kept_sets"] = variants[0]["kept"] == variants[1]["kept"]
-        out["cpu_ratio_two_over_one"] = variants[1]["cpu_s"] / variants[0]["cpu_s"]
-    for v in variants:
-        v.pop("kept")
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    base = {"model": args.model, "samples": args.samples, "compensation_samples": args.compensation_samples,
+            "seq_len": args.seq_len, "threads": args.threads}
+    out: dict = {**base, "machine": f"{platform.machine()}, python {platform.python_version()}", "variants": {}}
+    with tempfile.TemporaryDirectory(prefix="llmrank-bench-") as scratch:
+        for variant in args.variants.split(","):
+            spec = dict(base)
+            if variant == "current-2walk":
+                spec["two_walks"] = True
+            elif variant.startswith("rev:"):
+                spec["package"] = str(package_at(variant[4:], Path(scratch) / variant[4:]))
+            elif variant != "current":
+                raise SystemExit(f"unknown variant {variant!r}")
+            run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True)
+            out["variants"][variant] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"{variant}: {out['variants'][variant]['cpu_s']:.0f} s CPU, {out['variants'][variant]['wall_s']:.0f} s wall", flush=True)
+    hashes = {v["kept_hash"] for v in out["variants"].values()}
+    out["same_kept_sets"] = len(hashes) == 1
     path = HERE / "results" / f"default-cpu-{args.model}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(path)
-    print(json.dumps({k: v for k, v in out.items() if k != "config"}, indent=2))
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

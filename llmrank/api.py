@@ -77,6 +77,8 @@ def count_parameters(model: nn.Module) -> int:
 def as_batches(calibration: Any, *, batch_size: int = 4) -> list[torch.Tensor | dict]:
     """Token tensor [N, L] -> batches of ``batch_size``; an iterable of batches is kept as is."""
     if isinstance(calibration, torch.Tensor):
+        if calibration.dim() == 0:
+            raise CalibrationError("calibration is a scalar tensor: give token ids [N, L] (or a list of batches)")
         if calibration.dim() == 1:
             calibration = calibration.unsqueeze(0)
         if calibration.numel() == 0 or calibration.shape[0] == 0:

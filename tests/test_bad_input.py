@@ -238,3 +238,20 @@ def test_untraceable_module_explains():
 
     with pytest.raises(TraceError, match="torch.export failed on DataDependent.*Try: pass example_inputs"):
         llmrank.trace(DataDependent(), (torch.randn(4, 8),))
+
+
+@pytest.mark.parametrize("calibration,match", [
+    (torch.tensor(5), "scalar"), (torch.zeros(2, 3, 4, dtype=torch.long), r"\[N, L\] tensor"),
+])
+def test_malformed_calibration_tensors_are_refused(tiny_llama, calibration, match):
+    with pytest.raises(CalibrationError, match=match):
+        llmrank.prune(tiny_llama.model, calibration, progress=False)
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    from llmrank.ir.errors import InputError
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(InputError, match="meta device"):
+        llmrank.prune(model, torch.randn(4, 4), example_inputs=(torch.randn(2, 4),), progress=False)
