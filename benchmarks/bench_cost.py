@@ -120,8 +120,8 @@ def main(argv=None) -> int:
         rows.append(row)
         t = row["timings_s"]
         print(f"{size:>10s}: {row['params'] / 1e6:7.1f}M params  prune {row['prune_total_s']:7.1f}s "
-              f"(trace {t.get('trace_analyze', 0):.1f}, calib {t.get('calibrate', 0):.1f}, score {t.get('score_select', 0):.2f}, "
-              f"shrink {t.get('rewrite', 0):.2f}, compensate {t.get('compensate', 0):.1f})  peak RSS {row['peak_rss_mb']:8.0f} MiB "
+              f"(trace {t.get('Trace', 0):.1f}, calib {t.get('Calibrate', 0):.1f}, score {t.get('Score', 0):.2f}, "
+              f"refit {t.get('Compensate', 0):.1f}, shrink {t.get('Shrink', 0):.2f}, checks {t.get('CheckOutputs', 0) + t.get('Verify', 0):.1f})  peak RSS {row['peak_rss_mb']:8.0f} MiB "
               f"(model {row['rss_after_build_mb']:.0f}, +{row['prune_overhead_mb']:.0f} for pruning)", flush=True)
     report = {"scorer": args.scorer, "representation": args.representation, "compensation": args.compensation,
               "sparsity": args.sparsity,
