@@ -52,6 +52,7 @@ __all__ = [
     "genai_logits_fn",
     "generate_genai",
     "is_genai_folder",
+    "load_genai",
 ]
 
 PRECISIONS = ("int4", "fp16", "fp32")
@@ -454,7 +455,7 @@ def is_genai_folder(path: str | Path) -> bool:
     return (Path(path) / "genai_config.json").is_file()
 
 
-def _load(folder: str | Path, threads: int | None = None, device: str | None = None) -> Any:
+def load_genai(folder: str | Path, *, threads: int | None = None, device: str | None = None) -> Any:
     """og.Model for a folder; `threads` sets onnxruntime's intra-op threads, `device="cpu"`
     drops the providers the folder was built for."""
     og = _og()
@@ -504,7 +505,7 @@ def genai_logits_fn(folder: str | Path, *, threads: int | None = None, device: s
     multiple-choice scores measure the deployed artefact itself (int4 weights, its attention
     kernels). The model is loaded once; `threads`: onnxruntime intra-op threads.
     """
-    model = _load(folder, threads, device)
+    model = load_genai(folder, threads=threads, device=device)
 
     def fn(input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.detach().cpu().numpy()
@@ -532,7 +533,7 @@ def generate_genai(
     folder's own tokenizer through og.Tokenizer. `model`: an already loaded og.Model.
     """
     og = _og()
-    model = model if model is not None else _load(folder, threads, device)
+    model = model if model is not None else load_genai(folder, threads=threads, device=device)
     if isinstance(prompt, str):
         ids = list(tokenizer(prompt)["input_ids"]) if tokenizer is not None else list(og.Tokenizer(model).encode(prompt))
     else:
@@ -622,7 +623,7 @@ def validate_genai(
     start = time.perf_counter()
     folder = Path(folder)
     try:
-        model = _load(folder, device=device)
+        model = load_genai(folder, device=device)
     except Exception as exc:
         raise RuntimeError(
             f"cannot load the {device} build in onnxruntime-genai on this machine ({exc}); "
