@@ -162,6 +162,8 @@ def bench(args: argparse.Namespace) -> dict:
         sources[f"s{sp:g}"] = (src, sp, report)
     del loaded
 
+    reports = [r for _, _, r in sources.values() if r]
+    dense_params = reports[0]["params_before"] if reports else None
     tokenizer = load_tokenizer(args.model)
     stream, bos = eval_tokens(tokenizer), bos_token_id(tokenizer)
     rows: list[dict] = []
@@ -192,7 +194,7 @@ def bench(args: argparse.Namespace) -> dict:
                 "bytes": folder_bytes(folder), "build_s": builds[variant]["build_seconds"],
                 "check": builds[variant]["check"], "per_layer": builds[variant]["per_layer"],
                 "ffn_widths": sorted(set(builds[variant]["layer_widths"].values())),
-                "params": report["params_after"] if report else None,
+                "params": report["params_after"] if report else dense_params,
                 "perplexity": ppl.ppl, "ppl_tokens": ppl.n_tokens, "ppl_s": time.perf_counter() - start,
                 "torch_fp32_perplexity": torch_ppl.get(variant),
                 **speed[variant],
