@@ -358,12 +358,21 @@ def _source_folder(model_or_folder: nn.Module | str | Path, tokenizer: Any, work
     return src
 
 
-def _reference(model_or_folder: nn.Module | str | Path, src: Path) -> nn.Module:
-    """The PyTorch model the build is checked against: the caller's module, or the checkpoint
-    rebuilt by load_hf (which reads the safetensors itself, independently of the builder)."""
-    if isinstance(model_or_folder, nn.Module):
-        return model_or_folder.eval()
-    return load_hf(src, dtype=torch.float32)
+@contextlib.contextmanager
+def _reference(model_or_folder: nn.Module | str | Path, src: Path) -> Iterator[nn.Module]:
+    """The PyTorch model the build is checked against, in eval mode: the caller's float32 module
+    (its training flag restored afterwards), else the checkpoint rebuilt in float32 by load_hf,
+    which reads the safetensors itself, independently of the builder."""
+    module = model_or_folder if isinstance(model_or_folder, nn.Module) else None
+    if module is None or any(p.dtype != torch.float32 for p in module.parameters()):
+        yield load_hf(src, dtype=torch.float32)
+        return
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
 
 
 def export_genai(
@@ -429,8 +438,8 @@ def export_genai(
             del weights
             result_check = None
             if check:
-                reference = _reference(model_or_folder, src)
-                result_check = validate_genai(tmp, reference, precision=precision, device=device)
+                with _reference(model_or_folder, src) as reference:
+                    result_check = validate_genai(tmp, reference, precision=precision, device=device)
                 if not result_check.passed:
                     raise GenaiValidationError(
                         f"onnxruntime-genai {precision} build differs from PyTorch beyond its bound ({result_check.bound}): "

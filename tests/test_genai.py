@@ -171,7 +171,12 @@ def test_per_layer_widths_build_and_match(tmp_path, slim, tok):
 def test_per_layer_module_int4(tmp_path, slim, tok):
     model, widths = slim
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = export_genai(model, tmp_path / "g4", precision="int4", tokenizer=tok)
+    model.train()
+    try:
+        res = export_genai(model, tmp_path / "g4", precision="int4", tokenizer=tok)
+        assert model.training  # the check ran it in eval mode and restored the flag
+    finally:
+        model.eval()
     assert res.per_layer and res.layer_widths == widths and res.check.passed
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # caller's model untouched
 
