@@ -143,6 +143,9 @@ def _declare_biases(model: nn.Module, config: Any) -> tuple[list[str], dict[str,
 def _config_for_save(model: nn.Module, metadata: Mapping[str, Any]) -> tuple[Any, dict[str, int], bool, list[str], dict[str, torch.Tensor]]:
     """A copy of the model's config that describes the shrunk shapes (the live model is untouched)."""
     config = copy.deepcopy(model.config)
+    # save_pretrained records the class on the live config; this copy was taken before that, and
+    # loaders that dispatch on it (onnxruntime-genai's builder) need it.
+    config.architectures = [type(model).__name__]
     widths = mlp_widths(model)
     text = _text_config(config)
     uniform = len(set(widths.values())) == 1

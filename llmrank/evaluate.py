@@ -1,7 +1,8 @@
 """Perplexity and zero-shot multiple-choice accuracy for any "input_ids -> logits" callable.
 
 Everything is measured through a `LogitsFn`, so a dense HF model, a pruned torch.export
-module and an exported ONNX file are evaluated by the same code and are comparable.
+module, an exported ONNX file and an onnxruntime-genai folder (llmrank.exporters.genai) are
+evaluated by the same code and are comparable.
 """
 
 from __future__ import annotations
@@ -96,13 +97,17 @@ def onnx_logits_fn(path: str | Path, providers: Sequence[str] | None = None,
 
 
 def as_logits_fn(model: Any) -> LogitsFn:
+    if isinstance(model, (str, Path)) and (Path(model) / "genai_config.json").is_file():
+        from llmrank.exporters.genai import genai_logits_fn  # optional extra: imported only for genai folders
+
+        return genai_logits_fn(model)
     if isinstance(model, (str, Path)):
         return onnx_logits_fn(model)
     if isinstance(model, torch.nn.Module):
         return torch_logits_fn(model)
     if callable(model):
         return model
-    raise TypeError(f"cannot evaluate {type(model).__name__}: need a module, an ONNX path or a LogitsFn")
+    raise TypeError(f"cannot evaluate {type(model).__name__}: need a module, an ONNX path, an onnxruntime-genai folder or a LogitsFn")
 
 
 # ---------------------------------------------------------------- perplexity
