@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path, check_writable, refuse_input_overlap
-from .hf import load_hf, save_hf
+from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
+from llmrank.exporters.hf import load_hf, save_hf
+from llmrank.ir.errors import ConfigError, ExportError
 
 __all__ = [
     "PRECISIONS",
@@ -95,7 +96,7 @@ _PER_LAYER_BUILDERS: dict[str, str] = {
 _DOWN_NAMES = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 
 
-class GenaiValidationError(RuntimeError):
+class GenaiValidationError(ExportError):
     """The onnxruntime-genai build disagrees with PyTorch beyond the stated bound; `.check` has the numbers."""
 
     def __init__(self, message: str, check: "GenaiCheck"):
@@ -375,6 +376,18 @@ def _reference(model_or_folder: nn.Module | str | Path, src: Path) -> Iterator[n
         module.train(training)
 
 
+def check_options(precision: str, device: str) -> None:
+    """Refuse a precision/device pair before any work (the CLI calls this before loading)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if precision == "fp16" and device == "cpu":
+        raise ConfigError(
+            "fp16 is built for CUDA only (device='cuda'): an fp16 CPU build of onnxruntime-genai 0.18 fails at its "
+            "first decode step (buffer shape mismatch in a cast onnxruntime inserts). On CPU use int4 or fp32")
+
+
 def export_genai(
     model_or_folder: nn.Module | str | Path,
     out_dir: str | Path,
@@ -398,15 +411,7 @@ def export_genai(
     `extra_options` go to the builder as its KEY=VALUE options (e.g. {"accuracy_level": 1},
     {"algo_config": "k_quant_last"}); its defaults are used otherwise.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if precision == "fp16" and device == "cpu":
-        raise ValueError(
-            "fp16 is built for CUDA only (device='cuda'): an fp16 CPU build of onnxruntime-genai 0.18 fails at its "
-            "first decode step (buffer shape mismatch in a cast onnxruntime inserts). On CPU use int4 or fp32"
-        )
+    check_options(precision, device)
     _builder()  # fail before any work when the extra is missing
     out_dir = check_writable(out_dir, force)
     if not isinstance(model_or_folder, nn.Module):

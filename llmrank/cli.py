@@ -33,6 +33,12 @@ def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, choices=meta["choices"], help=help_text)
 
 
+def _genai_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--genai", choices=("int4", "fp16", "fp32"), default=None,
+                   help=f"{what}: int4 (MatMulNBits), fp16 (CUDA only) or fp32; needs 'llmrank[genai]'")
+    p.add_argument("--genai-device", choices=("cpu", "cuda"), default="cpu", help="execution provider the genai graph is built for")
+
+
 def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="wiki", help="wiki, a .txt file, a folder of .txt files, or a HF dataset name")
     p.add_argument("--samples", type=int, default=16, help="calibration sequences")
@@ -65,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", action="store_true", help="apply onnxruntime graph optimisation to the ONNX file")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write onnx/model.int8.onnx: int8 MatMul weights by onnxruntime's quantizer, checked against PyTorch")
+    _genai_options(p, "also write genai/: an onnxruntime-genai folder built by its own model builder from the slim checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing --out folder: it is deleted with everything in it; a folder "
@@ -82,13 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true")
     p.add_argument("--optimize", action="store_true")
     p.add_argument("--quantize", choices=("int8",), default=None, help="write int8 MatMul weights (onnxruntime's quantizer), checked against PyTorch")
+    _genai_options(p, "write an onnxruntime-genai folder at --out instead of an .onnx file")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
     _common(p)
 
-    p = sub.add_parser("generate", help="greedy generation with onnxruntime and the KV cache")
-    p.add_argument("--onnx", required=True, type=Path)
-    p.add_argument("--tokenizer", required=True, help="folder or built-in model name holding the tokenizer")
+    p = sub.add_parser("generate", help="greedy generation with onnxruntime (and the KV cache) or onnxruntime-genai")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", type=Path, help="an .onnx file written by llmrank")
+    target.add_argument("--genai", type=Path, help="an onnxruntime-genai folder (it holds its tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="folder or built-in model name holding the tokenizer (needed with --onnx)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     _common(p)
@@ -173,7 +183,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     job = PruneJob(
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
-        hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, quantize=args.quantize, force=args.force,
+        hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, quantize=args.quantize,
+        genai=args.genai, genai_device=args.genai_device, force=args.force,
         progress=not (args.quiet or args.json),
     )
     report = run_prune(job)
@@ -238,6 +249,13 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     if not (args.checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{args.checkpoint} is not a HF checkpoint folder (no config.json)")
+    if args.genai:
+        from llmrank.exporters.genai import check_options, export_genai
+
+        check_options(args.genai, args.genai_device)
+        built = export_genai(args.checkpoint, args.out, precision=args.genai, device=args.genai_device, force=args.force)
+        _say(args, f"wrote {built.path} ({built.bytes / 2**20:.1f} MiB, onnxruntime-genai {built.precision})")
+        return built.to_dict()
     from llmrank.exporters.atomic import check_writable
     from llmrank.exporters.onnx import onnx_target
 
@@ -264,16 +282,25 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from llmrank.exporters.onnx import generate_onnx
+    from llmrank.ir.errors import ConfigError
 
-    folder = args.tokenizer
+    folder = args.tokenizer or args.genai
+    if folder is None:
+        raise ConfigError("--onnx needs --tokenizer (the hf/ folder of the prune output, or a built-in name)")
     if not Path(folder).is_dir():
         from llmrank.models import resolve_model_dir
 
         folder = resolve_model_dir(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     ids = tokenizer(args.prompt, return_tensors=None)["input_ids"]
-    new = generate_onnx(args.onnx, ids, args.max_new_tokens, tokenizer=tokenizer)
+    if args.genai:
+        from llmrank.exporters.genai import generate_genai
+
+        new = generate_genai(args.genai, ids, args.max_new_tokens)
+    else:
+        from llmrank.exporters.onnx import generate_onnx
+
+        new = generate_onnx(args.onnx, ids, args.max_new_tokens, tokenizer=tokenizer)
     text = tokenizer.decode(new, skip_special_tokens=True)
     _say(args, args.prompt + text)
     return {"prompt": args.prompt, "tokens": new, "text": text}

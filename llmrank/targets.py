@@ -66,6 +66,10 @@ def load_eval_target(target: str, tokenizer: str | None = None, *, onnx: bool | 
     from llmrank.evaluate import onnx_logits_fn, torch_logits_fn
 
     path = Path(target).expanduser()
+    if (path / "genai_config.json").is_file():  # an onnxruntime-genai folder: the deployed artefact itself
+        from llmrank.exporters.genai import genai_logits_fn
+
+        return genai_logits_fn(path, threads=threads), load_tokenizer(tokenizer or path), {"kind": "genai", "path": str(path)}
     is_onnx = path.suffix == ".onnx" if onnx is None else onnx
     if is_onnx:
         if path.is_dir():

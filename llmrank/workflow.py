@@ -51,12 +51,20 @@ class PruneJob:
     hf: bool = True
     optimize: bool = False
     quantize: str | None = None  # "int8": also onnx/model.int8.onnx
+    genai: str | None = None  # int4 | fp16 | fp32: also genai/, an onnxruntime-genai folder
+    genai_device: str = "cpu"
     force: bool | int = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Every setting and combination, before the model is read (ConfigError names the flag)."""
+        if self.genai is not None:
+            from llmrank.exporters.genai import check_options
+
+            check_options(self.genai, self.genai_device)
+            if self.config.mode == "mask-paper":
+                raise ConfigError("--genai needs a shrunk model: --mode mask-paper keeps the dense shapes")
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"--quantize {self.quantize!r}: choose int8")
         if self.quantize and not self.onnx:
@@ -152,6 +160,12 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
         report["artifacts"]["hf"] = {"path": "hf", "uniform": saved.uniform, "stock_loadable": saved.stock_loadable,
                                      "loader": "transformers" if saved.stock_loadable else "llmrank.load",
                                      "reload_max_abs_diff": diff}
+    if job.genai:
+        from llmrank.exporters.genai import export_genai
+
+        source = folder / "hf" if "hf" in report["artifacts"] else result.model
+        built = export_genai(source, folder / "genai", precision=job.genai, device=job.genai_device, tokenizer=tokenizer)
+        report["artifacts"]["genai"] = {**built.to_dict(), "path": "genai"}
     if job.onnx:
         onnx = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
         report["artifacts"]["onnx"] = onnx

@@ -267,3 +267,44 @@ def test_quiet_build_restores_logging(tmp_path, dense_dir):
     cfg = json.loads((tmp_path / "g" / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["num_hidden_layers"] == 2 and cfg["model"]["vocab_size"] == 259
     assert np.isfinite(genai_logits_fn(tmp_path / "g")(torch.tensor([[5, 6, 7]])).numpy()).all()
+
+
+def test_cli_prune_generate_and_eval_on_a_genai_folder(tmp_path, dense_dir, capsys):
+    """`llmrank prune --genai fp32`, then `generate --genai` and `eval` on the deployed folder (issue 13)."""
+    from llmrank.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(200)))
+    out = tmp_path / "out"
+    code = main(["prune", str(dense_dir), "--sparsity", "0.25", "--samples", "4", "--seq-len", "32", "--calib", str(text),
+                 "--out", str(out), "--no-onnx", "--genai", "fp32", "--quiet", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    built = report["artifacts"]["genai"]
+    assert built["path"] == "genai" and built["check"]["passed"] and built["check"]["greedy_equal"]
+    assert genai.is_genai_folder(out / "genai")
+
+    assert main(["generate", "--genai", str(out / "genai"), "--prompt", "the quick", "--max-new-tokens", "6", "--json", "--quiet"]) == 0
+    tokens = json.loads(capsys.readouterr().out)["tokens"]
+    slim = load_hf(out / "hf")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "genai")
+    prompt = tok("the quick")["input_ids"]
+    assert tokens == _hf_greedy(slim, prompt, 6)[: len(tokens)]
+
+    assert main(["eval", str(out / "genai"), "--ppl-source", str(text), "--ppl-tokens", "256", "--seq-len", "32",
+                 "--tasks", "none", "--json", "--quiet"]) == 0
+    genai_ppl = json.loads(capsys.readouterr().out)["perplexity"]["ppl"]
+    assert main(["eval", str(out / "hf"), "--ppl-source", str(text), "--ppl-tokens", "256", "--seq-len", "32",
+                 "--tasks", "none", "--json", "--quiet"]) == 0
+    torch_ppl = json.loads(capsys.readouterr().out)["perplexity"]["ppl"]
+    assert genai_ppl == pytest.approx(torch_ppl, rel=1e-3)
+
+
+def test_genai_options_are_checked_before_loading(tmp_path, capsys):
+    from llmrank.cli import main
+
+    code = main(["prune", "no-such-model", "--out", str(tmp_path / "o"), "--genai", "fp16", "--genai-device", "cpu"])
+    assert code == 2 and "CUDA only" in capsys.readouterr().err
