@@ -110,6 +110,26 @@ def batch_norm(x: torch.Tensor) -> torch.Tensor:
     return flat.pow(2).sum(0).sqrt()
 
 
+def symmetric_gram(x: torch.Tensor, *, block: int = 384) -> torch.Tensor:
+    """x^T x from the GEMMs of its upper block triangle, mirrored: about a third fewer FLOPs
+    than one full GEMM for a 1536-wide FFN (torch has no syrk), the same numbers."""
+    d = x.shape[1]
+    if d < 2 * block:
+        return x.T @ x
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    starts = range(0, d, block)
+    for i in starts:
+        left = x[:, i:i + block]
+        for j in starts:
+            if j < i:
+                continue
+            piece = left.T @ x[:, j:j + block]
+            out[i:i + block, j:j + block] = piece
+            if j != i:
+                out[j:j + block, i:i + block] = piece.T
+    return out
+
+
 class Accumulator:
     """Sums per-batch reductions of the watched Linears' inputs and outputs."""
 
@@ -139,8 +159,8 @@ class Accumulator:
 
     def _add_moments(self, name: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
-        # One batch's Gram in fp32 (a fast GEMM), accumulated across batches in fp64.
-        gram = (flat.T @ flat).double() if self.second_moment else None
+        # One batch's Gram in fp32 (fast GEMMs), accumulated across batches in fp64.
+        gram = symmetric_gram(flat).double() if self.second_moment else None
         total = flat.double().sum(0)
         s = self.moments.get(name)
         if s is None:

@@ -154,3 +154,11 @@ def test_a_layer_called_twice_keeps_whole_forwards():
     finally:
         handle.remove()
     assert len(head_calls) == 3 and stats.norms.batches == 3
+
+
+@pytest.mark.parametrize("width", [5, 768, 1000, 1536])
+def test_symmetric_gram_equals_the_full_product(width):
+    from llmrank.passes.calibrate import symmetric_gram
+
+    x = torch.randn(64, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    np.testing.assert_allclose(symmetric_gram(x).numpy(), (x.T @ x).numpy(), rtol=1e-12, atol=1e-10)
