@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ def folder_bytes(folder: Path) -> int:
 
 def slim_checkpoint(model: str, sparsity: float, work: Path, loaded: Any, no_cache: bool) -> tuple[Path, dict]:
     """<work>/slim-s<S>/hf made by llmrank.workflow.run_prune with the CLI defaults and no ONNX."""
+    from llmrank.passes.config import CLI_DEFAULTS, PruneConfig
     from llmrank.workflow import PruneJob, run_prune
 
     out = work / f"slim-s{sparsity:g}"
@@ -51,7 +51,8 @@ def slim_checkpoint(model: str, sparsity: float, work: Path, loaded: Any, no_cac
     if report_path.is_file() and not no_cache:
         return out / "hf", json.loads(report_path.read_text())
     start = time.perf_counter()
-    report = run_prune(PruneJob(model=model, out=out, sparsity=sparsity, onnx=False, force=True, progress=False), loaded=loaded)
+    config = PruneConfig(**CLI_DEFAULTS, sparsity=sparsity)
+    report = run_prune(PruneJob(model=model, out=out, config=config, onnx=False, force=True, progress=False), loaded=loaded)
     print(f"  pruned {model} at {sparsity:g} in {time.perf_counter() - start:.0f} s", flush=True)
     return out / "hf", report
 
@@ -72,68 +73,14 @@ def build(src: Path, out: Path, precision: str, no_cache: bool) -> dict:
     return info
 
 
-def load_og(folder: Path, threads: int | None) -> Any:
-    from llmrank.exporters.genai import load_genai
-
-    return load_genai(folder, threads=threads, device="cpu")
-
-
-def prefill_s(model: Any, ids: Any) -> float:
-    import numpy as np
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=int(ids.shape[1]))
-    generator = og.Generator(model, params)
-    start = time.perf_counter()
-    generator.append_tokens(ids.astype(np.int32))
-    generator.get_output("logits")
-    return time.perf_counter() - start
-
-
-def decode_tok_s(model: Any, prompt: Any, steps: int) -> float:
-    """Tokens/s of `steps` greedy steps after the prompt's prefill (the prefill is not timed)."""
-    import numpy as np
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=int(prompt.shape[1]) + steps + 1, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt.astype(np.int32))
-    start = time.perf_counter()
-    for _ in range(steps):
-        generator.generate_next_token()
-    return steps / (time.perf_counter() - start)
-
-
 def time_interleaved(folders: dict[str, Path], args: argparse.Namespace, vocab: int) -> dict[str, dict]:
     """Median prefill ms per shape and decode tok/s per folder, runs of all folders interleaved."""
-    import numpy as np
+    from llmrank.speed import compare
 
-    models = {name: load_og(path, args.threads) for name, path in folders.items()}
-    rng = np.random.default_rng(0)
     shapes = [(1, int(s)) for s in args.prefill.split(",")]
-    out: dict[str, dict] = {name: {"prefill_ms": {}, "decode_tok_s": None} for name in models}
-    for shape in shapes:
-        ids = rng.integers(0, vocab, size=shape)
-        runs: dict[str, list[float]] = {name: [] for name in models}
-        for m in models.values():
-            prefill_s(m, ids)  # warm-up
-        for _ in range(args.repeats):
-            for name, m in models.items():
-                runs[name].append(prefill_s(m, ids))
-        for name in models:
-            out[name]["prefill_ms"][f"{shape[0]}x{shape[1]}"] = 1000 * statistics.median(runs[name])
-    prompt = rng.integers(0, vocab, size=(1, PROMPT_LEN))
-    runs = {name: [] for name in models}
-    for m in models.values():
-        decode_tok_s(m, prompt, 4)  # warm-up
-    for _ in range(args.repeats):
-        for name, m in models.items():
-            runs[name].append(decode_tok_s(m, prompt, args.decode_steps))
-    for name in models:
-        out[name]["decode_tok_s"] = statistics.median(runs[name])
-    return out
+    results = compare(folders, prefill_shapes=shapes, decode_steps=args.decode_steps, repeats=args.repeats, vocab=vocab,
+                      threads=args.threads)
+    return {name: {"prefill_ms": r.prefill_ms, "decode_tok_s": r.decode_tokens_per_s} for name, r in results.items()}
 
 
 def bench(args: argparse.Namespace) -> dict:

@@ -1,5 +1,6 @@
-"""onnxruntime latency of dense vs slim models: prefill and KV-cache decode.
+"""Latency of dense vs slim deployed models: prefill and KV-cache decode.
 
+A model is an ``.onnx`` file written by llmrank (onnxruntime) or an onnxruntime-genai folder.
 CPU timings are noisy, so runs of the compared models are interleaved (dense, slim, dense,
 slim, ...) and medians are reported, with the ratio next to the FLOP-proportional ideal.
 """
@@ -60,6 +61,54 @@ def _decode_once(session, prompt: np.ndarray, steps: int) -> float:
     return time.perf_counter() - start
 
 
+class _Ort:
+    """An llmrank ONNX file in onnxruntime."""
+
+    def __init__(self, path: Path, threads: int | None):
+        self.session = ort_session(path, threads)
+
+    def prefill(self, ids: np.ndarray) -> float:
+        return _prefill_once(self.session, ids)
+
+    def decode(self, prompt: np.ndarray, steps: int) -> float | None:
+        return _decode_once(self.session, prompt, steps) if has_past(self.session) else None
+
+
+class _Genai:
+    """An onnxruntime-genai folder through its own Generator (its KV cache, its kernels)."""
+
+    def __init__(self, path: Path, threads: int | None):
+        from llmrank.exporters.genai import load_genai
+
+        self.model = load_genai(path, threads=threads, device="cpu")
+
+    def _generator(self, max_length: int):
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False)
+        return og.Generator(self.model, params)
+
+    def prefill(self, ids: np.ndarray) -> float:
+        generator = self._generator(int(ids.shape[1]))
+        start = time.perf_counter()
+        generator.append_tokens(ids.astype(np.int32))
+        generator.get_output("logits")
+        return time.perf_counter() - start
+
+    def decode(self, prompt: np.ndarray, steps: int) -> float:
+        generator = self._generator(int(prompt.shape[1]) + steps + 1)
+        generator.append_tokens(prompt.astype(np.int32))
+        start = time.perf_counter()
+        for _ in range(steps):
+            generator.generate_next_token()
+        return time.perf_counter() - start
+
+
+def _runner(path: Path, threads: int | None) -> _Ort | _Genai:
+    return _Genai(path, threads) if (Path(path) / "genai_config.json").is_file() else _Ort(path, threads)
+
+
 def compare(
     models: dict[str, Path],
     *,
@@ -71,24 +120,27 @@ def compare(
     threads: int | None = None,
 ) -> dict[str, SpeedResult]:
     """Median prefill latency per shape and decode tokens/s, interleaved across ``models``
-    (``threads``: onnxruntime intra-op threads, default all cores)."""
-    sessions = {name: ort_session(path, threads) for name, path in models.items()}
+    (``.onnx`` files or onnxruntime-genai folders; ``threads``: intra-op threads, default all cores)."""
+    sessions = {name: _runner(path, threads) for name, path in models.items()}
     rng = np.random.default_rng(seed)
     prefill: dict[str, dict[str, list[float]]] = {n: {} for n in sessions}
     decode: dict[str, list[float]] = {n: [] for n in sessions}
     for batch, seq in prefill_shapes:
         ids = rng.integers(0, vocab, size=(batch, seq), dtype=np.int64)
         for s in sessions.values():
-            _prefill_once(s, ids)  # warm-up
+            s.prefill(ids)  # warm-up
         for _ in range(repeats):
             for name, s in sessions.items():
-                prefill[name].setdefault(f"{batch}x{seq}", []).append(_prefill_once(s, ids))
+                prefill[name].setdefault(f"{batch}x{seq}", []).append(s.prefill(ids))
     prompt = rng.integers(0, vocab, size=(1, 16), dtype=np.int64)
-    kv = {name: has_past(s) for name, s in sessions.items()}
+    if decode_steps:
+        for s in sessions.values():
+            s.decode(prompt, 4)  # warm-up
     for _ in range(repeats if decode_steps else 0):
         for name, s in sessions.items():
-            if kv[name]:
-                decode[name].append(decode_steps / _decode_once(s, prompt, decode_steps))
+            seconds = s.decode(prompt, decode_steps)
+            if seconds is not None:
+                decode[name].append(decode_steps / seconds)
     return {
         name: SpeedResult(
             name,
