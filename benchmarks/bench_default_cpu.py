@@ -12,8 +12,9 @@ Process CPU time (``time.process_time``, all threads) is compared; run with ``--
 a busy machine, where spinning OpenMP threads inflate CPU time.
 
     python benchmarks/bench_default_cpu.py --threads 1 --variants current,rev:b19bf04
+    python benchmarks/bench_default_cpu.py --threads 2 --flops       # the work itself, machine-independent
 
-Writes benchmarks/results/default-cpu-<model>.json.
+Writes benchmarks/results/default-cpu-<model>.json (default-flops-<model>.json with --flops).
 """
 
 from __future__ import annotations
@@ -51,9 +52,21 @@ def child(spec: dict) -> dict:
     refit = calibration_tokens(tok, "wiki", n=spec["compensation_samples"], seq_len=spec["seq_len"], seed=0)
     if spec.get("two_walks"):
         refit = torch.cat([refit[spec["samples"]:], refit[: spec["samples"]]])
+    traced = llmrank.trace(model)  # outside the measurement: torch.export is the same in every variant
+    counter = None
+    if spec.get("flops"):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        counter.__enter__()
     cpu, wall = time.process_time(), time.perf_counter()
-    result = llmrank.prune(model, calib, sparsity=0.3, compensation="lstsq", compensation_data=refit, progress=False)
-    return {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, "passes_s": result.timings,
+    result = llmrank.prune(model, calib, sparsity=0.3, compensation="lstsq", compensation_data=refit, progress=False,
+                           traced=traced)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if counter is not None:
+        counter.__exit__(None, None, None)
+    return {"cpu_s": cpu, "wall_s": wall, "passes_s": result.timings,
+            "gflop": counter.get_total_flops() / 1e9 if counter is not None else None,
             "llmrank": llmrank.__file__, "params_after": result.params_after,
             "kept_hash": hash(tuple(tuple(v.tolist()) for v in result.kept.values()))}
 
@@ -84,13 +97,16 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default="current,current-2walk,rev:b19bf04")
+    parser.add_argument("--flops", action="store_true",
+                        help="count the FLOPs of every matmul inside the prune (torch's FlopCounterMode): the same on "
+                             "any machine, unlike seconds on a shared one; the timings of such a run include the counter")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
     base = {"model": args.model, "samples": args.samples, "compensation_samples": args.compensation_samples,
-            "seq_len": args.seq_len, "threads": args.threads}
+            "seq_len": args.seq_len, "threads": args.threads, "flops": args.flops}
     out: dict = {**base, "machine": f"{platform.machine()}, python {platform.python_version()}", "variants": {}}
     with tempfile.TemporaryDirectory(prefix="llmrank-bench-") as scratch:
         for variant in args.variants.split(","):
@@ -103,10 +119,12 @@ def main() -> None:
                 raise SystemExit(f"unknown variant {variant!r}")
             run = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=True)
             out["variants"][variant] = json.loads(run.stdout.strip().splitlines()[-1])
-            print(f"{variant}: {out['variants'][variant]['cpu_s']:.0f} s CPU, {out['variants'][variant]['wall_s']:.0f} s wall", flush=True)
+            got = out["variants"][variant]
+            flops = f", {got['gflop']:,.0f} GFLOP" if got.get("gflop") else ""
+            print(f"{variant}: {got['cpu_s']:.0f} s CPU, {got['wall_s']:.0f} s wall{flops}", flush=True)
     hashes = {v["kept_hash"] for v in out["variants"].values()}
     out["same_kept_sets"] = len(hashes) == 1
-    path = HERE / "results" / f"default-cpu-{args.model}.json"
+    path = HERE / "results" / f"default-{'flops' if args.flops else 'cpu'}-{args.model}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))
     tmp.replace(path)
