@@ -14,7 +14,7 @@ The contract, after torch.fx's pass infra and onnx-ir's ``_pass_infra``:
 - the runner logs each pass, records ``(name, modified, seconds)`` in ``state.history`` and,
   when a pass fails, names it and the passes that ran before it in the error.
 
-    trace -> analyze -> calibrate -> score -> select -> compensate -> rewrite -> verify -> check
+    trace -> analyze -> calibrate -> score -> select -> compensate -> shrink -> check outputs -> verify
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -70,8 +70,7 @@ class OutputCheck:
     relative_error_without_refit: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"finite": self.finite, "relative_error": self.relative_error,
-                "relative_error_without_refit": self.relative_error_without_refit}
+        return asdict(self)
 
 
 @dataclass(frozen=True)
