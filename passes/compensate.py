@@ -107,7 +107,7 @@ def _solve(w: torch.Tensor, s: InputStats, keep: torch.Tensor, offset: int, widt
 
 def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     return torch.linalg.solve(a + lam * eye, rhs)
 
 
