@@ -307,6 +307,7 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # a tied head shares the embeddings' parameter, so loading one loads both
     return model.eval()
 
 
@@ -512,15 +513,24 @@ def _sample_ids(model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
     return example_tokens(model)
 
 
-def _materialise_own(module: nn.Module, name: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+def _materialise_own(module: nn.Module, name: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                     root: nn.Module | None = None) -> None:
     """Load one module's own parameters (not its children's); one missing from the checkpoint
-    (a tied head) stays on the meta device."""
-    for pname, _ in list(module.named_parameters(recurse=False)):
+    (a tied head) stays on the meta device. A parameter shared with other modules of ``root``
+    (tied embeddings) gets the loaded value everywhere, so the tie holds."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in (root or module).modules():
+        for pname, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, pname))
+    for pname, p in list(module.named_parameters(recurse=False)):
         key = f"{name}.{pname}" if name else pname
         if key not in ckpt.weight_map:
             continue
         t = ckpt.read([key])[key]
-        setattr(module, pname, nn.Parameter(t.to(device=device, dtype=dtype if t.is_floating_point() else None), requires_grad=False))
+        new = nn.Parameter(t.to(device=device, dtype=dtype if t.is_floating_point() else None), requires_grad=False)
+        for owner, attr in owners.get(id(p), [(module, pname)]):
+            setattr(owner, attr, new)
 
 
 class _Run:
@@ -563,7 +573,7 @@ class _Run:
         tick = time.perf_counter()
         for name, module in self._frame_modules():
             if any(p.is_meta for p in module.parameters(recurse=False)):
-                _materialise_own(module, name, self.ckpt, self.device, self.dtype)
+                _materialise_own(module, name, self.ckpt, self.device, self.dtype, root=self.model)
         self.close()
         self.hidden = HiddenStates(self.budget)
         self.calls = []
@@ -747,13 +757,12 @@ class _Run:
         head = self.model.get_output_embeddings()
         if head is None:
             return None
-        meta = head.weight.is_meta
+        meta = head.weight.is_meta  # an untied head (a tied one came with the embeddings)
         if meta:
-            key = next((n for n, p in self.model.named_parameters() if p is head.weight), None)
-            if key is not None and key in self.ckpt.weight_map:
-                _materialise_own(head, key.rsplit(".", 1)[0], self.ckpt, self.device, self.dtype)
-            else:  # tied to the input embeddings
-                head.weight = self.model.get_input_embeddings().weight
+            name = next(n for n, m in self.model.named_modules() if m is head)
+            _materialise_own(head, name, self.ckpt, self.device, self.dtype)
+            if head.weight.is_meta:
+                raise InputError(f"{self.ckpt.folder} has no {name}.weight and the head is not tied to the embeddings")
         try:
             dense = self._logits(self.dense_sample).double()
             final = self._logits(self.slim_sample).double()
