@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true", help="export logits-only ONNX (no past key/values)")
     p.add_argument("--optimize", action="store_true", help="apply onnxruntime graph optimisation to the ONNX file")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
+    p.add_argument("--layerwise", action="store_true",
+                   help="prune block by block, one decoder block in memory (chosen automatically when the model does not fit --max-memory)")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget, e.g. 16GB (default: what the machine has available); past it: --layerwise, spilled hidden states, no ONNX")
+    p.add_argument("--device", default="cpu", help="torch device for the computation: cpu, cuda, cuda:N (default: cpu)")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing --out folder: it is deleted with everything in it; a folder "
                         "without report.json (not an llmrank output) needs --force --force")
@@ -150,14 +155,15 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    from llmrank.workflow import PruneJob, run_prune
+    from llmrank.workflow import PruneJob, parse_size, run_prune
 
     config = prune_config(args).with_(verify=not args.no_verify)
     job = PruneJob(
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
         hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, force=args.force,
-        progress=not (args.quiet or args.json),
+        progress=not (args.quiet or args.json), layerwise=args.layerwise, device=args.device,
+        max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
     )
     report = run_prune(job)
     _say(args, summary_table(report))

@@ -368,6 +368,13 @@ class LayerwiseResult:
     dtype: str = ""
     device: str = "cpu"
     peak_device_bytes: int | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_logits: torch.Tensor | None = None  # the slim model's logits on sample_ids: a reload is checked against them
+
+    @property
+    def uniform_width(self) -> int | None:
+        after = {w for _, w in self.widths.values()}
+        return after.pop() if len(after) == 1 else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -502,6 +509,7 @@ def prune_layerwise(
                 "calibration_batches": sum(1 for s in plan.steps if s.norms)},
         out_dir=Path(out_dir) if out_dir is not None else None, dtype=str(dtype).replace("torch.", ""), device=str(device),
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        sample_ids=run.token_batches[run.sample], sample_logits=run.sample_logits,
     )
 
 
@@ -557,6 +565,7 @@ class _Run:
         self.hidden_peak, self.spilled = 0, False
         self.writer: ShardWriter | None = None
         self.out_dtype = dtype
+        self.sample_logits: torch.Tensor | None = None
 
     # -- the frame -------------------------------------------------------------------------
 
@@ -774,6 +783,7 @@ class _Run:
             raise VerificationError("the pruned model produces NaN/Inf outputs: the weights or calibration activations overflow; "
                                     "check the checkpoint, or use compensation 'none'")
         relative = float((final - dense).norm() / dense.norm().clamp_min(1e-30))
+        self.sample_logits = final.to(self.dtype).cpu()
         self.timings["check_outputs"] = time.perf_counter() - tick
         return OutputCheck(True, relative, None)
 

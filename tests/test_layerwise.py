@@ -178,3 +178,78 @@ def test_refusals(checkpoints, ids, tmp_path):
         prune_layerwise(tmp_path, ids)
     with pytest.raises(ValueError, match="input folder"):
         prune_layerwise(folder, ids, out_dir=folder / "slim")
+
+
+# ---------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def cli_workspace(tmp_path_factory):
+    import random
+
+    from test_cli import WORDS, make_tokenizer
+
+    root = tmp_path_factory.mktemp("lw-cli")
+    model_dir = root / "tiny-llama"
+    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(cfg).eval().save_pretrained(model_dir, max_shard_size="40KB")
+    make_tokenizer().save_pretrained(model_dir)
+    rng = random.Random(0)
+    text = root / "calib.txt"
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " ." for _ in range(40)))
+    return root, model_dir, text
+
+
+def _cli(root, model_dir, text, name, *flags):
+    from llmrank.cli import main
+
+    out = root / name
+    code = main(["prune", str(model_dir), "--sparsity", "0.25", "--samples", "4", "--compensation-samples", "6", "--seq-len", "32",
+                 "--calib", str(text), "--out", str(out), "--quiet", *flags])
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_cli_layerwise_equals_in_memory(cli_workspace):
+    from safetensors.torch import load_file
+
+    root, model_dir, text = cli_workspace
+    mem, mem_report = _cli(root, model_dir, text, "mem", "--no-onnx", "--pruner", "global")
+    lw, lw_report = _cli(root, model_dir, text, "lw", "--no-onnx", "--pruner", "global", "--layerwise")
+    assert mem_report["route"] == "in memory" and lw_report["route"].startswith("layerwise")
+    assert lw_report["widths"] == mem_report["widths"] and lw_report["params_after"] == mem_report["params_after"]
+    a, b = load_file(str(mem / "scores.safetensors")), load_file(str(lw / "scores.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    probe = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    _close(_logits(llmrank.load(mem / "hf"), probe), _logits(llmrank.load(lw / "hf"), probe))
+    assert lw_report["blocks"] and lw_report["peak_rss_bytes"] > 0
+
+
+def test_cli_chooses_layerwise_past_max_memory_and_skips_onnx(cli_workspace):
+    root, model_dir, text = cli_workspace
+    out, report = _cli(root, model_dir, text, "auto", "--max-memory", "10KB")
+    assert report["route"].startswith("layerwise: the in-memory prune needs")
+    assert "onnx" not in report["artifacts"] and any("ONNX skipped" in n for n in report["notes"])
+    assert (out / "hf" / "config.json").is_file()
+
+
+@pytest.mark.onnx
+def test_cli_layerwise_exports_onnx_when_it_fits(cli_workspace):
+    root, model_dir, text = cli_workspace
+    out, report = _cli(root, model_dir, text, "lw-onnx", "--layerwise", "--no-kv-cache")
+    assert (out / report["artifacts"]["onnx"]["path"]).is_file()
+    assert report["artifacts"]["hf"]["reload_max_abs_diff"] <= 1e-4
+
+
+def test_cli_refuses_bad_execution_options(cli_workspace, capsys):
+    from llmrank.cli import main
+
+    root, model_dir, text = cli_workspace
+    for flags, words in ((["--max-memory", "lots"], "--max-memory"), (["--device", "tpu9"], "--device"),
+                         (["--layerwise", "--scorer", "hits"], "hits")):
+        code = main(["prune", str(model_dir), "--out", str(root / "never"), "--quiet", *flags])
+        assert code != 0
+        assert words in capsys.readouterr().err
+    assert not (root / "never").exists()
