@@ -320,10 +320,33 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, device: torch
     module.load_state_dict(state, strict=True, assign=True)
     for p in module.parameters():
         p.requires_grad_(False)
+    _buffers_to(module, device)
+
+
+def _buffers_to_own(module: nn.Module, device: torch.device) -> None:
+    for name, buf in module._buffers.items():
+        if buf is not None and not buf.is_meta and buf.device != device:
+            module._buffers[name] = buf.to(device)
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Move the real (non-meta) buffers, e.g. rotary tables built at construction, to ``device``."""
+    for m in module.modules():
+        for name, buf in m._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                m._buffers[name] = buf.to(device)
 
 
 def _to_meta(module: nn.Module) -> None:
-    module.to("meta")
+    """Free a block: parameters and persistent buffers go back to the meta device (with their
+    new shapes); buffers computed at construction stay, as no checkpoint holds them."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+        for name, buf in list(m._buffers.items()):
+            if buf is not None and name not in m._non_persistent_buffers_set:
+                m._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
 
 
 # ---------------------------------------------------------------------- results
@@ -583,6 +606,7 @@ class _Run:
         for name, module in self._frame_modules():
             if any(p.is_meta for p in module.parameters(recurse=False)):
                 _materialise_own(module, name, self.ckpt, self.device, self.dtype, root=self.model)
+            _buffers_to_own(module, self.device)
         self.close()
         self.hidden = HiddenStates(self.budget)
         self.calls = []
