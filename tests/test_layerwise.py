@@ -132,7 +132,7 @@ def test_bf16_checkpoint(tmp_path, ids):
     assert Checkpoint(folder).dtype() == torch.bfloat16
     # loaded as a user loads it (rotary tables stay fp32; a cast model would have bf16 ones)
     model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    config = PruneConfig(compensation="lstsq", verify_atol=1e-2, verify_rtol=1e-2)
+    config = PruneConfig(compensation="lstsq")  # the verification bound widens to bf16 rounding by itself
     ref = llmrank.prune(model, ids, config=config, progress=False)
     got = prune_layerwise(folder, ids, config=config, out_dir=tmp_path / "slim", max_shard_size=20_000)
     _same_kept(ref, got)
