@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -115,6 +114,12 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     route, folder, vocab = args.child.split(":", 2)
+    if route == "write":
+        layers, hidden, inter = parse_shape(Path(folder).name.split("-", 1)[1])
+        tick = time.perf_counter()
+        size = write_checkpoint(Path(folder), layers, hidden, inter, int(vocab))
+        print("RESULT " + json.dumps({"checkpoint_bytes": size, "checkpoint_write_s": time.perf_counter() - tick}))
+        return
     ids = torch.randint(0, int(vocab), (args.samples, args.seq_len), generator=torch.Generator().manual_seed(1))
     config = PruneConfig(sparsity=args.sparsity, compensation=args.compensation)
     rss_start = peak_rss_bytes()
@@ -160,6 +165,8 @@ def run_child(route: str, folder: Path, args: argparse.Namespace) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
+        if route == "write":
+            raise RuntimeError(f"writing {folder} failed: {proc.stderr.strip().splitlines()[-1:]}")
         return {"route": route, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     return json.loads(line[len("RESULT "):])
 
@@ -169,19 +176,19 @@ def main(argv=None) -> None:
     if args.child:
         child(args)
         return
-    import torch
-
     work = args.work or Path(tempfile.mkdtemp(prefix="llmrank-scale-"))
     records = []
     try:
         for shape in args.shapes.split(","):
             layers, hidden, inter = parse_shape(shape)
             folder = work / f"llama-{layers}x{hidden}x{inter}"
-            tick = time.perf_counter()
-            size = write_checkpoint(folder, layers, hidden, inter, args.vocab)
-            write_s = time.perf_counter() - tick
+            # every step in its own process, so each peak RSS is that step's alone (Linux keeps
+            # ru_maxrss across fork and exec: a parent that had held tensors would leak its peak)
+            written = run_child("write", folder, args)
+            size = written["checkpoint_bytes"]
             base = {"shape": shape, "layers": layers, "hidden": hidden, "intermediate": inter, "vocab": args.vocab,
-                    "checkpoint_bytes": size, "checkpoint_write_s": write_s, "samples": args.samples, "seq_len": args.seq_len,
+                    "checkpoint_bytes": size, "checkpoint_write_s": written["checkpoint_write_s"],
+                    "samples": args.samples, "seq_len": args.seq_len,
                     "sparsity": args.sparsity, "compensation": args.compensation}
             lw = run_child("layerwise", folder, args)
             print(shape, "layerwise", {k: v for k, v in lw.items() if k != "kept"}, flush=True)
@@ -199,8 +206,10 @@ def main(argv=None) -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpus": os.cpu_count(), "threads": args.threads or torch.get_num_threads()}
+    from importlib.metadata import version
+
+    meta = {"torch": version("torch"), "transformers": version("transformers"), "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -452,7 +452,7 @@ def prune_layerwise(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     hidden_budget_bytes: float = math.inf,
-    max_shard_size: int = 5 * 1024**3,
+    max_shard_size: int = 2 * 1024**3,
     force: bool | int = False,
     metadata: dict[str, Any] | None = None,
 ) -> LayerwiseResult:
@@ -675,6 +675,7 @@ class _Run:
         c = self.config
         upstream = Upstream()
         steps = [(k, Step(s.batch, s.norms and kept is None, s.moments and not score_only)) for k, s in enumerate(self.plan.steps)]
+        steps = [(k, s) for k, s in steps if s.norms or s.moments]  # a batch no statistic needs is not propagated
         for i in tqdm(range(self.n_layers), desc="blocks", unit="block", disable=not self.progress):
             record = self.records[i]
             tick = time.perf_counter()
