@@ -529,7 +529,7 @@ def prune_layerwise(
         spilled=run.spilled, verification=worst, output_check=output_check, notes=notes,
         config={**config.to_dict(), "effective_sparsity": effective_sparsity(ir, kept),
                 "compensation_tokens": run.refit_tokens if config.compensation != "none" else 0,
-                "calibration_batches": sum(1 for s in plan.steps if s.norms)},
+                "calibration_batches": sum(1 for s in plan.steps if s.norms), "calibration_tokens": run.norm_tokens},
         out_dir=Path(out_dir) if out_dir is not None else None, dtype=str(dtype).replace("torch.", ""), device=str(device),
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         sample_ids=run.token_batches[run.sample], sample_logits=run.sample_logits,
@@ -580,7 +580,7 @@ class _Run:
         self.kept: dict[str, torch.Tensor] = {}
         self.records = [BlockRecord(i) for i in range(self.n_layers)]
         self.timings: dict[str, float] = {}
-        self.refit_tokens = 0
+        self.refit_tokens = self.norm_tokens = 0
         self.hidden: HiddenStates | None = None
         self.calls: list[list[tuple[tuple, dict]]] = []
         self.dense_sample: torch.Tensor | None = None
@@ -728,6 +728,8 @@ class _Run:
         stats = acc.result() if (wants_norms or wants_moments) else CalibrationStats()
         if wants_moments:
             self.refit_tokens = acc.refit_tokens
+        if wants_norms:
+            self.norm_tokens = acc.norm_tokens
         self._time(record, "calibrate", tick)
         return stats
 

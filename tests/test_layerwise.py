@@ -102,6 +102,8 @@ def test_same_kept_sets_as_in_memory(checkpoints, ids, family, name):
     assert got.params_after == ref.params_after and got.params_before == ref.params_before
     assert got.output_check.relative_error == pytest.approx(ref.output_check.relative_error, rel=1e-6, abs=1e-9)
     assert got.verification.ok and len(got.blocks) == 3
+    for key in ("calibration_batches", "calibration_tokens", "compensation_tokens", "effective_sparsity"):
+        assert got.config[key] == ref.config[key], key
 
 
 @pytest.mark.parametrize("family,name", [("llama", "wpr-dataflow-lstsq"), ("qwen2", "wpr-dataflow-global"),
