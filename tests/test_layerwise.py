@@ -1,7 +1,7 @@
 """Block-by-block pruning equals the in-memory prune (an independent path: one traced graph of
 the whole model, one calibration walk of the whole model).
 
-Tiny random checkpoints of three families are saved in small shards; ``prune_layerwise`` on the
+Tiny random checkpoints of four families are saved in small shards; ``prune_layerwise`` on the
 folder must give the kept sets of ``llmrank.prune`` on the model, and the slim checkpoint it
 writes must reload (``llmrank.load``) into a model with the in-memory slim model's logits.
 """
@@ -28,6 +28,8 @@ def _build(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "llama":
         model = T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **COMMON))
+    elif family == "mistral":
+        model = T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=8, **COMMON))
     elif family == "qwen2":
         model = T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **COMMON))
     else:  # Gemma-3 text: sliding and full attention layers, tied head, scaled embeddings, soft-capping norms
@@ -41,7 +43,7 @@ def _build(family: str) -> torch.nn.Module:
 def checkpoints(tmp_path_factory):
     """family -> (model, folder), saved in shards small enough to give several files."""
     out = {}
-    for family in ("llama", "qwen2", "gemma3"):
+    for family in ("llama", "mistral", "qwen2", "gemma3"):
         model = _build(family)
         folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="30KB")
@@ -88,7 +90,8 @@ def _close(ref: torch.Tensor, got: torch.Tensor) -> None:
 #: (dataflow, chained, global two-walk, refit), to keep the file near a minute on 2 cores.
 CASES = ([("llama", name) for name in CONFIGS]
          + [(family, name) for family in ("qwen2", "gemma3")
-            for name in ("wpr-dataflow", "wpr-dataflow-lstsq", "mpr-dataflow-global-lstsq", "wpr-chained")])
+            for name in ("wpr-dataflow", "wpr-dataflow-lstsq", "mpr-dataflow-global-lstsq", "wpr-chained")]
+         + [("mistral", "wpr-dataflow-lstsq")])
 
 
 @pytest.mark.parametrize("family,name", CASES)
@@ -126,26 +129,27 @@ def test_written_checkpoint_reloads_to_the_in_memory_slim_model(checkpoints, ids
         _close(_logits(ref.model, probe), _logits(stock, probe))
 
 
-def test_bf16_checkpoint(tmp_path, ids):
-    """A bf16 checkpoint stays bf16 end to end; statistics accumulate in fp32/fp64, so the kept
-    sets equal those of the in-memory prune of the same bf16 model."""
-    folder = tmp_path / "bf16"
-    _build("llama").to(torch.bfloat16).save_pretrained(folder, safe_serialization=True, max_shard_size="30KB")
-    assert Checkpoint(folder).dtype() == torch.bfloat16
-    # loaded as a user loads it (rotary tables stay fp32; a cast model would have bf16 ones)
-    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoint(tmp_path, ids, dtype):
+    """A bf16/fp16 checkpoint stays in its dtype end to end; statistics accumulate in fp32/fp64,
+    so the kept sets equal those of the in-memory prune of the same half-precision model."""
+    folder = tmp_path / "half"
+    _build("llama").to(dtype).save_pretrained(folder, safe_serialization=True, max_shard_size="30KB")
+    assert Checkpoint(folder).dtype() == dtype
+    # loaded as a user loads it (rotary tables stay fp32; a cast model would have half ones)
+    model = T.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     config = PruneConfig(compensation="lstsq")  # the verification bound widens to bf16 rounding by itself
     ref = llmrank.prune(model, ids, config=config, progress=False)
     got = prune_layerwise(folder, ids, config=config, out_dir=tmp_path / "slim", max_shard_size=20_000)
     _same_kept(ref, got)
-    assert got.dtype == "bfloat16"
+    assert got.dtype == str(dtype).replace("torch.", "")
     from safetensors import safe_open
 
     for shard in (tmp_path / "slim").glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
     reloaded = llmrank.load(tmp_path / "slim")
-    assert next(reloaded.parameters()).dtype == torch.bfloat16
+    assert next(reloaded.parameters()).dtype == dtype
     probe = ids[:2]
     assert torch.equal(_logits(ref.model, probe), _logits(reloaded, probe))
 
