@@ -259,3 +259,13 @@ def test_cli_refuses_bad_execution_options(cli_workspace, capsys):
         assert code != 0
         assert words in capsys.readouterr().err
     assert not (root / "never").exists()
+
+
+def test_weight_only_scorer_without_calibration(checkpoints):
+    """l1 needs no data: both routes verify on the same example tokens and keep the same neurons."""
+    model, folder = checkpoints["qwen2"]
+    config = PruneConfig(scorer="l1", pruner="global")
+    ref = llmrank.prune(model, None, config=config, progress=False)
+    got = prune_layerwise(folder, None, config=config)
+    _same_kept(ref, got)
+    assert got.output_check.relative_error == pytest.approx(ref.output_check.relative_error, rel=1e-6)
