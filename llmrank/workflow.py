@@ -1,7 +1,10 @@
 """The model -> slim artefacts job shared by the CLI and the demo.
 
 It loads, calibrates, prunes (llmrank.prune) and hands the slim model to the exporters; it
-never scores or shrinks on its own. All outputs go into one folder that is built under a
+never scores or shrinks on its own. A checkpoint that does not fit the memory budget (or
+``--layerwise``) goes block by block instead (``llmrank.passes.layerwise``), which writes the
+slim checkpoint as it goes; ``--max-memory`` and ``--device`` are execution options of the job,
+not pruning options, so they live here and not in PruneConfig. All outputs go into one folder that is built under a
 temporary name and renamed into place at the end, so a failed run leaves nothing behind.
 """
 
