@@ -15,6 +15,7 @@ from llmrank.ir.trace import Traced, trace
 from llmrank.passes.analyze import analyze
 from llmrank.passes.calibrate import ActivationNorms, calibrate
 from llmrank.passes.config import PruneConfig
+from llmrank.passes.layerwise import LayerwiseResult, prune_layerwise
 from llmrank.passes.pipeline import Pipeline, PruneState
 from llmrank.passes.program import ProgramResult, prune_program
 from llmrank.passes.score import ScoreConfig, Scores, score
@@ -28,8 +29,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ActivationNorms", "CalibrationError", "ChannelGroup", "ConfigError", "ExportError", "InputError", "LLMRankError",
-    "LinearInfo", "ModelIR", "PassError", "Pipeline", "PipelineState", "Port", "ProgramResult", "PruneConfig", "PruneError",
+    "LayerwiseResult", "LinearInfo", "ModelIR", "PassError", "Pipeline", "PipelineState", "Port", "ProgramResult", "PruneConfig", "PruneError",
     "PruneResult", "PruneState", "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "UnsupportedModelError",
     "Verification", "VerificationError", "analyze", "calibrate", "count_parameters", "load", "mask", "mask_paper", "prune",
-    "prune_program", "score", "select", "shrink", "trace", "verify",
+    "prune_layerwise", "prune_program", "score", "select", "shrink", "trace", "verify",
 ]

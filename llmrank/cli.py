@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write onnx/model.int8.onnx: int8 MatMul weights by onnxruntime's quantizer, checked against PyTorch")
     _genai_options(p, "also write genai/: an onnxruntime-genai folder built by its own model builder from the slim checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
+    p.add_argument("--layerwise", action="store_true",
+                   help="prune block by block, one decoder block in memory (chosen automatically when the model does not fit --max-memory)")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget, e.g. 16GB (default: what the machine has available); past it: --layerwise, spilled hidden states, no ONNX")
+    p.add_argument("--device", default="cpu", help="torch device for the computation: cpu, cuda, cuda:N (default: cpu)")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing --out folder: it is deleted with everything in it; a folder "
                         "without report.json (not an llmrank output) needs --force --force")
@@ -177,7 +182,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    from llmrank.workflow import PruneJob, run_prune
+    from llmrank.workflow import PruneJob, parse_size, run_prune
 
     config = prune_config(args).with_(verify=not args.no_verify)
     job = PruneJob(
@@ -185,7 +190,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
         hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, quantize=args.quantize,
         genai=args.genai, genai_device=args.genai_device, force=args.force,
-        progress=not (args.quiet or args.json),
+        progress=not (args.quiet or args.json), layerwise=args.layerwise, device=args.device,
+        max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
     )
     report = run_prune(job)
     _say(args, summary_table(report))

@@ -1,7 +1,10 @@
 """The model -> slim artefacts job shared by the CLI and the demo.
 
 It loads, calibrates, prunes (llmrank.prune) and hands the slim model to the exporters; it
-never scores or shrinks on its own. All outputs go into one folder that is built under a
+never scores or shrinks on its own. A checkpoint that does not fit the memory budget (or
+``--layerwise``) goes block by block instead (``llmrank.passes.layerwise``), which writes the
+slim checkpoint as it goes; ``--max-memory`` and ``--device`` are execution options of the job,
+not pruning options, so they live here and not in PruneConfig. All outputs go into one folder that is built under a
 temporary name and renamed into place at the end, so a failed run leaves nothing behind.
 """
 
@@ -56,6 +59,10 @@ class PruneJob:
     force: bool | int = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    # execution options (how, not what, to prune): they never change the result
+    layerwise: bool = False
+    max_memory: int | None = None  # bytes; None: what the machine has available
+    device: str = "cpu"
 
     def check(self) -> None:
         """Every setting and combination, before the model is read (ConfigError names the flag)."""
@@ -73,12 +80,105 @@ class PruneJob:
                             ("--seq-len", self.seq_len)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
+        if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory < 1):
+            raise ConfigError(f"--max-memory must be a positive size such as 16GB, got {self.max_memory!r}")
+        check_device(self.device)
+        if self.layerwise:
+            from llmrank.passes.layerwise import check_config
+
+            check_config(self.config)
         check_writable(Path(self.out), self.force)
         from llmrank.models import check_seq_len, read_config
 
         config = read_config(self.model)  # config.json only, no weights (None: not local yet)
         if config is not None:
             check_seq_len(config, self.seq_len)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``16GB``, ``16G``, ``500MiB``, ``1e9`` (decimal units; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
+             "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    raw = str(text).strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"--max-memory must be a size such as 16GB, 500MiB or 1e9 (bytes), got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"--max-memory must be positive, got {text!r}")
+    return int(value)
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (psutil, else /proc/meminfo)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil is an optional dependency
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return 2**63 - 1
+
+
+#: The in-memory prune holds the dense fp32 model and its slim copy at once.
+IN_MEMORY_COPIES = 2
+
+
+def choose_route(job: PruneJob) -> tuple[bool, str, Path | None]:
+    """(layerwise?, why, the model's local folder) from --layerwise and the memory budget.
+
+    The in-memory prune loads the checkpoint in fp32 and deep-copies it for the rewrite, so it
+    needs about twice the fp32 size; past ``--max-memory`` (default: the memory available now)
+    a local safetensors checkpoint is pruned block by block instead.
+    """
+    from llmrank.models import resolve_model_dir
+    from llmrank.passes.layerwise import Checkpoint, fp32_size
+
+    try:
+        folder = resolve_model_dir(job.model)
+    except Exception:  # noqa: BLE001 - a hub id or a .gguf file has no safetensors folder to stream from
+        folder = None
+    streamable = False
+    if folder is not None:
+        try:
+            Checkpoint(folder)
+            streamable = True
+        except Exception:  # noqa: BLE001 - not a safetensors folder: the in-memory route only
+            pass
+    if job.layerwise:
+        if not streamable:
+            raise ConfigError(f"--layerwise reads a local Hugging Face folder with safetensors weights; {job.model} is not one")
+        return True, "asked for (--layerwise)", folder
+    if not streamable:
+        return False, "in memory (not a local safetensors folder)", folder
+    budget = job.max_memory if job.max_memory is not None else available_memory()
+    need = IN_MEMORY_COPIES * fp32_size(folder)
+    if need > budget:
+        return True, (f"the in-memory prune needs about {need / 1e9:.3g} GB (fp32, dense + slim copy), more than the "
+                      f"{budget / 1e9:.3g} GB {'of --max-memory' if job.max_memory is not None else 'available'}"), folder
+    return False, f"in memory ({need / 1e9:.3g} GB needed, {budget / 1e9:.3g} GB budget)", folder
 
 
 def load(model: str, *, progress: bool = True):
@@ -99,6 +199,12 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
 
     job.check()
     out, config = Path(job.out), job.config
+    if loaded is None:
+        layerwise, why, folder = choose_route(job)
+        if layerwise:
+            return run_prune_layerwise(job, folder, why)
+    elif job.layerwise:
+        raise ConfigError("--layerwise streams the checkpoint from its folder: it cannot take an already loaded model")
     clock = time.perf_counter()
     model, tokenizer, folder = loaded or load(job.model, progress=job.progress)
     refuse_input_overlap(out, folder)
@@ -129,6 +235,7 @@ def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str,
         "llmrank_version": __version__,
         "model": job.model,
         "job": job_dict,
+        "route": "in memory",
         **result.to_dict(),
         "requested_sparsity": job.config.sparsity,
         "effective_sparsity": result.config.get("effective_sparsity"),
@@ -137,15 +244,14 @@ def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str,
     }
 
 
-def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer, report: dict[str, Any]) -> None:
-    """scores.safetensors, plot.png, hf/, model.onnx and report.json inside ``folder``."""
-    from llmrank.exporters.hf import check_reload, save_hf
-
+def _metadata(job: PruneJob, widths: dict[str, tuple[int, int]]) -> dict[str, Any]:
     c = job.config
-    metadata = {
-        "source_model": job.model, "scorer": c.scorer, "representation": c.representation, "sparsity": c.sparsity,
-        "pruner": c.pruner, "compensation": c.compensation, "layer_widths": {k: a for k, (_, a) in result.widths.items()},
-    }
+    return {"source_model": job.model, "scorer": c.scorer, "representation": c.representation, "sparsity": c.sparsity,
+            "pruner": c.pruner, "compensation": c.compensation, "layer_widths": {k: a for k, (_, a) in widths.items()}}
+
+
+def _write_scores_and_plot(folder: Path, job: PruneJob, result: Any, report: dict[str, Any]) -> None:
+    c = job.config
     tensors = {f"{name}": s.to(torch.float32).contiguous() for name, s in result.scores.groups.items()}
     tensors.update({f"{name}.kept": k.contiguous() for name, k in result.kept.items()})
     save_file(tensors, str(folder / "scores.safetensors"), metadata={"scorer": c.scorer})
@@ -153,6 +259,15 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
     title = f"{job.model}: {c.scorer}/{c.representation}, sparsity {c.sparsity}"
     if plot_prune(result.widths, result.scores.groups, folder / "plot.png", title) is not None:
         report["artifacts"]["plot"] = "plot.png"
+
+
+def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer, report: dict[str, Any]) -> None:
+    """scores.safetensors, plot.png, hf/, model.onnx and report.json inside ``folder``."""
+    from llmrank.exporters.hf import check_reload, save_hf
+
+    c = job.config
+    metadata = _metadata(job, result.widths)
+    _write_scores_and_plot(folder, job, result, report)
     if job.hf and c.mode != "mask-paper":
         saved = save_hf(result.model, tokenizer, folder / "hf", metadata=metadata)
         # reload it the way the report says it reloads, and compare with the model in memory
@@ -175,6 +290,83 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
             q = quantize_onnx(folder / "onnx" / "model.onnx", folder / "onnx" / "model.int8.onnx", result.model)
             report["artifacts"]["onnx_int8"] = {**q.to_dict(), "path": "onnx/model.int8.onnx"}
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+
+
+def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]:
+    """The job block by block (``llmrank.passes.layerwise``): the slim checkpoint is written as it
+    is built; ONNX is exported from it only when it fits the memory budget."""
+    from llmrank.data import calibration_tokens
+    from llmrank.exporters.hf import load_hf
+    from llmrank.models import check_seq_len, load_tokenizer, read_config
+    from llmrank.passes.layerwise import fp32_size, prune_layerwise
+
+    out, config = Path(job.out), job.config
+    refuse_input_overlap(out, folder)
+    clock = time.perf_counter()
+    model_config = read_config(str(folder))
+    if model_config is not None:
+        check_seq_len(model_config, job.seq_len)
+    tokenizer = load_tokenizer(str(folder))
+    load_s = time.perf_counter() - clock
+    calib = calibration_tokens(tokenizer, job.calib, n=job.samples, seq_len=job.seq_len, seed=config.seed)
+    refit = None
+    if config.compensation != "none" and job.compensation_samples != job.samples:
+        refit = calibration_tokens(tokenizer, job.calib, n=job.compensation_samples, seq_len=job.seq_len, seed=config.seed)
+    budget = job.max_memory if job.max_memory is not None else available_memory()
+    notes: list[str] = []
+    with atomic_path(out, force=job.force) as tmp:
+        tmp.mkdir(parents=True)
+        hf_dir = tmp / "hf"
+        # the hidden states of the calibration batches get a quarter of the budget, then go to disk
+        result = prune_layerwise(folder, calib, config=config, refit_ids=refit, out_dir=hf_dir, device=job.device,
+                                 progress=job.progress, hidden_budget_bytes=budget / 4, metadata={"source_model": job.model})
+        report = build_report(job, result, load_s)
+        report["route"] = f"layerwise: {why}"
+        report["notes"] = list(result.notes)
+        _write_scores_and_plot(tmp, job, result, report)
+        report["artifacts"]["hf"] = {"path": "hf", "uniform": result.uniform_width is not None,
+                                     "stock_loadable": _stock_loadable(hf_dir), "loader": "transformers" if _stock_loadable(hf_dir) else "llmrank.load"}
+        slim_need = IN_MEMORY_COPIES * fp32_size(hf_dir)
+        if job.onnx and slim_need > budget:
+            notes.append(f"ONNX skipped: the slim checkpoint needs about {slim_need / 1e9:.3g} GB in fp32 to export, more than "
+                         f"the {budget / 1e9:.3g} GB budget; run `llmrank export {out / 'hf'}` on a larger machine")
+        elif job.onnx:
+            slim = load_hf(hf_dir)  # in the checkpoint's dtype: the computation the run's sample logits came from
+            report["artifacts"]["hf"]["reload_max_abs_diff"] = _check_layerwise_reload(slim, result, config)
+            report["artifacts"]["onnx"] = export_onnx_artifact(slim.float(), tmp / "onnx" / "model.onnx", job,
+                                                               _metadata(job, result.widths))
+            del slim
+        if not job.hf:
+            import shutil
+
+            shutil.rmtree(hf_dir)
+            del report["artifacts"]["hf"]
+        report["notes"] += notes
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return json.loads((out / "report.json").read_text())
+
+
+def _stock_loadable(folder: Path) -> bool:
+    info = json.loads((folder / "config.json").read_text()).get("llmrank") or {}
+    return info.get("loader") != "llmrank.load"
+
+
+def _check_layerwise_reload(slim, result, config: PruneConfig) -> float:
+    """The reloaded checkpoint's logits on the verification sample against those the
+    block-by-block run computed, within the verification bound."""
+    from llmrank.exporters.hf import ReloadMismatchError
+
+    if result.sample_logits is None:
+        return float("nan")
+    with torch.no_grad():
+        got = slim(input_ids=result.sample_ids, use_cache=False).logits.float()
+    ref = result.sample_logits.float()
+    diff = float((got - ref).abs().max())
+    bound = config.verify_atol + config.verify_rtol * float(ref.abs().max())
+    if not diff <= bound:
+        raise ReloadMismatchError(f"the written checkpoint's logits differ from the block-by-block run's by {diff:.3g} "
+                                  f"(bound {bound:.3g}); please report this")
+    return diff
 
 
 def export_onnx_artifact(model, path: Path, job: PruneJob, metadata: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ Representations (which layers form the centrality chain):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -67,6 +68,32 @@ class Scores:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """What the groups before a slice of a model passed on, so a model can be scored one slice
+    (decoder block) at a time with the scores of scoring it whole (``llmrank.passes.layerwise``).
+
+    ``residual``: the dataflow view's parts written into the residual stream by earlier slices,
+    in graph order (a group consumer's propagated exit score, any other writer's normalised
+    a_out); they join the in-slice writers of every group whose input has their width.
+    ``chain``: the chained view's last score (the previous group's exit), the next chain's start.
+    ``groups``: how many groups came before (the random scorer salts by group index).
+    """
+
+    residual: tuple[torch.Tensor, ...] = ()
+    chain: torch.Tensor | None = None
+    groups: int = 0
+
+    def after(self, ir: ModelIR, norms: ActivationNorms | None, scores: Scores, writers: Sequence[str]) -> Upstream:
+        """This plus what ``ir``'s slice passes on: the parts of ``writers`` (its Linears that
+        write into the slice's output, in graph order) and its last group's exit score."""
+        written = {g.consumers[0].linear: scores.outputs[g.name] for g in ir.groups if g.name in scores.outputs}
+        a_out = norms.a_out if norms is not None else {}
+        parts = tuple(written[w] if w in written else S.normalize(a_out[w]) for w in writers if w in written or w in a_out)
+        last = scores.outputs.get(ir.groups[-1].name, self.chain) if ir.groups else self.chain
+        return Upstream(self.residual + parts, last, self.groups + len(ir.groups))
+
+
 def _weight(model: nn.Module, ir: ModelIR, port: Port, width: int, *, rows: bool) -> torch.Tensor:
     """A Linear's weight in (out x in) orientation; producer ports are cut to their block."""
     info = ir.linears[port.linear]
@@ -86,19 +113,27 @@ def _need(norms: ActivationNorms, name: str, kind: str) -> torch.Tensor:
     return table[name]
 
 
-def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig) -> Scores:
-    """Score every channel group of ``ir`` (pure: reads the model, changes nothing)."""
+def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig, *,
+          upstream: Upstream | None = None) -> Scores:
+    """Score every channel group of ``ir`` (pure: reads the model, changes nothing).
+
+    ``upstream``: what earlier slices of the model passed on when ``ir`` is one slice of it
+    (see :class:`Upstream`); None scores ``ir`` as the whole model.
+    """
+    up = upstream or Upstream()
     if not ir.groups:
         raise UnsupportedModelError(f"{ir.model_class} has no prunable channel group; nothing to score")
     if norms is None and config.scorer not in WEIGHT_ONLY_SCORERS:
         raise CalibrationError(f"scorer {config.scorer!r} needs calibration data")
     if config.scorer == "hits":
+        if upstream is not None:
+            raise ConfigError("scorer 'hits' reads the next group's weights, so it cannot score a model slice by slice")
         return _hits(model, ir, norms, config)
     if config.scorer in ("wpr", "mpr"):
         if config.representation == "dataflow":
-            return _dataflow(model, ir, norms, config)
-        return _chains(model, ir, norms, config)
-    return _per_layer(model, ir, norms, config)
+            return _dataflow(model, ir, norms, config, up)
+        return _chains(model, ir, norms, config, up)
+    return _per_layer(model, ir, norms, config, up)
 
 
 def _up_down(model: nn.Module, ir: ModelIR, norms: ActivationNorms, g: ChannelGroup) -> list[S.ChainLayer]:
@@ -109,13 +144,13 @@ def _up_down(model: nn.Module, ir: ModelIR, norms: ActivationNorms, g: ChannelGr
     ]
 
 
-def _run_chain(chain: list[S.ChainLayer], a_in: torch.Tensor, config: ScoreConfig) -> list[torch.Tensor]:
+def _run_chain(chain: list[S.ChainLayer], a_in: torch.Tensor, config: ScoreConfig, *, normalized: bool = False) -> list[torch.Tensor]:
     if config.scorer == "wpr":
-        return S.wpr_chain(chain, a_in, theta=config.theta, gamma=config.gamma)
-    return S.mpr_chain(chain, a_in, z_importance=config.z_importance)
+        return S.wpr_chain(chain, a_in, theta=config.theta, gamma=config.gamma, normalized=normalized)
+    return S.mpr_chain(chain, a_in, z_importance=config.z_importance, normalized=normalized)
 
 
-def _chains(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig) -> Scores:
+def _chains(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig, up: Upstream) -> Scores:
     out = Scores()
     if config.representation == "isolated":
         for g in ir.groups:
@@ -124,7 +159,13 @@ def _chains(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: Score
         return out
     chain = [layer for g in ir.groups for layer in _up_down(model, ir, norms, g)]
     _check_chain(chain, ir)
-    scores = _run_chain(chain, _need(norms, ir.groups[0].primary.linear, "in"), config)
+    if up.chain is not None:  # the previous slice's last exit score starts this slice's chain
+        if up.chain.numel() != chain[0].weight.shape[1]:
+            raise ConfigError(f"the chained representation needs each FFN's output width to equal the next FFN's input width "
+                              f"({ir.model_class}: {up.chain.numel()} vs {chain[0].weight.shape[1]}); use representation='isolated'")
+        scores = _run_chain(chain, up.chain, config, normalized=True)
+    else:
+        scores = _run_chain(chain, _need(norms, ir.groups[0].primary.linear, "in"), config)
     for i, g in enumerate(ir.groups):
         out.groups[g.name], out.outputs[g.name] = scores[2 * i], scores[2 * i + 1]
     return out
@@ -139,13 +180,14 @@ def _check_chain(chain: list[S.ChainLayer], ir: ModelIR) -> None:
             )
 
 
-def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig) -> Scores:
+def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig, up: Upstream) -> Scores:
     out = Scores()
     written: dict[str, torch.Tensor] = {}  # consumer Linear -> propagated output score
     for g in ir.groups:
         hidden = ir.linears[g.primary.linear].in_features
         writers = [w for w in ir.feeders(g.primary.linear) if ir.linears[w].out_features == hidden]
-        parts = [written[w] if w in written else S.normalize(norms.a_out[w]) for w in writers if w in written or w in norms.a_out]
+        parts = [p for p in up.residual if p.numel() == hidden]  # writers in earlier slices come first in graph order
+        parts += [written[w] if w in written else S.normalize(norms.a_out[w]) for w in writers if w in written or w in norms.a_out]
         r = S.normalize(torch.stack(parts).sum(0)) if parts else S.normalize(_need(norms, g.primary.linear, "in"))
         mid_act = S.normalize(_need(norms, g.consumers[0].linear, "in"))
         weights = [_weight(model, ir, p, g.width, rows=True) for p in g.producers]
@@ -194,10 +236,10 @@ def _hits(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreCo
     return out
 
 
-def _per_layer(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig) -> Scores:
+def _per_layer(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig, up: Upstream) -> Scores:
     out = Scores()
     dataflow = config.representation == "dataflow"
-    for i, g in enumerate(ir.groups):
+    for i, g in enumerate(ir.groups, start=up.groups):
         up, down = g.primary, g.consumers[0]
         w_up = _weight(model, ir, up, g.width, rows=True)
         w_down = _weight(model, ir, down, g.width, rows=False)

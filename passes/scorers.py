@@ -41,11 +41,16 @@ def transition(weight: torch.Tensor, theta: float) -> torch.Tensor:
     return theta * _column_normalize(a) + (1.0 - theta) * _column_normalize((a != 0).to(torch.float64))
 
 
-def wpr_chain(chain: list[ChainLayer], a_in: torch.Tensor, *, theta: float = 0.5, gamma: float = 0.0) -> list[torch.Tensor]:
-    """Weighted PageRank along a chain, one pass: the graph is a DAG."""
+def wpr_chain(chain: list[ChainLayer], a_in: torch.Tensor, *, theta: float = 0.5, gamma: float = 0.0,
+              normalized: bool = False) -> list[torch.Tensor]:
+    """Weighted PageRank along a chain, one pass: the graph is a DAG.
+
+    ``normalized``: ``a_in`` is already a score (an earlier chain's last one), used as is, so a
+    chain cut in two gives the scores of the whole chain exactly.
+    """
     _check_unit("theta", theta)
     _check_unit("gamma", gamma)
-    p = normalize(a_in)
+    p = a_in.to(torch.float64) if normalized else normalize(a_in)
     scores = []
     for layer in chain:
         p = gamma * (transition(layer.weight, theta) @ p) + (1.0 - gamma) * normalize(layer.a_out)
@@ -54,7 +59,8 @@ def wpr_chain(chain: list[ChainLayer], a_in: torch.Tensor, *, theta: float = 0.5
     return scores
 
 
-def mpr_chain(chain: list[ChainLayer], a_in: torch.Tensor, *, z_importance: float | None = None) -> list[torch.Tensor]:
+def mpr_chain(chain: list[ChainLayer], a_in: torch.Tensor, *, z_importance: float | None = None,
+              normalized: bool = False) -> list[torch.Tensor]:
     """Modified PageRank: p_l = (|W| @ p_{l-1}) * a_out, normalised.
 
     ``z_importance`` (the pruning amount) zeroes the ``int(width * amount)`` lowest entries of

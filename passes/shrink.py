@@ -58,7 +58,7 @@ def shrink(
     with torch.no_grad():
         for (path, axis), mask in _keep_masks(target, ir, kept).items():
             param = target.get_parameter(path)
-            _replace(target, path, param.index_select(axis, mask.nonzero().squeeze(1)))
+            _replace(target, path, param.index_select(axis, mask.nonzero().squeeze(1).to(param.device)))
     if refits:
         apply_refit(target, ir, refits, shrunk=True)
     for lin in ir.linears.values():
@@ -109,7 +109,7 @@ def mask(
             param = target.get_parameter(path)
             shape = [1] * param.dim()
             shape[axis] = -1
-            param.mul_(keep.to(param.dtype).view(shape))
+            param.mul_(keep.to(device=param.device, dtype=param.dtype).view(shape))
     if refits:
         apply_refit(target, ir, refits, shrunk=False)
     return target

@@ -70,3 +70,25 @@ def test_slim_onnx_with_kv_cache_matches_pytorch(smollm2, smollm2_traced, wiki_t
     with torch.no_grad():
         ref = slim.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours == ref[0, len(prompt):].tolist()
+
+
+def test_layerwise_equals_in_memory(smollm2, smollm2_traced, wiki_tokens, tmp_path):
+    """Block by block from the cached checkpoint folder, in fp32 as load_model loads it: the same
+    kept sets as the in-memory prune, and the written checkpoint reloads to its logits."""
+    from llmrank.models import resolve_model_dir
+    from llmrank.passes.layerwise import prune_layerwise
+
+    model, _ = smollm2
+    calib = wiki_tokens[0][:4, :128]
+    config = llmrank.PruneConfig(compensation="lstsq")
+    ref = llmrank.prune(model, calib, config=config, progress=False, traced=smollm2_traced)
+    got = prune_layerwise(resolve_model_dir("smollm2-135m"), calib, config=config, dtype=torch.float32,
+                          out_dir=tmp_path / "slim")
+    assert list(got.kept) == list(ref.kept) and len(got.kept) == 30
+    assert all(torch.equal(got.kept[k], ref.kept[k]) for k in ref.kept)
+    reloaded = llmrank.load(tmp_path / "slim", dtype=torch.float32)
+    probe = calib[:2, :64]
+    with torch.no_grad():
+        a = ref.model(input_ids=probe, use_cache=False).logits
+        b = reloaded(input_ids=probe, use_cache=False).logits
+    assert float((a - b).abs().max()) <= 1e-5 + 1e-5 * float(a.abs().max())

@@ -1,0 +1,890 @@
+"""Block-by-block pruning of a Hugging Face decoder checkpoint that need not fit in memory.
+
+``prune_layerwise(folder, ids, config=...)`` gives the in-memory prune's result (the same kept
+sets, the same refits, logits within the verification bound) while holding one decoder block's
+weights at a time:
+
+1. the model is built on the meta device (no weights); only the embeddings are read;
+2. the inputs of every decoder block (hidden states and the keyword arguments the model's
+   forward hands its layers: masks, rotary embeddings) are captured for each calibration
+   batch by running the model's own forward with recording stand-ins for its layers;
+3. per block, in depth order: its weights are read from the safetensors shards, it is traced
+   and analysed (the same ``analyze`` as a whole model, with the same names, because the block
+   is traced inside a holder that reproduces its path ``model.layers.{i}``), the calibration
+   hidden states run through it under the same :class:`Accumulator` (norms and refit moments in
+   one walk), it is scored (``score(..., upstream=...)`` carries what earlier blocks passed on:
+   the residual writers' scores of the dataflow view, the chained view's last exit), selected,
+   refitted (``plan_refit``) and shrunk (``shrink``), checked against its masked dense self,
+   and its slim tensors are written; then it goes back to the meta device;
+4. the hidden states handed to the next block are the DENSE block's outputs, because the
+   in-memory prune computes every statistic on the dense model;
+5. the global pruner needs every score first: a first walk scores all blocks, ``select``
+   pools them, a second walk refits, shrinks and writes.
+
+The output is an HF checkpoint: sharded safetensors with ``model.safetensors.index.json``, a
+config that describes the slim widths (``exporters/hf.py`` conventions, so ``llmrank.load``
+and, for uniform widths, stock ``from_pretrained`` reload it) and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from llmrank.ir.errors import ConfigError, InputError, VerificationError
+from llmrank.ir.graph import ModelIR
+from llmrank.ir.trace import Traced, example_tokens, trace
+from llmrank.passes.analyze import analyze
+from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
+from llmrank.passes.compensate import consumer_linears, plan_refit
+from llmrank.passes.config import PruneConfig
+from llmrank.passes.ops import op_name
+from llmrank.passes.pipeline import OutputCheck
+from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
+from llmrank.passes.select import clamp_notes, effective_sparsity, select
+from llmrank.passes.shrink import mask, shrink
+from llmrank.passes.verify import Verification
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+#: Files copied next to the slim weights when the source folder has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+
+# ---------------------------------------------------------------------- the checkpoint on disk
+
+
+class Checkpoint:
+    """A local safetensors checkpoint, read one tensor at a time (never unpickles)."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").is_file():
+            raise InputError(f"{self.folder} has no config.json: not a Hugging Face model folder")
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise InputError(f"{self.folder} has no model.safetensors or {INDEX_NAME}: block-by-block pruning reads "
+                             "safetensors checkpoints only (save the model with save_pretrained(safe_serialization=True))")
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.folder / name for name in sorted(set(self.weight_map.values()))]
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``keys``, opening each shard once."""
+        from safetensors import safe_open
+
+        missing = [k for k in keys if k not in self.weight_map]
+        if missing:
+            raise InputError(f"{self.folder} lacks the tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
+                             "the checkpoint does not match its config.json")
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for name, names in by_file.items():
+            with safe_open(str(self.folder / name), framework="pt") as f:
+                for k in names:
+                    out[k] = f.get_tensor(k)
+        return out
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating tensors (the first one found)."""
+        from safetensors import safe_open
+
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    t = f.get_slice(k)
+                    dtype = _DTYPES.get(t.get_dtype())
+                    if dtype is not None and dtype.is_floating_point:
+                        return dtype
+        return torch.float32
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def fp32_size(folder: Path | str) -> int:
+    """Bytes the checkpoint takes in memory as fp32 (the in-memory prune's working precision)."""
+    ckpt = Checkpoint(folder)
+    from safetensors import safe_open
+
+    total = 0
+    for path in ckpt.files:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                total += 4 * math.prod(f.get_slice(k).get_shape())
+    return total
+
+
+class ShardWriter:
+    """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``
+    as they come, and the HF index at the end.
+
+    A shard is held in memory until it is written, so :meth:`end_block` also closes it once it
+    holds ``hold_bytes``: at 8B scale a 2 GiB shard of slim blocks would otherwise cost 2 GiB of
+    RSS on top of the block being pruned.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, hold_bytes: int = 256 * 1024**2):
+        self.folder, self.limit, self.hold = folder, max_shard_bytes, hold_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.limit:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def end_block(self) -> None:
+        if self.pending_bytes >= self.hold:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.folder / f"part-{len(self.parts):05d}.safetensors"), metadata={"format": "pt"})
+        self.parts.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Rename the parts to the HF names and write the index; returns the shard names."""
+        self.flush()
+        n = len(self.parts)
+        names = []
+        weight_map: dict[str, str] = {}
+        for i, keys in enumerate(self.parts):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"part-{i:05d}.safetensors", self.folder / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+# ---------------------------------------------------------------------- hidden states
+
+
+class HiddenStates:
+    """The calibration hidden states between two blocks, one tensor per batch; kept in memory,
+    or spilled to a temporary folder when they exceed ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: float = math.inf):
+        self.budget = budget_bytes
+        self.memory: dict[int, torch.Tensor] = {}
+        self.spill: Path | None = None
+        self.devices: dict[int, torch.device] = {}
+        self.bytes = 0
+
+    def put(self, k: int, x: torch.Tensor) -> None:
+        size = x.numel() * x.element_size()
+        old = self.memory.pop(k, None)
+        if old is not None:
+            self.bytes -= old.numel() * old.element_size()
+        if self.spill is None and self.bytes + size > self.budget:
+            self.spill = Path(tempfile.mkdtemp(prefix="llmrank-hidden-"))
+            log.info("calibration hidden states exceed %.3g GB: spilling them to %s", self.budget / 1e9, self.spill)
+        if self.spill is not None and k not in self.memory:
+            self.devices[k] = x.device
+            torch.save(x.detach().cpu(), self.spill / f"{k}.pt")
+            return
+        self.memory[k] = x
+        self.bytes += size
+
+    def get(self, k: int) -> torch.Tensor:
+        if k in self.memory:
+            return self.memory[k]
+        return torch.load(self.spill / f"{k}.pt", weights_only=True).to(self.devices[k])
+
+    def close(self) -> None:
+        self.memory.clear()
+        if self.spill is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
+            self.spill = None
+
+
+# ---------------------------------------------------------------------- the model's frame
+
+
+class _Stop(Exception):
+    """Raised by the last recorder: the rest of the forward (final norm, head) is not needed."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index``: records what the model hands it, passes the input on."""
+
+    def __init__(self, index: int, sink: dict[int, tuple], last: bool):
+        super().__init__()
+        self.index, self.sink, self.last = index, sink, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.sink[self.index] = (hidden_states, args, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+class _Holder(nn.Module):
+    """Holds one block under its path in the model (``model.layers.3``), so the trace, the IR,
+    the groups and the scores carry the names the in-memory prune gives them.
+
+    ``forward(hidden, *leaves)`` calls the block with the recorded positional and keyword
+    arguments whose tensors are ``leaves``.
+    """
+
+    def __init__(self, path: str, index: int, block: nn.Module, spec: pytree.TreeSpec, constants: list[Any]):
+        super().__init__()
+        parts = path.split(".")
+        parent: nn.Module = self
+        for part in parts[:-1]:
+            child = nn.Module()
+            parent.add_module(part, child)
+            parent = child
+        parent.add_module(parts[-1], nn.ModuleDict({str(index): block}))
+        object.__setattr__(self, "block", block)  # a plain reference: the block's parameters are listed once, under its path
+        self.spec, self.constants = spec, constants
+
+    def forward(self, hidden_states: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+        it = iter(leaves)
+        values = [next(it) if c is _TENSOR else c for c in self.constants]
+        args, kwargs = pytree.tree_unflatten(values, self.spec)
+        out = self.block(hidden_states, *args, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _TENSOR:
+    """Marks where a tensor argument goes among the recorded constants (a class survives deepcopy)."""
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], pytree.TreeSpec, list[Any]]:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    constants = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
+    return tensors, spec, constants
+
+
+def _layers_path(model: nn.Module, n_layers: int) -> str:
+    """Dotted path of the decoder layers' ModuleList (``model.layers``)."""
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers and name]
+    if not found:
+        raise InputError(f"{type(model).__name__} has no list of {n_layers} decoder layers: block-by-block pruning needs "
+                         "a decoder with model.layers (Llama, Qwen2, Mistral, Gemma-3 style)")
+    return min(found, key=len)
+
+
+def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The model with every parameter on the meta device and real buffers (rotary tables)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # a tied head shares the embeddings' parameter, so loading one loads both
+    return model.eval()
+
+
+def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    """Give ``module``'s parameters and persistent buffers their checkpoint values (keys ``prefix + name``)."""
+    names = list(module.state_dict().keys())
+    tensors = ckpt.read([prefix + n for n in names])
+    state = {n: tensors[prefix + n].to(device=device, dtype=dtype if tensors[prefix + n].is_floating_point() else None)
+             for n in names}
+    module.load_state_dict(state, strict=True, assign=True)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    _buffers_to(module, device)
+
+
+def _buffers_to_own(module: nn.Module, device: torch.device) -> None:
+    for name, buf in module._buffers.items():
+        if buf is not None and not buf.is_meta and buf.device != device:
+            module._buffers[name] = buf.to(device)
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Move the real (non-meta) buffers, e.g. rotary tables built at construction, to ``device``."""
+    for m in module.modules():
+        for name, buf in m._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != device:
+                m._buffers[name] = buf.to(device)
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Free a block: parameters and persistent buffers go back to the meta device (with their
+    new shapes); buffers computed at construction stay, as no checkpoint holds them."""
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+        for name, buf in list(m._buffers.items()):
+            if buf is not None and name not in m._non_persistent_buffers_set:
+                m._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass
+class BlockRecord:
+    """One block's work: seconds per phase (over both walks for the global pruner) and the RSS after it."""
+
+    index: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    rss_bytes: int = 0
+    verification: Verification | None = None
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "seconds": self.seconds, "total_s": sum(self.seconds.values()),
+                "rss_bytes": self.rss_bytes, "verification": self.verification.to_dict() if self.verification else None}
+
+
+@dataclass
+class LayerwiseResult:
+    """What a block-by-block prune produced; ``out_dir`` holds the slim checkpoint (when asked)."""
+
+    kept: dict[str, torch.Tensor]
+    scores: Scores
+    widths: dict[str, tuple[int, int]]
+    params_before: int
+    params_after: int
+    blocks: list[BlockRecord]
+    timings: dict[str, float]
+    peak_rss_bytes: int
+    hidden_bytes: int
+    spilled: bool
+    config: dict[str, Any]
+    verification: Verification | None
+    output_check: OutputCheck | None
+    notes: tuple[str, ...] = ()
+    out_dir: Path | None = None
+    dtype: str = ""
+    device: str = "cpu"
+    peak_device_bytes: int | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_logits: torch.Tensor | None = None  # the slim model's logits on sample_ids: a reload is checked against them
+
+    @property
+    def uniform_width(self) -> int | None:
+        after = {w for _, w in self.widths.values()}
+        return after.pop() if len(after) == 1 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layerwise": True, "config": self.config, "params_before": self.params_before, "params_after": self.params_after,
+            "param_reduction": 1 - self.params_after / self.params_before if self.params_before else 0.0,
+            "widths": {k: {"before": b, "after": a} for k, (b, a) in self.widths.items()},
+            "timings_s": self.timings, "blocks": [b.to_dict() for b in self.blocks], "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_device_bytes": self.peak_device_bytes, "hidden_bytes": self.hidden_bytes, "spilled": self.spilled,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "output_check": self.output_check.to_dict() if self.output_check else None,
+            "notes": list(self.notes), "dtype": self.dtype, "device": self.device,
+            "out_dir": str(self.out_dir) if self.out_dir else None,
+        }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _rss_now() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is optional
+        return peak_rss_bytes()
+
+
+# ---------------------------------------------------------------------- the job
+
+
+def check_config(config: PruneConfig) -> None:
+    """What block-by-block pruning supports of PruneConfig (fails before anything is read)."""
+    if config.mode != "shrink":
+        raise ConfigError(f"block-by-block pruning writes shrunk checkpoints: mode {config.mode!r} is not supported; use mode 'shrink'")
+    if config.scorer == "hits":
+        raise ConfigError("scorer 'hits' reads the next block's weights, so it cannot run block by block; choose another scorer "
+                          "or prune in memory")
+    if config.inplace:
+        raise ConfigError("inplace has no meaning block by block (the checkpoint on disk is never changed)")
+
+
+def prune_layerwise(
+    folder: Path | str,
+    calibration_ids: torch.Tensor | None,
+    *,
+    config: PruneConfig | None = None,
+    out_dir: Path | str | None = None,
+    refit_ids: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    hidden_budget_bytes: float = math.inf,
+    max_shard_size: int = 2 * 1024**3,
+    force: bool | int = False,
+    metadata: dict[str, Any] | None = None,
+) -> LayerwiseResult:
+    """Prune the checkpoint in ``folder`` one decoder block at a time (see the module docstring).
+
+    ``calibration_ids`` [N, L] feed the scores, ``refit_ids`` (default: the same) the refit
+    moments; both are split into ``config.batch_size`` batches as ``llmrank.prune`` does.
+    ``dtype``: the working precision (default: the checkpoint's); statistics accumulate in
+    fp32/fp64 and the written tensors keep the checkpoint's dtype. ``hidden_budget_bytes``: past
+    this, the calibration hidden states are spilled to a temporary folder. ``out_dir``: where the
+    slim checkpoint goes (written atomically); None writes nothing.
+    """
+    from contextlib import nullcontext
+
+    from llmrank.api import as_batches
+    from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
+
+    config = config or PruneConfig()
+    check_config(config)
+    clock = time.perf_counter()
+    folder = Path(folder)
+    ckpt = Checkpoint(folder)
+    device = torch.device(device)
+    ckpt_dtype = ckpt.dtype()
+    dtype = dtype or ckpt_dtype
+    batches = tuple(as_batches(calibration_ids, batch_size=config.batch_size)) if calibration_ids is not None else ()
+    refit = tuple(as_batches(refit_ids, batch_size=config.batch_size)) if refit_ids is not None else None
+    if config.needs_calibration and not batches and not refit:
+        raise InputError(f"scorer {config.scorer!r} with compensation {config.compensation!r} needs calibration data: "
+                         "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
+    wants_norms = bool(batches) or config.scorer not in WEIGHT_ONLY_SCORERS
+    plan = Plan.build(batches, refit, norms=wants_norms and bool(batches), moments=config.needs_moments)
+    if out_dir is not None:
+        refuse_input_overlap(Path(out_dir), folder)
+        check_writable(Path(out_dir), force)
+
+    model = _skeleton(folder, dtype)
+    params_before = sum(p.numel() for p in model.parameters())
+    token_batches = [step.batch for step in plan.steps] + [_sample_ids(model, batches)]
+    run = _Run(config, ckpt, model, plan, token_batches, device, dtype, hidden_budget_bytes, progress)
+    with (atomic_path(Path(out_dir), force=force) if out_dir is not None else nullcontext(None)) as tmp:
+        if tmp is not None:
+            tmp.mkdir(parents=True)
+            run.writer, run.out_dtype = ShardWriter(tmp, max_shard_size), ckpt_dtype
+        try:
+            run.capture()
+            if config.pruner == "global":
+                run.walk(score_only=True)
+                kept = select(run.all_ir(), run.scores.groups, config.sparsity, pruner="global", multiple=config.multiple,
+                              min_width=config.min_width)
+                run.capture()  # the second walk starts again from the embeddings
+                run.walk(kept=kept)
+            else:
+                run.walk()
+            output_check = run.check_outputs()
+        finally:
+            run.close()
+        ir, kept = run.all_ir(), run.kept
+        widths = {g.name: (g.width, len(kept[g.name])) for g in ir.groups}
+        if tmp is not None:
+            tick = time.perf_counter()
+            _finish_checkpoint(tmp, run, model, ckpt, metadata or {}, config, widths)
+            run.timings["write"] = run.timings.get("write", 0.0) + time.perf_counter() - tick
+    notes = tuple(clamp_notes(ir, kept, config.sparsity, multiple=config.multiple, min_width=config.min_width))
+    for note in notes:
+        log.warning(note)
+    params_after = sum(p.numel() for p in model.parameters())
+    timings = {**run.timings, "total": time.perf_counter() - clock}
+    checks = [b.verification for b in run.records if b.verification is not None]
+    worst = max(checks, key=lambda v: v.max_abs_diff / max(v.atol + v.rtol * v.reference_scale, 1e-30), default=None)
+    return LayerwiseResult(
+        kept=kept, scores=run.scores, widths=widths, params_before=params_before, params_after=params_after,
+        blocks=run.records, timings=timings, peak_rss_bytes=peak_rss_bytes(), hidden_bytes=run.hidden_peak,
+        spilled=run.spilled, verification=worst, output_check=output_check, notes=notes,
+        config={**config.to_dict(), "effective_sparsity": effective_sparsity(ir, kept),
+                "compensation_tokens": run.refit_tokens if config.compensation != "none" else 0,
+                "calibration_batches": sum(1 for s in plan.steps if s.norms), "calibration_tokens": run.norm_tokens},
+        out_dir=Path(out_dir) if out_dir is not None else None, dtype=str(dtype).replace("torch.", ""), device=str(device),
+        peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        sample_ids=run.token_batches[run.sample], sample_logits=run.sample_logits,
+    )
+
+
+def _sample_ids(model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
+    """The verification sample the in-memory pipeline uses: the first batch's [:2, :64], else example tokens."""
+    for batch in batches:
+        if isinstance(batch, torch.Tensor) and batch.dim() == 2 and batch.dtype == torch.long:
+            return batch[:2, :64]
+    return example_tokens(model)
+
+
+def _materialise_own(module: nn.Module, name: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                     root: nn.Module | None = None) -> None:
+    """Load one module's own parameters (not its children's); one missing from the checkpoint
+    (a tied head) stays on the meta device. A parameter shared with other modules of ``root``
+    (tied embeddings) gets the loaded value everywhere, so the tie holds."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in (root or module).modules():
+        for pname, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, pname))
+    for pname, p in list(module.named_parameters(recurse=False)):
+        key = f"{name}.{pname}" if name else pname
+        if key not in ckpt.weight_map:
+            continue
+        t = ckpt.read([key])[key]
+        new = nn.Parameter(t.to(device=device, dtype=dtype if t.is_floating_point() else None), requires_grad=False)
+        for owner, attr in owners.get(id(p), [(module, pname)]):
+            setattr(owner, attr, new)
+
+
+class _Run:
+    """The walks over the blocks and what they accumulate (IRs, scores, kept sets, the carry)."""
+
+    def __init__(self, config: PruneConfig, ckpt: Checkpoint, model: nn.Module, plan: Plan, token_batches: list[torch.Tensor],
+                 device: torch.device, dtype: torch.dtype, budget: float, progress: bool):
+        self.config, self.ckpt, self.model, self.plan = config, ckpt, model, plan
+        self.token_batches, self.device, self.dtype, self.budget, self.progress = token_batches, device, dtype, budget, progress
+        self.n_layers = int(getattr(model.config.get_text_config(decoder=True), "num_hidden_layers"))
+        self.path = _layers_path(model, self.n_layers)
+        self.sample = len(token_batches) - 1  # the verification sample rides along as the last batch
+        self.irs: list[ModelIR] = []
+        self.writers: list[list[str]] = []
+        self.scores = Scores()
+        self.kept: dict[str, torch.Tensor] = {}
+        self.records = [BlockRecord(i) for i in range(self.n_layers)]
+        self.timings: dict[str, float] = {}
+        self.refit_tokens = self.norm_tokens = 0
+        self.hidden: HiddenStates | None = None
+        self.calls: list[list[tuple[tuple, dict]]] = []
+        self.dense_sample: torch.Tensor | None = None
+        self.slim_sample: torch.Tensor | None = None
+        self.hidden_peak, self.spilled = 0, False
+        self.writer: ShardWriter | None = None
+        self.out_dtype = dtype
+        self.sample_logits: torch.Tensor | None = None
+
+    # -- the frame -------------------------------------------------------------------------
+
+    def _frame_modules(self) -> list[tuple[str, nn.Module]]:
+        """Modules outside the decoder layers and the head (embeddings, final norm, rotary)."""
+        layers = self.model.get_submodule(self.path)
+        inside = {id(m) for layer in layers for m in layer.modules()} | {id(layers)}
+        head = self.model.get_output_embeddings()
+        return [(n, m) for n, m in self.model.named_modules() if id(m) not in inside and m is not head]
+
+    def capture(self) -> None:
+        """Run the model's own forward for every batch with recording stand-ins for its layers:
+        block 0's hidden states and every layer's arguments, per batch."""
+        tick = time.perf_counter()
+        for name, module in self._frame_modules():
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                _materialise_own(module, name, self.ckpt, self.device, self.dtype, root=self.model)
+            _buffers_to_own(module, self.device)
+        self.close()
+        self.hidden = HiddenStates(self.budget)
+        self.calls = []
+        layers = self.model.get_submodule(self.path)
+        originals = list(layers)
+        for k, ids in enumerate(self.token_batches):
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+                raise InputError("block-by-block pruning takes token ids [N, L] as calibration data, "
+                                 f"got a batch of type {type(ids).__name__}")
+            check_token_ids(self.model, ids)
+            sink: dict[int, tuple] = {}
+            for i in range(self.n_layers):
+                layers[i] = _Recorder(i, sink, last=i == self.n_layers - 1)
+            try:
+                with torch.no_grad():
+                    self.model(input_ids=ids.to(self.device), use_cache=False)
+            except _Stop:
+                pass
+            finally:
+                for i, layer in enumerate(originals):
+                    layers[i] = layer
+            if len(sink) != self.n_layers:
+                raise InputError(f"{type(self.model).__name__}'s forward called {len(sink)} of its {self.n_layers} layers: "
+                                 "it cannot be pruned block by block")
+            self.hidden.put(k, sink[0][0])
+            self.calls.append([(sink[i][1], sink[i][2]) for i in range(self.n_layers)])
+        self.dense_sample = self.slim_sample = self.hidden.get(self.sample)
+        self.timings["capture"] = self.timings.get("capture", 0.0) + time.perf_counter() - tick
+
+    def close(self) -> None:
+        if self.hidden is not None:
+            self.hidden_peak = max(self.hidden_peak, self.hidden.bytes)
+            self.spilled = self.spilled or self.hidden.spill is not None
+            self.hidden.close()
+            self.hidden = None
+
+    def all_ir(self) -> ModelIR:
+        """One IR holding every block's groups (what select and clamp_notes read)."""
+        linears, feeds, blocked = {}, {}, {}
+        for ir in self.irs:
+            linears.update(ir.linears)
+            feeds.update(ir.feeds)
+            blocked.update(ir.blocked)
+        return ModelIR(type(self.model).__name__, linears, [g for ir in self.irs for g in ir.groups], feeds, blocked)
+
+    def _time(self, record: BlockRecord, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        record.add(phase, now - since)
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - since
+        return now
+
+    def _args(self, k: int, i: int) -> list[torch.Tensor]:
+        return _split_call(*self.calls[k][i])[0]
+
+    # -- the walk --------------------------------------------------------------------------
+
+    def walk(self, *, score_only: bool = False, kept: dict[str, torch.Tensor] | None = None) -> None:
+        """One pass over the blocks in depth order.
+
+        ``score_only``: norms and scores (the global pruner's first walk). ``kept`` given: the
+        selection is made (the global pruner's second walk): moments, refit, shrink, write.
+        Otherwise everything in one walk (the local pruner).
+        """
+        from tqdm.auto import tqdm
+
+        c = self.config
+        upstream = Upstream()
+        steps = [(k, Step(s.batch, s.norms and kept is None, s.moments and not score_only)) for k, s in enumerate(self.plan.steps)]
+        steps = [(k, s) for k, s in steps if s.norms or s.moments]  # a batch no statistic needs is not propagated
+        for i in tqdm(range(self.n_layers), desc="blocks", unit="block", disable=not self.progress):
+            record = self.records[i]
+            tick = time.perf_counter()
+            block = self.model.get_submodule(self.path)[i]
+            _materialise(block, f"{self.path}.{i}.", self.ckpt, self.device, self.dtype)
+            block.eval()
+            tick = self._time(record, "load", tick)
+            tensors, spec, constants = _split_call(*self.calls[0][i])
+            holder = _Holder(self.path, i, block, spec, constants)
+            if len(self.irs) <= i:
+                traced = trace(holder, (self.hidden.get(0), *tensors), dynamic=False)
+                self.irs.append(analyze(traced, prune_tied=c.prune_tied))
+                self.writers.append(_output_writers(traced, self.irs[i]))
+                del traced
+                self._time(record, "trace", tick)
+            ir = self.irs[i]
+            stats = self._statistics(holder, ir, i, steps, record)
+            tick = time.perf_counter()
+            if kept is None:
+                block_scores = score(holder, ir, stats.norms, c.scoring, upstream=upstream)
+                upstream = upstream.after(ir, stats.norms, block_scores, self.writers[i])
+                for g in ir.groups:
+                    self.scores.groups[g.name] = block_scores.groups[g.name].cpu()
+                    self.scores.outputs[g.name] = block_scores.outputs[g.name].cpu()
+                tick = self._time(record, "score", tick)
+            if not score_only:
+                self._rewrite(holder, ir, i, stats, kept, record)
+            _to_meta(block)
+            record.rss_bytes = _rss_now()
+
+    def _statistics(self, holder: _Holder, ir: ModelIR, i: int, steps: list[tuple[int, Step]], record: BlockRecord) -> CalibrationStats:
+        """This block's norms and moments on the calibration hidden states (the Calibrate pass's
+        Accumulator), replacing each batch's hidden states by the DENSE block's outputs."""
+        tick = time.perf_counter()
+        wants_norms = any(s.norms for _, s in steps)
+        wants_moments = any(s.moments for _, s in steps)
+        acc = Accumulator(ir.calibration_linears() if wants_norms else (), consumer_linears(ir) if wants_moments else (),
+                          second_moment=self.config.second_moment)
+        handles = [holder.get_submodule(name).register_forward_hook(_hook(acc, name)) for name in sorted(acc.watched)]
+        try:
+            with torch.no_grad():
+                for k, step in steps:
+                    x = self.hidden.get(k)
+                    with acc.batch(step, int(math.prod(x.shape[:-1]))):
+                        y = holder(x, *self._args(k, i))
+                    self.hidden.put(k, y)
+        finally:
+            for h in handles:
+                h.remove()
+        stats = acc.result() if (wants_norms or wants_moments) else CalibrationStats()
+        if wants_moments:
+            self.refit_tokens = acc.refit_tokens
+        if wants_norms:
+            self.norm_tokens = acc.norm_tokens
+        self._time(record, "calibrate", tick)
+        return stats
+
+    def _rewrite(self, holder: _Holder, ir: ModelIR, i: int, stats: CalibrationStats, kept: dict[str, torch.Tensor] | None,
+                 record: BlockRecord) -> None:
+        """Select (local), refit, shrink in place, check against the masked dense block, write."""
+        c = self.config
+        tick = time.perf_counter()
+        if kept is None:
+            block_kept = select(ir, self.scores.groups, c.sparsity, pruner="local", multiple=c.multiple, min_width=c.min_width)
+        else:
+            block_kept = {g.name: kept[g.name] for g in ir.groups}
+        self.kept.update(block_kept)
+        refits = plan_refit(holder, ir, block_kept, stats.moments, method=c.compensation, ridge=c.ridge) if c.compensation != "none" else {}
+        tick = self._time(record, "select+refit", tick)
+        args = self._args(self.sample, i)
+        dense_in, slim_in = self.dense_sample, self.slim_sample
+        with torch.no_grad():
+            reference = mask(holder, ir, block_kept, refits=refits) if c.verify else None
+            self.dense_sample = holder(dense_in, *args)
+            shrink(holder, ir, block_kept, inplace=True, refits=refits)
+            self.slim_sample = holder(slim_in, *args)
+            if reference is not None:
+                got = holder(dense_in, *args)
+                ver = Verification.compare(reference(dense_in, *args), got, (dense_in,), atol=c.verify_atol, rtol=c.verify_rtol)
+                record.verification = ver
+                if not ver.ok:
+                    raise VerificationError(
+                        f"block {i}: the shrunk block differs from the masked dense block by {ver.max_abs_diff:.3g} (bound "
+                        f"{ver.atol:g} + {ver.rtol:g} x {ver.reference_scale:.3g}); this is a bug: please report the model")
+        del reference
+        tick = self._time(record, "shrink+verify", tick)
+        if self.writer is not None:
+            prefix = f"{self.path}.{i}."
+            for name, t in holder.block.state_dict().items():
+                self.writer.add(prefix + name, t.to(self.out_dtype))
+            self.writer.end_block()
+            self._time(record, "write", tick)
+
+    # -- the final check -------------------------------------------------------------------
+
+    def _logits(self, final: torch.Tensor) -> torch.Tensor:
+        """The model's own forward (final norm, head, soft-capping) on the sample, with the layers
+        replaced by stand-ins whose last one returns ``final``."""
+        layers = self.model.get_submodule(self.path)
+        originals = list(layers)
+        for i in range(self.n_layers):
+            layers[i] = _Replay(final if i == self.n_layers - 1 else None)
+        try:
+            with torch.no_grad():
+                out = self.model(input_ids=self.token_batches[self.sample].to(self.device), use_cache=False)
+        finally:
+            for i, layer in enumerate(originals):
+                layers[i] = layer
+        return out.logits if getattr(out, "logits", None) is not None else out[0]
+
+    def check_outputs(self) -> OutputCheck | None:
+        """The CheckOutputs pass's numbers: slim vs dense logits on the verification sample."""
+        if self.slim_sample is None or not self.records or not self.kept:
+            return None
+        tick = time.perf_counter()
+        head = self.model.get_output_embeddings()
+        if head is None:
+            return None
+        meta = head.weight.is_meta  # an untied head (a tied one came with the embeddings)
+        if meta:
+            name = next(n for n, m in self.model.named_modules() if m is head)
+            _materialise_own(head, name, self.ckpt, self.device, self.dtype)
+            if head.weight.is_meta:
+                raise InputError(f"{self.ckpt.folder} has no {name}.weight and the head is not tied to the embeddings")
+        try:
+            dense = self._logits(self.dense_sample).double()
+            final = self._logits(self.slim_sample).double()
+        finally:
+            if meta:
+                head.weight = nn.Parameter(torch.empty(head.weight.shape, dtype=head.weight.dtype, device="meta"), requires_grad=False)
+        finite = bool(torch.isfinite(final).all())
+        if not finite:
+            raise VerificationError("the pruned model produces NaN/Inf outputs: the weights or calibration activations overflow; "
+                                    "check the checkpoint, or use compensation 'none'")
+        relative = float((final - dense).norm() / dense.norm().clamp_min(1e-30))
+        self.sample_logits = final.to(self.dtype).cpu()
+        self.timings["check_outputs"] = time.perf_counter() - tick
+        return OutputCheck(True, relative, None)
+
+
+class _Replay(nn.Module):
+    """A stand-in layer for the final check: passes its input on, or returns ``final``."""
+
+    def __init__(self, final: torch.Tensor | None):
+        super().__init__()
+        self.final = final
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if self.final is None else self.final
+
+
+def _finish_checkpoint(tmp: Path, run: _Run, model: nn.Module, ckpt: Checkpoint, metadata: dict[str, Any], config: PruneConfig,
+                       widths: dict[str, tuple[int, int]]) -> None:
+    """The tensors outside the blocks (copied as they are), the index, a config describing the
+    slim widths (``exporters/hf.py`` conventions) and the tokenizer files."""
+    from llmrank.exporters.hf import _config_for_save
+
+    writer = run.writer
+    assert writer is not None
+    layer_prefix = f"{run.path}."
+    for key in sorted(k for k in ckpt.weight_map if not k.startswith(layer_prefix)):
+        writer.add(key, ckpt.read([key])[key])
+    meta = {"source_model": str(ckpt.folder), "scorer": config.scorer, "representation": config.representation,
+            "sparsity": config.sparsity, "pruner": config.pruner, "compensation": config.compensation,
+            "layer_widths": {k: a for k, (_, a) in widths.items()}, "layerwise": True, **metadata}
+    saved_config, _, _, _, zeros = _config_for_save(model, meta)
+    for key, z in zeros.items():  # biases the config's switch now declares: zeros, so stock loading builds the same model
+        writer.add(key, torch.zeros(z.shape, dtype=run.out_dtype))
+    writer.close()
+    saved_config.save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (ckpt.folder / name).is_file():
+            shutil.copy2(ckpt.folder / name, tmp / name)
+
+
+def _hook(acc: Accumulator, name: str):
+    def record(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        acc.observe(name, args[0], output)
+    return record
+
+
+def _output_writers(traced: Traced, ir: ModelIR) -> list[str]:
+    """Linears of the block whose output reaches the block's output without crossing another
+    Linear (o_proj, down_proj: the residual stream's writers), in graph order."""
+    by_node = {info.node: name for name, info in ir.linears.items()}
+    out = []
+    for node in traced.program.graph.nodes:
+        name = by_node.get(node.name)
+        if name is None:
+            continue
+        queue, seen = list(node.users), set()
+        while queue:
+            cur = queue.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            if cur.op == "output":
+                out.append(name)
+                break
+            if cur.name in by_node and op_name(cur) in ("linear", "addmm", "matmul", "mm"):
+                continue
+            queue.extend(cur.users)
+    return out
