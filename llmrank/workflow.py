@@ -276,20 +276,29 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
                                      "loader": "transformers" if saved.stock_loadable else "llmrank.load",
                                      "reload_max_abs_diff": diff}
     if job.genai:
-        from llmrank.exporters.genai import export_genai
-
-        source = folder / "hf" if "hf" in report["artifacts"] else result.model
-        built = export_genai(source, folder / "genai", precision=job.genai, device=job.genai_device, tokenizer=tokenizer)
-        report["artifacts"]["genai"] = {**built.to_dict(), "path": "genai"}
+        write_genai(folder, job, folder / "hf" if "hf" in report["artifacts"] else result.model, tokenizer, report)
     if job.onnx:
-        onnx = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
-        report["artifacts"]["onnx"] = onnx
-        if job.quantize == "int8":
-            from llmrank.exporters.quantize import quantize_onnx
-
-            q = quantize_onnx(folder / "onnx" / "model.onnx", folder / "onnx" / "model.int8.onnx", result.model)
-            report["artifacts"]["onnx_int8"] = {**q.to_dict(), "path": "onnx/model.int8.onnx"}
+        report["artifacts"]["onnx"] = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
+        write_int8(folder, job, result.model, report)
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+
+
+def write_genai(folder: Path, job: PruneJob, source, tokenizer, report: dict[str, Any]) -> None:
+    """genai/: an onnxruntime-genai folder built by its own builder from ``source`` (a folder or model)."""
+    from llmrank.exporters.genai import export_genai
+
+    built = export_genai(source, folder / "genai", precision=job.genai, device=job.genai_device, tokenizer=tokenizer)
+    report["artifacts"]["genai"] = {**built.to_dict(), "path": "genai"}
+
+
+def write_int8(folder: Path, job: PruneJob, model, report: dict[str, Any]) -> None:
+    """onnx/model.int8.onnx next to the exported ONNX file, when ``--quantize int8`` asks for it."""
+    if job.quantize != "int8":
+        return
+    from llmrank.exporters.quantize import quantize_onnx
+
+    q = quantize_onnx(folder / "onnx" / "model.onnx", folder / "onnx" / "model.int8.onnx", model)
+    report["artifacts"]["onnx_int8"] = {**q.to_dict(), "path": "onnx/model.int8.onnx"}
 
 
 def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]:
@@ -327,14 +336,19 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
         report["artifacts"]["hf"] = {"path": "hf", "uniform": result.uniform_width is not None,
                                      "stock_loadable": _stock_loadable(hf_dir), "loader": "transformers" if _stock_loadable(hf_dir) else "llmrank.load"}
         slim_need = IN_MEMORY_COPIES * fp32_size(hf_dir)
-        if job.onnx and slim_need > budget:
-            notes.append(f"ONNX skipped: the slim checkpoint needs about {slim_need / 1e9:.3g} GB in fp32 to export, more than "
-                         f"the {budget / 1e9:.3g} GB budget; run `llmrank export {out / 'hf'}` on a larger machine")
-        elif job.onnx:
+        exports = [flag for flag, asked in (("ONNX", job.onnx), ("--genai", job.genai)) if asked]
+        if exports and slim_need > budget:
+            notes.append(f"{' and '.join(exports)} skipped: the slim checkpoint needs about {slim_need / 1e9:.3g} GB in fp32 to "
+                         f"export, more than the {budget / 1e9:.3g} GB budget; run `llmrank export {out / 'hf'}` on a larger machine")
+        elif exports:
             slim = load_hf(hf_dir)  # in the checkpoint's dtype: the computation the run's sample logits came from
             report["artifacts"]["hf"]["reload_max_abs_diff"] = _check_layerwise_reload(slim, result, config)
-            report["artifacts"]["onnx"] = export_onnx_artifact(slim.float(), tmp / "onnx" / "model.onnx", job,
-                                                               _metadata(job, result.widths))
+            if job.genai:
+                write_genai(tmp, job, hf_dir, tokenizer, report)
+            if job.onnx:
+                report["artifacts"]["onnx"] = export_onnx_artifact(slim.float(), tmp / "onnx" / "model.onnx", job,
+                                                                   _metadata(job, result.widths))
+                write_int8(tmp, job, slim.float(), report)
             del slim
         if not job.hf:
             import shutil
