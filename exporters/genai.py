@@ -294,6 +294,18 @@ def _captured(verbose: bool) -> Iterator[io.StringIO]:
         logging.disable(disabled)
 
 
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """onnxruntime's int4 quantizer calls logging.basicConfig(level=INFO) when it is imported
+    (by the builder): undo that, or every later INFO record of the process reaches stderr."""
+    handlers, level = list(logging.root.handlers), logging.root.level
+    try:
+        yield
+    finally:
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
 
@@ -412,6 +424,13 @@ def export_genai(
     {"algo_config": "k_quant_last"}); its defaults are used otherwise.
     """
     check_options(precision, device)
+    with _root_logger_kept():
+        return _export(model_or_folder, out_dir, precision=precision, device=device, tokenizer=tokenizer, force=force,
+                       check=check, extra_options=extra_options, verbose=verbose)
+
+
+def _export(model_or_folder: nn.Module | str | Path, out_dir: str | Path, *, precision: str, device: str, tokenizer: Any | None,
+            force: bool | int, check: bool, extra_options: Mapping[str, Any] | None, verbose: bool) -> GenaiExportResult:
     _builder()  # fail before any work when the extra is missing
     out_dir = check_writable(out_dir, force)
     if not isinstance(model_or_folder, nn.Module):

@@ -308,3 +308,18 @@ def test_genai_options_are_checked_before_loading(tmp_path, capsys):
 
     code = main(["prune", "no-such-model", "--out", str(tmp_path / "o"), "--genai", "fp16", "--genai-device", "cpu"])
     assert code == 2 and "CUDA only" in capsys.readouterr().err
+
+
+def test_building_leaves_the_root_logger_as_it_was(tmp_path, dense_dir):
+    """onnxruntime's int4 quantizer configures the root logger on import; a build must not keep that."""
+    import logging
+
+    saved, level = list(logging.root.handlers), logging.root.level
+    logging.root.handlers[:] = []  # as in a plain process (pytest installs its own capture handler)
+    for name in [m for m in sys.modules if m.startswith("onnxruntime.quantization")]:
+        del sys.modules[name]  # so the quantizer's import-time basicConfig runs again
+    try:
+        export_genai(dense_dir, tmp_path / "int4", precision="int4", check=False)
+        assert logging.root.handlers == [] and logging.root.level == level
+    finally:
+        logging.root.handlers[:] = saved
