@@ -52,7 +52,7 @@ from llmrank.passes.analyze import analyze
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
 from llmrank.passes.compensate import consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.ops import op_name
+from llmrank.passes.ops import LINEAR_OPS, op_name
 from llmrank.passes.pipeline import OutputCheck
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
 from llmrank.passes.select import clamp_notes, effective_sparsity, select
@@ -884,7 +884,7 @@ def _output_writers(traced: Traced, ir: ModelIR) -> list[str]:
             if cur.op == "output":
                 out.append(name)
                 break
-            if cur.name in by_node and op_name(cur) in ("linear", "addmm", "matmul", "mm"):
+            if cur.name in by_node and op_name(cur) in LINEAR_OPS:
                 continue
             queue.extend(cur.users)
     return out
