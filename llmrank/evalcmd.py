@@ -145,7 +145,9 @@ def add_sweep_parser(sub, common) -> None:
     p.add_argument("--theta", default="0.5", help="wpr theta, comma list allowed")
     p.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2",
                    help="override any list above, e.g. --grid gamma=0,0.25,0.5,0.75,1 theta=0.5")
-    p.add_argument("--pruner", default="local", choices=("local", "global"))
+    from llmrank.passes.select import PRUNERS
+
+    p.add_argument("--pruner", default="local", choices=PRUNERS)
     p.add_argument("--multiple", type=int, default=1)
     p.add_argument("--calib", default="wiki", help="calibration text: wiki (its calib articles), a .txt file or folder")
     p.add_argument("--samples", type=int, default=16, help="calibration sequences")

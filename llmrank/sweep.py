@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmrank.ir.errors import ConfigError
+from llmrank.passes.score import WEIGHT_ONLY_SCORERS
 
 __all__ = [
     "Cell", "EvalSpec", "SweepResult", "expand_cells", "parse_grid", "evaluate_model", "run_sweep",
@@ -52,7 +53,6 @@ TASK_ALIASES = {"step_inference": "goal_step_wikihow/step_inference"}
 # so a grid over gamma does not recompute l1 five times).
 _USES = {"theta": ("wpr",), "gamma": ("wpr", "hits")}
 _DEFAULTS = {"gamma": 0.0, "theta": 0.5}
-_WEIGHT_ONLY = ("l1", "lp", "random")
 
 
 def primary_metric(task: str) -> str:
@@ -284,7 +284,7 @@ def cell_config(base: Any, cell: Cell) -> Any:
 
 def _shared_config(base: Any, configs: Sequence[Any]) -> Any:
     """Options for the passes run once: calibrate for every cell's scorer and refit."""
-    scorer = next((c.scorer for c in configs if c.scorer not in _WEIGHT_ONLY), configs[0].scorer)
+    scorer = next((c.scorer for c in configs if c.scorer not in WEIGHT_ONLY_SCORERS), configs[0].scorer)
     refits = [c.compensation for c in configs if c.compensation != "none"]
     compensation = next((c for c in refits if c.startswith("lstsq")), refits[0] if refits else "none")
     return base.with_(scorer=scorer, compensation=compensation)

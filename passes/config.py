@@ -15,11 +15,12 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from llmrank.ir.errors import ConfigError
+from llmrank.passes.compensate import METHODS
 from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
 
 MODES = ("shrink", "mask", "mask-paper")
-COMPENSATIONS = ("none", "bias", "lstsq", "lstsq+bias")
+COMPENSATIONS = METHODS  # the refit methods compensate.py implements
 
 #: What the ``llmrank prune`` command changes from the library defaults, and why: the command
 #: line always has text to refit on, while ``llmrank.prune`` leaves the refit opt-in because it
@@ -58,8 +59,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         self._check_values()
+        self.scoring  # noqa: B018 - ScoreConfig checks the scorer's own fields (theta, gamma)
         self._check_combinations()
-        self.scoring  # noqa: B018 - ScoreConfig checks its own fields
 
     # ------------------------------------------------------------------ checks
 
@@ -71,8 +72,6 @@ class PruneConfig:
                 raise ConfigError(f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
         _number("sparsity", self.sparsity, low=0.0, high=1.0, high_open=True,
                 what="the fraction of channels to remove")
-        _number("theta", self.theta, low=0.0, high=1.0)
-        _number("gamma", self.gamma, low=0.0, high=1.0)
         _number("p", self.p, low=0.0, low_open=True, high=math.inf)
         if self.z_importance is not None:
             _number("z_importance", self.z_importance, low=0.0, high=1.0, high_open=True)

@@ -161,8 +161,7 @@ def _chains(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: Score
     _check_chain(chain, ir)
     if up.chain is not None:  # the previous slice's last exit score starts this slice's chain
         if up.chain.numel() != chain[0].weight.shape[1]:
-            raise ConfigError(f"the chained representation needs each FFN's output width to equal the next FFN's input width "
-                              f"({ir.model_class}: {up.chain.numel()} vs {chain[0].weight.shape[1]}); use representation='isolated'")
+            raise _chain_widths(ir, up.chain.numel(), chain[0].weight.shape[1])
         scores = _run_chain(chain, up.chain, config, normalized=True)
     else:
         scores = _run_chain(chain, _need(norms, ir.groups[0].primary.linear, "in"), config)
@@ -174,10 +173,12 @@ def _chains(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: Score
 def _check_chain(chain: list[S.ChainLayer], ir: ModelIR) -> None:
     for prev, nxt in zip(chain, chain[1:]):
         if prev.weight.shape[0] != nxt.weight.shape[1]:
-            raise ConfigError(
-                f"the chained representation needs each FFN's output width to equal the next FFN's input width "
-                f"({ir.model_class}: {prev.weight.shape[0]} vs {nxt.weight.shape[1]}); use representation='isolated'"
-            )
+            raise _chain_widths(ir, prev.weight.shape[0], nxt.weight.shape[1])
+
+
+def _chain_widths(ir: ModelIR, out_width: int, in_width: int) -> ConfigError:
+    return ConfigError(f"the chained representation needs each FFN's output width to equal the next FFN's input width "
+                       f"({ir.model_class}: {out_width} vs {in_width}); use representation='isolated'")
 
 
 def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig, up: Upstream) -> Scores:
