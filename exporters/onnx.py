@@ -19,6 +19,7 @@ is validated with onnxruntime, and only then moved into place.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import time
@@ -44,11 +45,21 @@ __all__ = [
     "generate_onnx",
     "read_onnx_metadata",
     "onnx_target",
+    "logit_agreement",
+    "cast_copy",
+    "ONNX_DTYPES",
 ]
 
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((2, 16), (1, 37), (1, 1))
 # Above this many parameter bytes the weights go to `<name>.onnx.data` (protobuf caps a file at 2 GB).
 EXTERNAL_DATA_BYTES = 1 << 30
+#: The bound an fp16 file must meet against the fp32 PyTorch model on random token batches
+#: (relative L2 error of the logits, share of positions with the same top-1 token). fp16
+#: rounding alone gave 5e-4..9e-4 and full agreement on tiny Llama/Gemma-3 models.
+FP16_MAX_RELATIVE_ERROR = 1e-2
+FP16_MIN_TOP1_AGREEMENT = 0.95
+#: dtypes an ONNX file can be written in (onnxruntime's CPU kernels have no bfloat16 MatMul).
+ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class OnnxValidationError(ExportError):
@@ -80,6 +91,9 @@ class OnnxExportResult:
     validate_seconds: float
     optimized: bool
     metadata: dict[str, str] = field(default_factory=dict)
+    dtype: str = "float32"
+    relative_error: float | None = None  # fp16 only: against the fp32 model (FP16_MAX_RELATIVE_ERROR)
+    top1_agreement: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -176,6 +190,19 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
 
 def _vocab(model: nn.Module) -> int:
     return int(model.get_input_embeddings().num_embeddings)
+
+
+def cast_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with floating parameters and buffers in ``dtype``; the caller's model
+    is untouched. Each tensor is cast straight into the copy (no second full-precision copy);
+    tied parameters stay tied."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo.setdefault(id(p), nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach().clone(),
+                                            requires_grad=False))
+    for b in model.buffers():
+        memo.setdefault(id(b), b.to(dtype) if b.is_floating_point() else b.clone())
+    return copy.deepcopy(model, memo)
 
 
 # ---------------------------------------------------------------- export
@@ -323,26 +350,42 @@ def export_onnx(
     validate_shapes: Sequence[tuple[int, int]] = DEFAULT_SHAPES,
     atol: float = 1e-4,
     rtol: float = 0.0,
+    dtype: torch.dtype | None = None,
 ) -> OnnxExportResult:
     """Export, validate against PyTorch, then move `.onnx` (+ `.onnx.data`) into place.
 
-    `external_data=None` puts weights in `<path>.data` only for models above 1 GiB.
+    `external_data=None` puts weights in `<path>.data` only for models whose exported
+    weights reach 1 GiB (protobuf cannot hold more than 2 GB in one file).
     Raises `OnnxValidationError` (nothing left at `path`) if any validation case
     differs by more than `atol + rtol * max|PyTorch output|`.
+
+    `dtype=torch.float16` exports an fp16 copy of `model` (weights, activations and KV cache in
+    fp16) and checks it against `model` itself, which should be fp32: fp16 is lossy, so the
+    check is a bound on the relative logit error and the top-1 agreement
+    (`FP16_MAX_RELATIVE_ERROR`, `FP16_MIN_TOP1_AGREEMENT`, an `ExportError` beyond it) and the
+    max differences per case are reported, not bounded.
     """
     path = check_writable(path, force)
     data_path = path.with_name(path.name + ".data")
+    lossy = dtype is not None and dtype != _param_dtype(model)
+    if dtype is not None and dtype not in ONNX_DTYPES.values():
+        raise ExportError(f"ONNX export in {dtype} is not supported: choose fp32 or fp16")
+    exported = cast_copy(model, dtype) if lossy else model
     if external_data is None:
-        external_data = sum(p.numel() * p.element_size() for p in model.parameters()) >= EXTERNAL_DATA_BYTES
+        external_data = sum(p.numel() * p.element_size() for p in exported.parameters()) >= EXTERNAL_DATA_BYTES
     meta = _default_metadata(model, with_past)
+    meta["dtype"] = str(_param_dtype(exported)).replace("torch.", "")
     meta.update(_as_strings(metadata or {}))
 
+    agreement: tuple[float, float] | None = None
     with atomic_files([data_path, path], force=force) as staging:
         start = time.perf_counter()
-        with _eval_mode(model), warnings.catch_warnings():
+        with _eval_mode(exported), warnings.catch_warnings():
             # torch.onnx notes that Dims sharing a name are merged: expected, not actionable.
             warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
-            program = _export_program(model, with_past, opset)
+            program = _export_program(exported, with_past, opset)
+        if lossy:
+            del exported  # the check runs against the caller's model
         target = staging / path.name
         if optimize:
             raw = staging / "unoptimized.onnx"
@@ -356,7 +399,10 @@ def export_onnx(
         export_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        diffs = validate_onnx(model, target, validate_shapes, with_past=with_past, atol=atol, rtol=rtol)
+        diffs = validate_onnx(model, target, validate_shapes, with_past=with_past, atol=None if lossy else atol, rtol=rtol)
+        if lossy:
+            agreement = logit_agreement(model, target)
+            _check_fp16(*agreement)
         validate_seconds = time.perf_counter() - start
 
     has_data = data_path.exists()
@@ -371,7 +417,17 @@ def export_onnx(
         validate_seconds=validate_seconds,
         optimized=optimize,
         metadata=meta,
+        dtype=meta["dtype"],
+        relative_error=agreement[0] if agreement else None,
+        top1_agreement=agreement[1] if agreement else None,
     )
+
+
+def _check_fp16(error: float, agreement: float) -> None:
+    if not (error <= FP16_MAX_RELATIVE_ERROR and agreement >= FP16_MIN_TOP1_AGREEMENT):
+        raise ExportError(f"the fp16 file is too far from the fp32 model: relative logit error {error:.3g} (bound "
+                          f"{FP16_MAX_RELATIVE_ERROR}), top-1 agreement {agreement:.3f} (bound {FP16_MIN_TOP1_AGREEMENT}); "
+                          "activations may overflow fp16's range: export in fp32 for this model")
 
 
 # ---------------------------------------------------------------- onnxruntime side
@@ -488,7 +544,8 @@ def validate_onnx(
                 **past,
             }
             dec = session.run(None, feed)
-            torch_past = _cache_from_flat([torch.from_numpy(past[n]) for n, *_ in _past_specs(session)])
+            dtype = _param_dtype(model)  # an fp16 file's cache checked against an fp32 model: cast
+            torch_past = _cache_from_flat([torch.from_numpy(past[n]).to(dtype) for n, *_ in _past_specs(session)])
             ref = model(
                 input_ids=step,
                 attention_mask=torch.from_numpy(feed["attention_mask"]),
@@ -504,6 +561,26 @@ def validate_onnx(
     if atol is not None and any(d > atol + rtol * scales.get(k, 0.0) or not np.isfinite(d) for k, d in diffs.items()):
         raise OnnxValidationError(diffs, atol, rtol, scales)
     return diffs
+
+
+def logit_agreement(model: nn.Module, path: Path | str, *, shape: tuple[int, int] = (2, 32),
+                    seed: int = 0) -> tuple[float, float]:
+    """(relative L2 logit error, top-1 agreement) of an ONNX file against ``model`` on random ids:
+    the check for lossy files (int8 weights, fp16), where bit-level bounds do not apply."""
+    session = ort_session(path)
+    batch, seq = shape
+    ids = torch.randint(0, _vocab(model), shape, generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    if has_past(session):
+        feed["position_ids"] = torch.arange(seq).expand(batch, seq).contiguous().numpy()
+        feed.update(empty_past(session, batch))
+    got = torch.from_numpy(np.asarray(session.run(["logits"], feed)[0])).double()
+    with _eval_mode(model), torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
+    error = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+    agreement = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
+    return error, agreement
 
 
 def read_onnx_metadata(path: Path | str) -> dict[str, str]:

@@ -14,12 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import nn
 
 from llmrank.exporters.atomic import atomic_files, check_writable
-from llmrank.exporters.onnx import _eval_mode, _vocab, empty_past, has_past, ort_session
+from llmrank.exporters.onnx import logit_agreement
 from llmrank.ir.errors import ExportError
 
 #: The bound a quantized file must meet on random token batches: relative L2 error of the
@@ -59,27 +57,9 @@ def quantize_onnx(src: Path | str, dst: Path | str, model: nn.Module, *, force: 
         target = staging / dst.name
         quantize_dynamic(str(src), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                          use_external_data_format=data.exists() and data.stat().st_size > 2**31 - 1)
-        error, agreement = measure(model, target, shape=shape, seed=seed)
+        error, agreement = logit_agreement(model, target, shape=shape, seed=seed)
         if not (error <= MAX_RELATIVE_ERROR and agreement >= MIN_TOP1_AGREEMENT):
             raise ExportError(f"the int8 file is too far from the fp32 model: relative logit error {error:.3g} "
                               f"(bound {MAX_RELATIVE_ERROR}), top-1 agreement {agreement:.3f} (bound {MIN_TOP1_AGREEMENT}); "
                               "keep the fp32 ONNX for this model")
     return QuantizeResult(dst, dst.stat().st_size, error, agreement, time.perf_counter() - start)
-
-
-def measure(model: nn.Module, path: Path | str, *, shape: tuple[int, int] = (2, 32), seed: int = 0) -> tuple[float, float]:
-    """(relative L2 logit error, top-1 agreement) of an ONNX file against ``model`` on random ids."""
-    session = ort_session(path)
-    batch, seq = shape
-    ids = torch.randint(0, _vocab(model), shape, generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    if has_past(session):
-        feed["position_ids"] = torch.arange(seq).expand(batch, seq).contiguous().numpy()
-        feed.update(empty_past(session, batch))
-    got = torch.from_numpy(np.asarray(session.run(["logits"], feed)[0])).double()
-    with _eval_mode(model), torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
-    error = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-    agreement = float((got.argmax(-1) == ref.argmax(-1)).double().mean())
-    return error, agreement

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kv-cache", action="store_true")
     p.add_argument("--optimize", action="store_true")
     p.add_argument("--quantize", choices=("int8",), default=None, help="write int8 MatMul weights (onnxruntime's quantizer), checked against PyTorch")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="weights, activations and KV cache of the ONNX file (a bf16/fp16 checkpoint is loaded in fp32 first); "
+                        "fp16 is checked against the fp32 model within a stated bound")
     _genai_options(p, "write an onnxruntime-genai folder at --out instead of an .onnx file")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
@@ -265,13 +268,28 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.exporters.atomic import check_writable
     from llmrank.exporters.onnx import onnx_target
 
+    import torch
+
+    from llmrank.exporters.onnx import ONNX_DTYPES
+    from llmrank.ir.errors import ConfigError
+
+    if args.quantize and args.dtype != "fp32":
+        raise ConfigError("--quantize int8 quantizes an fp32 file: drop --dtype")
     out = check_writable(onnx_target(args.out), args.force)  # before loading: refuse in seconds
-    model = load_hf(args.checkpoint)
+    # fp32 whatever the checkpoint holds: onnxruntime's CPU kernels have no bf16 MatMul, and the
+    # fp16 file is checked against the fp32 model
+    model = load_hf(args.checkpoint, dtype=torch.float32)
     if not args.quantize:
         res = export_onnx(model, out, with_past=not args.no_kv_cache, metadata={"source_model": str(args.checkpoint)},
-                          optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
-        _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB), max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}")
-        return {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff}
+                          optimize=args.optimize, force=args.force, atol=ONNX_ATOL, rtol=ONNX_RTOL,
+                          dtype=ONNX_DTYPES[args.dtype])
+        lossy = "" if res.relative_error is None else (f", relative logit error vs fp32 {res.relative_error:.3g}, "
+                                                        f"top-1 agreement {res.top1_agreement:.3f}")
+        _say(args, f"wrote {res.path} ({res.total_bytes / 2**20:.1f} MiB, {res.dtype}), "
+                   f"max |ORT - PyTorch| {max(res.max_abs_diff.values()):.2g}{lossy}")
+        return {"path": str(res.path), "bytes": res.total_bytes, "with_past": res.with_past, "max_abs_diff": res.max_abs_diff,
+                "dtype": res.dtype, "relative_error": res.relative_error, "top1_agreement": res.top1_agreement,
+                "external_data": str(res.data_path) if res.data_path else None}
     import tempfile
 
     from llmrank.exporters.quantize import quantize_onnx
