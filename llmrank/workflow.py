@@ -154,7 +154,7 @@ def choose_route(job: PruneJob) -> tuple[bool, str, Path | None]:
     a local safetensors checkpoint is pruned block by block instead.
     """
     from llmrank.models import resolve_model_dir
-    from llmrank.passes.layerwise import Checkpoint, fp32_size
+    from llmrank.passes.checkpoint import Checkpoint, fp32_size
 
     try:
         folder = resolve_model_dir(job.model)
@@ -307,7 +307,8 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
     from llmrank.data import calibration_tokens
     from llmrank.exporters.hf import load_hf
     from llmrank.models import check_seq_len, load_tokenizer, read_config
-    from llmrank.passes.layerwise import fp32_size, prune_layerwise
+    from llmrank.passes.checkpoint import fp32_size
+    from llmrank.passes.layerwise import prune_layerwise
 
     out, config = Path(job.out), job.config
     refuse_input_overlap(out, folder)

@@ -12,6 +12,7 @@ residual sum of different writers, or the model output mark the channels as not 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -247,24 +248,38 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(common) or names[0]
 
 
+def reach_forward(node: fx.Node, linears: Mapping[fx.Node, str]) -> tuple[tuple[str, ...], bool]:
+    """Where ``node``'s output goes without crossing a Linear: the Linears it feeds (breadth
+    first) and whether it reaches the graph's output (then the Linear writes the residual stream)."""
+    reached: list[str] = []
+    output = False
+    queue, seen = deque(node.users), set()
+    while queue:
+        cur = queue.popleft()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        target = linears.get(cur)
+        if target is not None:
+            if target not in reached:
+                reached.append(target)
+            continue
+        output = output or cur.op == "output"
+        queue.extend(cur.users)
+    return tuple(reached), output
+
+
 def _feeds(g: _Graph) -> dict[str, tuple[str, ...]]:
-    feeds: dict[str, tuple[str, ...]] = {}
-    for node, lin in g.linear_of_node.items():
-        reached: list[str] = []
-        queue, seen = deque(node.users), set()
-        while queue:
-            cur = queue.popleft()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            target = g.linear_of_node.get(cur)
-            if target is not None:
-                if target.name not in reached:
-                    reached.append(target.name)
-                continue
-            queue.extend(cur.users)
-        feeds[lin.name] = tuple(reached)
-    return feeds
+    names = {node: lin.name for node, lin in g.linear_of_node.items()}
+    return {lin.name: reach_forward(node, names)[0] for node, lin in g.linear_of_node.items()}
+
+
+def residual_writers(traced: Traced, ir: ModelIR) -> list[str]:
+    """Linears whose output reaches the traced graph's output without crossing another Linear
+    (a decoder block's o_proj and down_proj: the residual stream's writers), in graph order."""
+    by_name = {info.node: name for name, info in ir.linears.items()}
+    names = {node: by_name[node.name] for node in traced.program.graph.nodes if node.name in by_name}
+    return [name for node, name in names.items() if reach_forward(node, names)[1]]
 
 
 def analyze(traced: Traced, *, prune_tied: bool = False) -> ModelIR:

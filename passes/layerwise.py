@@ -24,17 +24,18 @@ weights at a time:
 The output is an HF checkpoint: sharded safetensors with ``model.safetensors.index.json``, a
 config that describes the slim widths (``exporters/hf.py`` conventions, so ``llmrank.load``
 and, for uniform widths, stock ``from_pretrained`` reload it) and the tokenizer files.
+
+This module is the run loop; the parts live beside it: ``checkpoint.py`` (reading and writing
+safetensors shards), ``onload.py`` (the meta skeleton, a block's weights on and off the device),
+``capture.py`` (recording and replaying what the model hands its layers), ``hidden.py`` (the
+calibration hidden states, spilled to disk past a budget).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import resource
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,16 +44,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from llmrank.ir.errors import ConfigError, InputError, VerificationError
 from llmrank.ir.graph import ModelIR
-from llmrank.ir.trace import Traced, example_tokens, trace
-from llmrank.passes.analyze import analyze
+from llmrank.ir.trace import example_tokens, trace
+from llmrank.passes.analyze import analyze, residual_writers
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
+from llmrank.passes.capture import Holder, Recorder, Replay, Stop, layers_path, split_call
+from llmrank.passes.checkpoint import Checkpoint, ShardWriter, finish_checkpoint
 from llmrank.passes.compensate import consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.ops import LINEAR_OPS, op_name
+from llmrank.passes.hidden import HiddenStates
+from llmrank.passes.onload import buffers_to_own, materialise, materialise_own, skeleton, to_meta
 from llmrank.passes.pipeline import OutputCheck
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
 from llmrank.passes.select import clamp_notes, effective_sparsity, select
@@ -60,302 +63,6 @@ from llmrank.passes.shrink import mask, shrink
 from llmrank.passes.verify import Verification
 
 log = logging.getLogger(__name__)
-
-INDEX_NAME = "model.safetensors.index.json"
-#: Files copied next to the slim weights when the source folder has them.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-                   "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
-
-
-# ---------------------------------------------------------------------- the checkpoint on disk
-
-
-class Checkpoint:
-    """A local safetensors checkpoint, read one tensor at a time (never unpickles)."""
-
-    def __init__(self, folder: Path | str):
-        self.folder = Path(folder)
-        if not (self.folder / "config.json").is_file():
-            raise InputError(f"{self.folder} has no config.json: not a Hugging Face model folder")
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
-        elif (self.folder / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
-        else:
-            raise InputError(f"{self.folder} has no model.safetensors or {INDEX_NAME}: block-by-block pruning reads "
-                             "safetensors checkpoints only (save the model with save_pretrained(safe_serialization=True))")
-
-    @property
-    def files(self) -> list[Path]:
-        return [self.folder / name for name in sorted(set(self.weight_map.values()))]
-
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
-
-    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The tensors of ``keys``, opening each shard once."""
-        from safetensors import safe_open
-
-        missing = [k for k in keys if k not in self.weight_map]
-        if missing:
-            raise InputError(f"{self.folder} lacks the tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
-                             "the checkpoint does not match its config.json")
-        by_file: dict[str, list[str]] = {}
-        for k in keys:
-            by_file.setdefault(self.weight_map[k], []).append(k)
-        out: dict[str, torch.Tensor] = {}
-        for name, names in by_file.items():
-            with safe_open(str(self.folder / name), framework="pt") as f:
-                for k in names:
-                    out[k] = f.get_tensor(k)
-        return out
-
-    def dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's floating tensors (the first one found)."""
-        from safetensors import safe_open
-
-        for path in self.files:
-            with safe_open(str(path), framework="pt") as f:
-                for k in f.keys():
-                    t = f.get_slice(k)
-                    dtype = _DTYPES.get(t.get_dtype())
-                    if dtype is not None and dtype.is_floating_point:
-                        return dtype
-        return torch.float32
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def fp32_size(folder: Path | str) -> int:
-    """Bytes the checkpoint takes in memory as fp32 (the in-memory prune's working precision)."""
-    ckpt = Checkpoint(folder)
-    from safetensors import safe_open
-
-    total = 0
-    for path in ckpt.files:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                total += 4 * math.prod(f.get_slice(k).get_shape())
-    return total
-
-
-class ShardWriter:
-    """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``
-    as they come, and the HF index at the end.
-
-    A shard is held in memory until it is written, so :meth:`end_block` also closes it once it
-    holds ``hold_bytes``: at 8B scale a 2 GiB shard of slim blocks would otherwise cost 2 GiB of
-    RSS on top of the block being pruned.
-    """
-
-    def __init__(self, folder: Path, max_shard_bytes: int, hold_bytes: int = 256 * 1024**2):
-        self.folder, self.limit, self.hold = folder, max_shard_bytes, hold_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.parts: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.limit:
-            self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
-        self.total += size
-
-    def end_block(self) -> None:
-        if self.pending_bytes >= self.hold:
-            self.flush()
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.folder / f"part-{len(self.parts):05d}.safetensors"), metadata={"format": "pt"})
-        self.parts.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        """Rename the parts to the HF names and write the index; returns the shard names."""
-        self.flush()
-        n = len(self.parts)
-        names = []
-        weight_map: dict[str, str] = {}
-        for i, keys in enumerate(self.parts):
-            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"part-{i:05d}.safetensors", self.folder / name)
-            names.append(name)
-            weight_map.update({k: name for k in keys})
-        if n > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
-# ---------------------------------------------------------------------- hidden states
-
-
-class HiddenStates:
-    """The calibration hidden states between two blocks, one tensor per batch; kept in memory,
-    or spilled to a temporary folder when they exceed ``budget_bytes``."""
-
-    def __init__(self, budget_bytes: float = math.inf):
-        self.budget = budget_bytes
-        self.memory: dict[int, torch.Tensor] = {}
-        self.spill: Path | None = None
-        self.devices: dict[int, torch.device] = {}
-        self.bytes = 0
-
-    def put(self, k: int, x: torch.Tensor) -> None:
-        size = x.numel() * x.element_size()
-        old = self.memory.pop(k, None)
-        if old is not None:
-            self.bytes -= old.numel() * old.element_size()
-        if self.spill is None and self.bytes + size > self.budget:
-            self.spill = Path(tempfile.mkdtemp(prefix="llmrank-hidden-"))
-            log.info("calibration hidden states exceed %.3g GB: spilling them to %s", self.budget / 1e9, self.spill)
-        if self.spill is not None and k not in self.memory:
-            self.devices[k] = x.device
-            torch.save(x.detach().cpu(), self.spill / f"{k}.pt")
-            return
-        self.memory[k] = x
-        self.bytes += size
-
-    def get(self, k: int) -> torch.Tensor:
-        if k in self.memory:
-            return self.memory[k]
-        return torch.load(self.spill / f"{k}.pt", weights_only=True).to(self.devices[k])
-
-    def close(self) -> None:
-        self.memory.clear()
-        if self.spill is not None:
-            shutil.rmtree(self.spill, ignore_errors=True)
-            self.spill = None
-
-
-# ---------------------------------------------------------------------- the model's frame
-
-
-class _Stop(Exception):
-    """Raised by the last recorder: the rest of the forward (final norm, head) is not needed."""
-
-
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index``: records what the model hands it, passes the input on."""
-
-    def __init__(self, index: int, sink: dict[int, tuple], last: bool):
-        super().__init__()
-        self.index, self.sink, self.last = index, sink, last
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.sink[self.index] = (hidden_states, args, kwargs)
-        if self.last:
-            raise _Stop
-        return hidden_states
-
-
-class _Holder(nn.Module):
-    """Holds one block under its path in the model (``model.layers.3``), so the trace, the IR,
-    the groups and the scores carry the names the in-memory prune gives them.
-
-    ``forward(hidden, *leaves)`` calls the block with the recorded positional and keyword
-    arguments whose tensors are ``leaves``.
-    """
-
-    def __init__(self, path: str, index: int, block: nn.Module, spec: pytree.TreeSpec, constants: list[Any]):
-        super().__init__()
-        parts = path.split(".")
-        parent: nn.Module = self
-        for part in parts[:-1]:
-            child = nn.Module()
-            parent.add_module(part, child)
-            parent = child
-        parent.add_module(parts[-1], nn.ModuleDict({str(index): block}))
-        object.__setattr__(self, "block", block)  # a plain reference: the block's parameters are listed once, under its path
-        self.spec, self.constants = spec, constants
-
-    def forward(self, hidden_states: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
-        it = iter(leaves)
-        values = [next(it) if c is _TENSOR else c for c in self.constants]
-        args, kwargs = pytree.tree_unflatten(values, self.spec)
-        out = self.block(hidden_states, *args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class _TENSOR:
-    """Marks where a tensor argument goes among the recorded constants (a class survives deepcopy)."""
-
-
-def _split_call(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], pytree.TreeSpec, list[Any]]:
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-    constants = [_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves]
-    return tensors, spec, constants
-
-
-def _layers_path(model: nn.Module, n_layers: int) -> str:
-    """Dotted path of the decoder layers' ModuleList (``model.layers``)."""
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers and name]
-    if not found:
-        raise InputError(f"{type(model).__name__} has no list of {n_layers} decoder layers: block-by-block pruning needs "
-                         "a decoder with model.layers (Llama, Qwen2, Mistral, Gemma-3 style)")
-    return min(found, key=len)
-
-
-def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
-    """The model with every parameter on the meta device and real buffers (rotary tables)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # a tied head shares the embeddings' parameter, so loading one loads both
-    return model.eval()
-
-
-def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
-    """Give ``module``'s parameters and persistent buffers their checkpoint values (keys ``prefix + name``)."""
-    names = list(module.state_dict().keys())
-    tensors = ckpt.read([prefix + n for n in names])
-    state = {n: tensors[prefix + n].to(device=device, dtype=dtype if tensors[prefix + n].is_floating_point() else None)
-             for n in names}
-    module.load_state_dict(state, strict=True, assign=True)
-    for p in module.parameters():
-        p.requires_grad_(False)
-    _buffers_to(module, device)
-
-
-def _buffers_to_own(module: nn.Module, device: torch.device) -> None:
-    for name, buf in module._buffers.items():
-        if buf is not None and not buf.is_meta and buf.device != device:
-            module._buffers[name] = buf.to(device)
-
-
-def _buffers_to(module: nn.Module, device: torch.device) -> None:
-    """Move the real (non-meta) buffers, e.g. rotary tables built at construction, to ``device``."""
-    for m in module.modules():
-        for name, buf in m._buffers.items():
-            if buf is not None and not buf.is_meta and buf.device != device:
-                m._buffers[name] = buf.to(device)
-
-
-def _to_meta(module: nn.Module) -> None:
-    """Free a block: parameters and persistent buffers go back to the meta device (with their
-    new shapes); buffers computed at construction stay, as no checkpoint holds them."""
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                m._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
-        for name, buf in list(m._buffers.items()):
-            if buf is not None and name not in m._non_persistent_buffers_set:
-                m._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
 
 
 # ---------------------------------------------------------------------- results
@@ -498,7 +205,7 @@ def prune_layerwise(
         refuse_input_overlap(Path(out_dir), folder)
         check_writable(Path(out_dir), force)
 
-    model = _skeleton(folder, dtype)
+    model = skeleton(folder, dtype)
     params_before = sum(p.numel() for p in model.parameters())
     token_batches = [step.batch for step in plan.steps] + [_sample_ids(model, batches)]
     run = _Run(config, ckpt, model, plan, token_batches, device, dtype, hidden_budget_bytes, progress)
@@ -523,7 +230,9 @@ def prune_layerwise(
         widths = {g.name: (g.width, len(kept[g.name])) for g in ir.groups}
         if tmp is not None:
             tick = time.perf_counter()
-            _finish_checkpoint(tmp, run, model, ckpt, metadata or {}, config, widths)
+            assert run.writer is not None
+            finish_checkpoint(tmp, run.writer, ckpt, model, f"{run.path}.", run.out_dtype,
+                              _checkpoint_metadata(ckpt, config, widths, metadata or {}))
             run.timings["write"] = run.timings.get("write", 0.0) + time.perf_counter() - tick
     notes = tuple(clamp_notes(ir, kept, config.sparsity, multiple=config.multiple, min_width=config.min_width))
     for note in notes:
@@ -553,26 +262,6 @@ def _sample_ids(model: nn.Module, batches: Sequence[Any]) -> torch.Tensor:
     return example_tokens(model)
 
 
-def _materialise_own(module: nn.Module, name: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-                     root: nn.Module | None = None) -> None:
-    """Load one module's own parameters (not its children's); one missing from the checkpoint
-    (a tied head) stays on the meta device. A parameter shared with other modules of ``root``
-    (tied embeddings) gets the loaded value everywhere, so the tie holds."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for m in (root or module).modules():
-        for pname, p in m._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((m, pname))
-    for pname, p in list(module.named_parameters(recurse=False)):
-        key = f"{name}.{pname}" if name else pname
-        if key not in ckpt.weight_map:
-            continue
-        t = ckpt.read([key])[key]
-        new = nn.Parameter(t.to(device=device, dtype=dtype if t.is_floating_point() else None), requires_grad=False)
-        for owner, attr in owners.get(id(p), [(module, pname)]):
-            setattr(owner, attr, new)
-
-
 class _Run:
     """The walks over the blocks and what they accumulate (IRs, scores, kept sets, the carry)."""
 
@@ -581,7 +270,7 @@ class _Run:
         self.config, self.ckpt, self.model, self.plan = config, ckpt, model, plan
         self.token_batches, self.device, self.dtype, self.budget, self.progress = token_batches, device, dtype, budget, progress
         self.n_layers = int(getattr(model.config.get_text_config(decoder=True), "num_hidden_layers"))
-        self.path = _layers_path(model, self.n_layers)
+        self.path = layers_path(model, self.n_layers)
         self.sample = len(token_batches) - 1  # the verification sample rides along as the last batch
         self.irs: list[ModelIR] = []
         self.writers: list[list[str]] = []
@@ -614,8 +303,8 @@ class _Run:
         tick = time.perf_counter()
         for name, module in self._frame_modules():
             if any(p.is_meta for p in module.parameters(recurse=False)):
-                _materialise_own(module, name, self.ckpt, self.device, self.dtype, root=self.model)
-            _buffers_to_own(module, self.device)
+                materialise_own(module, name, self.ckpt, self.device, self.dtype, root=self.model)
+            buffers_to_own(module, self.device)
         self.close()
         self.hidden = HiddenStates(self.budget)
         self.calls = []
@@ -628,11 +317,11 @@ class _Run:
             check_token_ids(self.model, ids)
             sink: dict[int, tuple] = {}
             for i in range(self.n_layers):
-                layers[i] = _Recorder(i, sink, last=i == self.n_layers - 1)
+                layers[i] = Recorder(i, sink, last=i == self.n_layers - 1)
             try:
                 with torch.no_grad():
                     self.model(input_ids=ids.to(self.device), use_cache=False)
-            except _Stop:
+            except Stop:
                 pass
             finally:
                 for i, layer in enumerate(originals):
@@ -668,7 +357,7 @@ class _Run:
         return now
 
     def _args(self, k: int, i: int) -> list[torch.Tensor]:
-        return _split_call(*self.calls[k][i])[0]
+        return split_call(*self.calls[k][i])[0]
 
     # -- the walk --------------------------------------------------------------------------
 
@@ -689,15 +378,15 @@ class _Run:
             record = self.records[i]
             tick = time.perf_counter()
             block = self.model.get_submodule(self.path)[i]
-            _materialise(block, f"{self.path}.{i}.", self.ckpt, self.device, self.dtype)
+            materialise(block, f"{self.path}.{i}.", self.ckpt, self.device, self.dtype)
             block.eval()
             tick = self._time(record, "load", tick)
-            tensors, spec, constants = _split_call(*self.calls[0][i])
-            holder = _Holder(self.path, i, block, spec, constants)
+            tensors, spec, constants = split_call(*self.calls[0][i])
+            holder = Holder(self.path, i, block, spec, constants)
             if len(self.irs) <= i:
                 traced = trace(holder, (self.hidden.get(0), *tensors), dynamic=False)
                 self.irs.append(analyze(traced, prune_tied=c.prune_tied))
-                self.writers.append(_output_writers(traced, self.irs[i]))
+                self.writers.append(residual_writers(traced, self.irs[i]))
                 del traced
                 self._time(record, "trace", tick)
             ir = self.irs[i]
@@ -712,10 +401,10 @@ class _Run:
                 tick = self._time(record, "score", tick)
             if not score_only:
                 self._rewrite(holder, ir, i, stats, kept, record)
-            _to_meta(block)
+            to_meta(block)
             record.rss_bytes = _rss_now()
 
-    def _statistics(self, holder: _Holder, ir: ModelIR, i: int, steps: list[tuple[int, Step]], record: BlockRecord) -> CalibrationStats:
+    def _statistics(self, holder: Holder, ir: ModelIR, i: int, steps: list[tuple[int, Step]], record: BlockRecord) -> CalibrationStats:
         """This block's norms and moments on the calibration hidden states (the Calibrate pass's
         Accumulator), replacing each batch's hidden states by the DENSE block's outputs."""
         tick = time.perf_counter()
@@ -742,7 +431,7 @@ class _Run:
         self._time(record, "calibrate", tick)
         return stats
 
-    def _rewrite(self, holder: _Holder, ir: ModelIR, i: int, stats: CalibrationStats, kept: dict[str, torch.Tensor] | None,
+    def _rewrite(self, holder: Holder, ir: ModelIR, i: int, stats: CalibrationStats, kept: dict[str, torch.Tensor] | None,
                  record: BlockRecord) -> None:
         """Select (local), refit, shrink in place, check against the masked dense block, write."""
         c = self.config
@@ -786,7 +475,7 @@ class _Run:
         layers = self.model.get_submodule(self.path)
         originals = list(layers)
         for i in range(self.n_layers):
-            layers[i] = _Replay(final if i == self.n_layers - 1 else None)
+            layers[i] = Replay(final if i == self.n_layers - 1 else None)
         try:
             with torch.no_grad():
                 out = self.model(input_ids=self.token_batches[self.sample].to(self.device), use_cache=False)
@@ -806,7 +495,7 @@ class _Run:
         meta = head.weight.is_meta  # an untied head (a tied one came with the embeddings)
         if meta:
             name = next(n for n, m in self.model.named_modules() if m is head)
-            _materialise_own(head, name, self.ckpt, self.device, self.dtype)
+            materialise_own(head, name, self.ckpt, self.device, self.dtype)
             if head.weight.is_meta:
                 raise InputError(f"{self.ckpt.folder} has no {name}.weight and the head is not tied to the embeddings")
         try:
@@ -825,66 +514,15 @@ class _Run:
         return OutputCheck(True, relative, None)
 
 
-class _Replay(nn.Module):
-    """A stand-in layer for the final check: passes its input on, or returns ``final``."""
-
-    def __init__(self, final: torch.Tensor | None):
-        super().__init__()
-        self.final = final
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states if self.final is None else self.final
-
-
-def _finish_checkpoint(tmp: Path, run: _Run, model: nn.Module, ckpt: Checkpoint, metadata: dict[str, Any], config: PruneConfig,
-                       widths: dict[str, tuple[int, int]]) -> None:
-    """The tensors outside the blocks (copied as they are), the index, a config describing the
-    slim widths (``exporters/hf.py`` conventions) and the tokenizer files."""
-    from llmrank.exporters.hf import _config_for_save
-
-    writer = run.writer
-    assert writer is not None
-    layer_prefix = f"{run.path}."
-    for key in sorted(k for k in ckpt.weight_map if not k.startswith(layer_prefix)):
-        writer.add(key, ckpt.read([key])[key])
-    meta = {"source_model": str(ckpt.folder), "scorer": config.scorer, "representation": config.representation,
+def _checkpoint_metadata(ckpt: Checkpoint, config: PruneConfig, widths: dict[str, tuple[int, int]],
+                         metadata: dict[str, Any]) -> dict[str, Any]:
+    """What the slim checkpoint's config records about the prune (the in-memory route's keys)."""
+    return {"source_model": str(ckpt.folder), "scorer": config.scorer, "representation": config.representation,
             "sparsity": config.sparsity, "pruner": config.pruner, "compensation": config.compensation,
             "layer_widths": {k: a for k, (_, a) in widths.items()}, "layerwise": True, **metadata}
-    saved_config, _, _, _, zeros = _config_for_save(model, meta)
-    for key, z in zeros.items():  # biases the config's switch now declares: zeros, so stock loading builds the same model
-        writer.add(key, torch.zeros(z.shape, dtype=run.out_dtype))
-    writer.close()
-    saved_config.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (ckpt.folder / name).is_file():
-            shutil.copy2(ckpt.folder / name, tmp / name)
 
 
 def _hook(acc: Accumulator, name: str):
     def record(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         acc.observe(name, args[0], output)
     return record
-
-
-def _output_writers(traced: Traced, ir: ModelIR) -> list[str]:
-    """Linears of the block whose output reaches the block's output without crossing another
-    Linear (o_proj, down_proj: the residual stream's writers), in graph order."""
-    by_node = {info.node: name for name, info in ir.linears.items()}
-    out = []
-    for node in traced.program.graph.nodes:
-        name = by_node.get(node.name)
-        if name is None:
-            continue
-        queue, seen = list(node.users), set()
-        while queue:
-            cur = queue.pop()
-            if cur in seen:
-                continue
-            seen.add(cur)
-            if cur.op == "output":
-                out.append(name)
-                break
-            if cur.name in by_node and op_name(cur) in LINEAR_OPS:
-                continue
-            queue.extend(cur.users)
-    return out

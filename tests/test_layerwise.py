@@ -17,7 +17,9 @@ import transformers as T
 import llmrank
 from llmrank.ir.errors import ConfigError, InputError
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.layerwise import Checkpoint, HiddenStates, prune_layerwise
+from llmrank.passes.checkpoint import Checkpoint
+from llmrank.passes.hidden import HiddenStates
+from llmrank.passes.layerwise import prune_layerwise
 
 V = 128
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=V,

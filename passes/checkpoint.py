@@ -1,0 +1,173 @@
+"""A Hugging Face safetensors checkpoint on disk: read one tensor at a time, write one in shards.
+
+Block-by-block pruning never holds a whole model: :class:`Checkpoint` reads the tensors of one
+block from the shards (safetensors, never unpickled), :class:`ShardWriter` writes the slim
+tensors as they come into HF-named shards with an index, and :func:`finish_checkpoint` adds what
+lies outside the blocks, the config and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmrank.ir.errors import InputError
+
+INDEX_NAME = "model.safetensors.index.json"
+#: Files copied next to the slim weights when the source folder has them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
+
+class Checkpoint:
+    """A local safetensors checkpoint, read one tensor at a time (never unpickles)."""
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").is_file():
+            raise InputError(f"{self.folder} has no config.json: not a Hugging Face model folder")
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.folder / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise InputError(f"{self.folder} has no model.safetensors or {INDEX_NAME}: block-by-block pruning reads "
+                             "safetensors checkpoints only (save the model with save_pretrained(safe_serialization=True))")
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.folder / name for name in sorted(set(self.weight_map.values()))]
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``keys``, opening each shard once."""
+        from safetensors import safe_open
+
+        missing = [k for k in keys if k not in self.weight_map]
+        if missing:
+            raise InputError(f"{self.folder} lacks the tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}: "
+                             "the checkpoint does not match its config.json")
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.weight_map[k], []).append(k)
+        out: dict[str, torch.Tensor] = {}
+        for name, names in by_file.items():
+            with safe_open(str(self.folder / name), framework="pt") as f:
+                for k in names:
+                    out[k] = f.get_tensor(k)
+        return out
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating tensors (the first one found)."""
+        from safetensors import safe_open
+
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    t = f.get_slice(k)
+                    dtype = _DTYPES.get(t.get_dtype())
+                    if dtype is not None and dtype.is_floating_point:
+                        return dtype
+        return torch.float32
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def fp32_size(folder: Path | str) -> int:
+    """Bytes the checkpoint takes in memory as fp32 (the in-memory prune's working precision)."""
+    ckpt = Checkpoint(folder)
+    from safetensors import safe_open
+
+    total = 0
+    for path in ckpt.files:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                total += 4 * math.prod(f.get_slice(k).get_shape())
+    return total
+
+
+class ShardWriter:
+    """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``
+    as they come, and the HF index at the end.
+
+    A shard is held in memory until it is written, so :meth:`end_block` also closes it once it
+    holds ``hold_bytes``: at 8B scale a 2 GiB shard of slim blocks would otherwise cost 2 GiB of
+    RSS on top of the block being pruned.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, hold_bytes: int = 256 * 1024**2):
+        self.folder, self.limit, self.hold = folder, max_shard_bytes, hold_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.limit:
+            self.flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total += size
+
+    def end_block(self) -> None:
+        if self.pending_bytes >= self.hold:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.folder / f"part-{len(self.parts):05d}.safetensors"), metadata={"format": "pt"})
+        self.parts.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Rename the parts to the HF names and write the index; returns the shard names."""
+        self.flush()
+        n = len(self.parts)
+        names = []
+        weight_map: dict[str, str] = {}
+        for i, keys in enumerate(self.parts):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / f"part-{i:05d}.safetensors", self.folder / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def finish_checkpoint(folder: Path, writer: ShardWriter, ckpt: Checkpoint, model: nn.Module, layer_prefix: str,
+                      out_dtype: torch.dtype, metadata: dict[str, Any]) -> None:
+    """The tensors outside the blocks (``layer_prefix``; copied as they are), the index, a config
+    describing the slim widths of ``model`` (``exporters/hf.py`` conventions, with ``metadata``)
+    and the tokenizer files."""
+    from llmrank.exporters.hf import _config_for_save
+
+    for key in sorted(k for k in ckpt.weight_map if not k.startswith(layer_prefix)):
+        writer.add(key, ckpt.read([key])[key])
+    saved_config, _, _, _, zeros = _config_for_save(model, metadata)
+    for key, z in zeros.items():  # biases the config's switch now declares: zeros, so stock loading builds the same model
+        writer.add(key, torch.zeros(z.shape, dtype=out_dtype))
+    writer.close()
+    saved_config.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (ckpt.folder / name).is_file():
+            shutil.copy2(ckpt.folder / name, folder / name)
