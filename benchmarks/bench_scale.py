@@ -9,7 +9,8 @@ of the same checkpoint runs beside it, also in its own process. The comparison p
 is one calibration forward pass of the dense model (the sum of the blocks' calibration walks).
 
     python benchmarks/bench_scale.py                                   # the small grid below
-    python benchmarks/bench_scale.py --shapes 32x4096x14336 --samples 16 --seq-len 512   # Llama-3-8B
+    python benchmarks/bench_scale.py --shapes 32x4096x14336 --samples 4 --seq-len 256 \
+        --in-memory-max-gb 0 --work ~/.cache/llmrank/bench --log scale-8b.log --out benchmarks/results/scale-8b.json  # Llama-3-8B
 
 Writes benchmarks/results/scale.json (one record per configuration and route).
 """
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--work", type=Path, default=None, help="where the checkpoints go (default: a temp folder, deleted)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
+    p.add_argument("--log", type=Path, default=None,
+                   help="append the children's stderr here, with a progress bar per block (watch a long run with tail -f)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -126,12 +129,13 @@ def child(args: argparse.Namespace) -> None:
     clock = time.perf_counter()
     if route == "layerwise":
         out = Path(folder).parent / (Path(folder).name + "-slim")
-        result = prune_layerwise(folder, ids, config=config, out_dir=out, force=2)
+        result = prune_layerwise(folder, ids, config=config, out_dir=out, force=2, progress=args.log is not None)
         total = time.perf_counter() - clock
         blocks = [sum(b.seconds.values()) for b in result.blocks]
         record = {"route": "layerwise", "total_s": total, "timings_s": result.timings, "peak_rss_bytes": peak_rss_bytes(),
                   "rss_at_start_bytes": rss_start, "hidden_bytes": result.hidden_bytes,
-                  "block_s_mean": sum(blocks) / len(blocks), "block_s_max": max(blocks),
+                  "block_s_mean": sum(blocks) / len(blocks), "block_s_max": max(blocks), "block_s": blocks,
+                  "block_rss_bytes": [b.rss_bytes for b in result.blocks],
                   "forward_s": result.timings.get("calibrate", 0.0), "params_before": result.params_before,
                   "params_after": result.params_after, "relative_error": result.output_check.relative_error,
                   "kept": {k: v.tolist() for k, v in result.kept.items()}}
@@ -162,12 +166,21 @@ def run_child(route: str, folder: Path, args: argparse.Namespace) -> dict:
            "--seq-len", str(args.seq_len), "--sparsity", str(args.sparsity), "--compensation", args.compensation]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if args.log is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        err = proc.stderr
+    else:
+        cmd += ["--log", str(args.log)]
+        with args.log.open("a") as log:
+            log.write(f"--- {route} {folder} {time.strftime('%H:%M:%S')}\n")
+            log.flush()
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        err = args.log.read_text()[-2000:]
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         if route == "write":
-            raise RuntimeError(f"writing {folder} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        return {"route": route, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+            raise RuntimeError(f"writing {folder} failed: {err.strip().splitlines()[-1:]}")
+        return {"route": route, "error": (err or proc.stdout).strip().splitlines()[-1:]}
     return json.loads(line[len("RESULT "):])
 
 
