@@ -124,6 +124,13 @@ def prune(
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(p.is_meta for p in model.parameters()):
+        if getattr(model, "hf_device_map", None) or hasattr(model, "_hf_hook"):
+            # accelerate pages offloaded weights in only during a forward; tracing, scoring and
+            # shrinking read and rewrite every weight, so the in-memory prune needs them all
+            raise InputError("the model's weights are offloaded by accelerate (device_map/max_memory put them on disk "
+                             "or the meta device), and the in-memory prune reads and rewrites every weight: prune the "
+                             "checkpoint block by block instead (llmrank.prune_layerwise(folder, ids, device='cuda'), "
+                             "or `llmrank prune FOLDER --layerwise --device cuda`), which holds one block at a time")
         raise InputError("the model's weights are on the meta device (not loaded): load real weights before pruning")
     batches = tuple(as_batches(calibration, batch_size=config.batch_size)) if calibration is not None else ()
     refit = tuple(as_batches(compensation_data, batch_size=config.batch_size)) if compensation_data is not None else None

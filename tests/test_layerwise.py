@@ -271,3 +271,19 @@ def test_weight_only_scorer_without_calibration(checkpoints):
     got = prune_layerwise(folder, None, config=config)
     _same_kept(ref, got)
     assert got.output_check.relative_error == pytest.approx(ref.output_check.relative_error, rel=1e-6)
+
+
+def test_accelerate_loaded_models_in_memory_or_block_by_block(checkpoints, ids, tmp_path):
+    """accelerate's device_map: a model it keeps in memory prunes in memory as usual; one whose
+    weights it offloads to disk (max_memory) is refused with a pointer to the block-by-block
+    route, which prunes the same folder to the same kept sets."""
+    model, folder = checkpoints["llama"]
+    ref = llmrank.prune(model, ids, progress=False)
+    in_memory = T.AutoModelForCausalLM.from_pretrained(folder, device_map={"": "cpu"}).eval()
+    _same_kept(ref, llmrank.prune(in_memory, ids, progress=False))
+    offloaded = T.AutoModelForCausalLM.from_pretrained(folder, device_map="auto", max_memory={"cpu": 10_000},
+                                                       offload_folder=str(tmp_path / "offload")).eval()
+    assert any(p.is_meta for p in offloaded.parameters())  # accelerate really offloaded them
+    with pytest.raises(InputError, match="offloaded by accelerate.*--layerwise"):
+        llmrank.prune(offloaded, ids, progress=False)
+    _same_kept(ref, prune_layerwise(folder, ids, config=PruneConfig()))
