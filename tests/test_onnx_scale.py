@@ -167,3 +167,16 @@ def test_export_above_2gb_writes_external_data_and_runs(tmp_path, capsys):
     with torch.no_grad():
         ref = reference(input_ids=ids, use_cache=False).logits.numpy()
     assert np.abs(logits - ref).max() <= 1e-3 + 1e-4 * np.abs(ref).max()
+
+
+def test_a_bf16_model_exports_as_fp32_checked_against_its_fp32_copy(tmp_path):
+    model = FAMILIES["llama"]().to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = export_onnx(model, tmp_path / "model.onnx", with_past=False, dtype=torch.float32)
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.bfloat16 for k, v in model.state_dict().items())
+    assert res.dtype == "float32" and res.relative_error is None and max(res.max_abs_diff.values()) <= 1e-4
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    (logits,) = _session(res.path).run(["logits"], {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 9), dtype=np.int64)})
+    with torch.no_grad():
+        ref = model.float()(input_ids=ids, use_cache=False).logits  # bf16 values are exact in fp32
+    assert logits.dtype == np.float32 and np.abs(logits - ref.numpy()).max() <= 1e-4
