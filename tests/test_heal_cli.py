@@ -7,12 +7,11 @@ import random
 
 import pytest
 import torch
-import transformers
 
 from llmrank.cli import main
 from llmrank.exporters.hf import load_hf
 
-from test_cli import WORDS, make_tokenizer
+from test_cli import WORDS, save_tiny_llama
 
 pytest.importorskip("peft")
 
@@ -22,13 +21,7 @@ COMMON = ["--seq-len", "32", "--quiet"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("heal-cli")
-    model_dir = root / "tiny-llama"
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.1)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(root / "tiny-llama", initializer_range=0.1)  # sharp enough outputs to distil
     rng = random.Random(0)
     text = root / "calib.txt"  # long enough for 4,096 held-out tokens beside the training windows
     text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " ." for _ in range(600)))
