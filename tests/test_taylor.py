@@ -63,3 +63,12 @@ def test_taylor_needs_calibration_and_refuses_layerwise(tiny_llama):
         llmrank.prune(tiny_llama.fresh(), None, scorer="taylor", progress=False)
     with pytest.raises(ConfigError, match="whole model"):
         check_config(PruneConfig(scorer="taylor"))
+
+
+def test_taylor_refuses_an_exported_program():
+    from torch import nn
+
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    ep = torch.export.export(mlp, (torch.randn(3, 8),))
+    with pytest.raises(ConfigError, match="exported program"):
+        llmrank.prune_program(ep, [(torch.randn(3, 8),)], scorer="taylor")
