@@ -118,7 +118,7 @@ def _check(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, tokens: in
         raise ConfigError(f"heal learning rate must be > 0, got {lr!r}")
     if ids.dim() != 2 or ids.dtype != torch.long or ids.numel() == 0:
         raise InputError(f"heal data must be token ids LongTensor[N, L], got {ids.dtype} {tuple(ids.shape)}")
-    vs, vt = student.get_output_embeddings(), teacher.get_output_embeddings()
+    vs, vt = (m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None for m in (student, teacher))
     if vs is not None and vt is not None and vs.weight.shape[0] != vt.weight.shape[0]:
         raise InputError(f"the teacher's vocabulary ({vt.weight.shape[0]}) is not the student's ({vs.weight.shape[0]}): "
                          "heal a pruned model with the dense model it was pruned from")
