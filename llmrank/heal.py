@@ -27,7 +27,8 @@ from llmrank.ir.errors import ConfigError, InputError
 
 TRAIN_MODES = ("lora", "weights")
 PEFT_HINT = "pip install 'llmrank[heal]'"
-#: Default learning rates, chosen on the tune text (SmolLM2-135M at 30 %, see README "Heal").
+#: Default learning rates: usual values for LoRA and for full fine-tuning of a small LM, not yet
+#: tuned on the held-out text (README, "Heal", says what was measured with them).
 DEFAULT_LR = {"lora": 1e-3, "weights": 5e-5}
 
 
