@@ -60,12 +60,16 @@ class HealOptions:
             require_peft()
 
 
+def group_linears(ir: Any) -> list[str]:
+    """The Linears of the IR's channel groups (FFN producers and consumers): what pruning cuts."""
+    return sorted({port.linear for g in ir.groups for port in (*g.producers, *g.consumers)})
+
+
 def pruned_linears(model: nn.Module) -> list[str]:
-    """The Linears of the model's channel groups (FFN producers and consumers), read from its graph."""
+    """:func:`group_linears` of a (slim) model, read from its traced graph."""
     import llmrank
 
-    ir = llmrank.analyze(llmrank.trace(model))
-    return sorted({port.linear for g in ir.groups for port in (*g.producers, *g.consumers)})
+    return group_linears(llmrank.analyze(llmrank.trace(model)))
 
 
 def heal_slim(slim: nn.Module, dense: nn.Module, tokenizer: Any, options: HealOptions, *, progress: bool = True,

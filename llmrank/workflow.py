@@ -242,10 +242,10 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
     result = prune(model, calib, config=config, compensation_data=refit, progress=job.progress)
     heal_part = None
     if job.heal_options is not None:
-        from llmrank.healcmd import heal_slim
+        from llmrank.healcmd import group_linears, heal_slim
 
-        targets = sorted({p.linear for g in result.ir.groups for p in (*g.producers, *g.consumers)})
-        healed, heal_part = heal_slim(result.model, model, tokenizer, job.heal_options, progress=job.progress, targets=targets)
+        healed, heal_part = heal_slim(result.model, model, tokenizer, job.heal_options, progress=job.progress,
+                                      targets=group_linears(result.ir))
         result.model = healed.model  # what is exported; the verification above is of the model before the heal
     report = build_report(job, result, load_s)
     with atomic_path(out, force=job.force) as tmp:
