@@ -162,7 +162,7 @@ def run_heal(job: HealJob) -> dict[str, Any]:
                                      "loader": "transformers" if saved.stock_loadable else "llmrank.load"}
         if job.onnx:
             report["artifacts"]["onnx"] = export_onnx_artifact(result.model, tmp / "onnx" / "model.onnx", job, metadata)
-        write_heal_plot(tmp, part, f"heal of {Path(job.slim).name} from {job.teacher}", report)
+        write_heal_plot(tmp, part, f"heal of {job.slim} from {job.teacher}", report)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     return json.loads((Path(job.out) / "report.json").read_text())
 
