@@ -1,4 +1,4 @@
-"""The ``llmrank`` command: prune, inspect, export, generate, eval, sweep.
+"""The ``llmrank`` command: prune, heal, inspect, export, generate, eval, sweep.
 
 Errors print one line and a hint and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -81,6 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing --out folder: it is deleted with everything in it; a folder "
                         "without report.json (not an llmrank output) needs --force --force")
+    p.add_argument("--heal-tokens", type=int, default=None,
+                   help="heal the slim model before export: distil it from the dense one for N tokens (LoRA, needs 'llmrank[heal]')")
+    p.add_argument("--heal-minutes", type=float, default=None, help="heal for at most M minutes of training (with or without --heal-tokens)")
+    p.add_argument("--heal-lr", type=float, default=None, help="heal learning rate (default: 1e-3 LoRA, 5e-5 weights)")
+    p.add_argument("--heal-train", choices=("lora", "weights"), default="lora",
+                   help="heal LoRA adapters (merged at the end) or the pruned Linears' own weights")
+    _common(p)
+
+    p = sub.add_parser("heal", help="distil a pruned checkpoint from its dense model (LoRA merged) and write hf/, onnx/, report, plot")
+    p.add_argument("slim", type=Path, help="the hf/ folder of a prune (any llmrank slim checkpoint)")
+    p.add_argument("--teacher", required=True, help="the dense model it was pruned from (built-in name, folder or hub id)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force; never the input)")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens (whole sequences of --seq-len)")
+    p.add_argument("--minutes", type=float, default=None, help="training minutes (evaluations not counted); with --tokens: whichever ends first")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 LoRA, 5e-5 weights)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--train", choices=("lora", "weights"), default="lora", help="LoRA adapters (needs 'llmrank[heal]') or the Linears' own weights")
+    p.add_argument("--targets", choices=("pruned", "all"), default="pruned", help="the FFN Linears pruning cut, or every Linear but the LM head")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step")
+    p.add_argument("--calib", default="wiki", help="text to heal on: its calibration half (wiki, a .txt file or a folder)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-points", type=int, default=4, help="held-out perplexity evaluations during the heal (the curve)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", default=True, help="write only hf/ (no onnx/)")
+    p.add_argument("--no-kv-cache", action="store_true", help="export logits-only ONNX (no past key/values)")
+    p.add_argument("--force", action="count", default=0, help="replace an existing --out folder (see prune --force)")
     _common(p)
 
     p = sub.add_parser("inspect", help="show the channel groups found in the graph and what a cut would remove")
@@ -195,6 +221,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         genai=args.genai, genai_device=args.genai_device, force=args.force,
         progress=not (args.quiet or args.json), layerwise=args.layerwise, device=args.device,
         max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
+        heal_tokens=args.heal_tokens, heal_minutes=args.heal_minutes, heal_lr=args.heal_lr, heal_train=args.heal_train,
     )
     report = run_prune(job)
     _say(args, summary_table(report))
@@ -223,6 +250,24 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.append(("ONNX vs PyTorch max diff", "", f"{max(onnx['max_abs_diff'].values()):.2g}"))
     rows.append(("time (s)", "", " ".join(f"{k}={v:.1f}" for k, v in report["timings_s"].items())))
     return table(rows, ("", "dense", "slim"))
+
+
+def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.healcmd import HealJob, HealOptions, run_heal
+
+    options = HealOptions(tokens=args.tokens, minutes=args.minutes, lr=args.lr, lora_rank=args.lora_rank, train=args.train,
+                          targets=args.targets, batch_size=args.batch_size, seq_len=args.seq_len, calib=args.calib,
+                          seed=args.seed, eval_points=args.eval_points)
+    job = HealJob(slim=args.slim, teacher=args.teacher, out=args.out, options=options, onnx=args.onnx,
+                  kv_cache=not args.no_kv_cache, force=args.force, progress=not (args.quiet or args.json))
+    report = run_heal(job)
+    h = report["heal"]
+    ppl = h["held_out_ppl"]
+    _say(args, f"healed {h['tokens']:,} tokens in {h['train_seconds']:.0f} s ({h['tokens_per_second']:.0f} tokens/s, "
+               f"stopped by {h['stopped_by']}); held-out perplexity {ppl['before']:.2f} -> {ppl['after']:.2f} "
+               f"(dense {ppl['dense']:.2f}: {ppl['before_ratio']:.2f}x -> {ppl['after_ratio']:.2f}x)")
+    _say(args, f"written: {args.out}/ ({', '.join(sorted(report['artifacts']))}, report.json)")
+    return report
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
@@ -342,7 +387,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return run(args)
 
 
-COMMANDS = {"prune": cmd_prune, "inspect": cmd_inspect, "export": cmd_export, "generate": cmd_generate,
+COMMANDS = {"prune": cmd_prune, "heal": cmd_heal, "inspect": cmd_inspect, "export": cmd_export, "generate": cmd_generate,
             "eval": cmd_eval, "sweep": cmd_sweep}
 
 

@@ -449,3 +449,26 @@ def eval_tokens(tokenizer, source: str = "wiki") -> torch.Tensor:
     """The eval split of `source` as one token stream, LongTensor[1, T], without special tokens
     (an evaluator adds BOS per window where bos_token_id(tokenizer) says so)."""
     return tokenize_text(tokenizer, load_text_source(source, "eval")).unsqueeze(0)
+
+
+def heal_tokens(tokenizer, source: str = "wiki", n: int = 64, seq_len: int = 512, seed: int = 0, *,
+                held_out: int = 4096, exclude: int = 64, add_bos: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training windows LongTensor[n, seq_len], held-out text LongTensor[1, held_out]) for a heal,
+    both from the calib split of `source` (never the eval split).
+
+    The held-out text is the first `held_out` tokens of `tuning_tokens(..., n=exclude)` (the
+    calib split minus the `exclude` pruning calibration windows); the training windows are
+    sampled (seeded) from the rest of it, so the heal's perplexity curve reads text that
+    neither the pruning nor the heal trained on. Rows start with BOS where the tokenizer adds
+    one (see calibration_tokens).
+    """
+    tune = tuning_tokens(tokenizer, source, n=exclude, seq_len=seq_len, seed=seed, add_bos=add_bos)[0]
+    if tune.numel() < held_out + seq_len + 1:
+        raise ValueError(f"text too short to heal on: {tune.numel()} tokens outside the calibration windows, need at least "
+                         f"{held_out + seq_len + 1} (held_out + seq_len + 1); use more text, a shorter --seq-len or fewer held-out tokens")
+    held, rest = tune[:held_out].unsqueeze(0), tune[held_out:]
+    bos = bos_token_id(tokenizer) if add_bos is None else (tokenizer.bos_token_id if add_bos else None)
+    if bos is None:
+        return sample_sequences(rest, n, seq_len, seed), held
+    rows = sample_sequences(rest, n, seq_len - 1, seed)
+    return torch.cat([torch.full((n, 1), int(bos), dtype=torch.long), rows], dim=1), held

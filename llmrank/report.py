@@ -40,12 +40,8 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def plot_prune(widths: dict[str, tuple[int, int]], scores: dict[str, torch.Tensor], path: Path, title: str) -> Path | None:
-    """Kept width per group (left) and the distribution of normalised scores (right).
-
-    matplotlib is an optional extra: without it the plot is skipped with a one-line note and
-    None is returned, so a plain install can still prune (the caller records no plot).
-    """
+def _pyplot(path: Path):
+    """matplotlib.pyplot (Agg), or None with a one-line note that ``path`` is not written."""
     try:
         import matplotlib
 
@@ -55,6 +51,18 @@ def plot_prune(widths: dict[str, tuple[int, int]], scores: dict[str, torch.Tenso
         from llmrank.cache import log
 
         log(f"plot skipped: matplotlib is not installed (pip install 'llmrank[plot]'); {Path(path).name} not written")
+        return None
+    return plt
+
+
+def plot_prune(widths: dict[str, tuple[int, int]], scores: dict[str, torch.Tensor], path: Path, title: str) -> Path | None:
+    """Kept width per group (left) and the distribution of normalised scores (right).
+
+    matplotlib is an optional extra: without it the plot is skipped with a one-line note and
+    None is returned, so a plain install can still prune (the caller records no plot).
+    """
+    plt = _pyplot(path)
+    if plt is None:
         return None
 
     names = list(widths)
@@ -74,6 +82,24 @@ def plot_prune(widths: dict[str, tuple[int, int]], scores: dict[str, torch.Tenso
     ax_s.set_ylabel("channels")
     ax_s.set_title("score distribution")
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heal(curve: Sequence[dict[str, float]], dense_ppl: float, path: Path, title: str) -> Path | None:
+    """Held-out perplexity against heal tokens, with the dense model's as a line (None without matplotlib)."""
+    plt = _pyplot(path)
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([p["tokens"] for p in curve], [p["ppl"] for p in curve], "o-", color="#1f6feb", label="healed slim")
+    ax.axhline(dense_ppl, color="#6e7781", linestyle="--", label=f"dense ({dense_ppl:.2f})")
+    ax.set_xlabel("heal tokens")
+    ax.set_ylabel("perplexity (held-out calibration text)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

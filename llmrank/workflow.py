@@ -63,6 +63,21 @@ class PruneJob:
     layerwise: bool = False
     max_memory: int | None = None  # bytes; None: what the machine has available
     device: str = "cpu"
+    # heal before export (``llmrank.healcmd``): a budget turns it on
+    heal_tokens: int | None = None
+    heal_minutes: float | None = None
+    heal_lr: float | None = None
+    heal_train: str = "lora"
+
+    @property
+    def heal_options(self):
+        """The heal this job asks for (None: no heal); calibration text and seed are the prune's."""
+        if self.heal_tokens is None and self.heal_minutes is None:
+            return None
+        from llmrank.healcmd import HealOptions
+
+        return HealOptions(tokens=self.heal_tokens, minutes=self.heal_minutes, lr=self.heal_lr, train=self.heal_train,
+                           seq_len=self.seq_len, calib=self.calib, seed=self.config.seed)
 
     def check(self) -> None:
         """Every setting and combination, before the model is read (ConfigError names the flag)."""
@@ -83,6 +98,12 @@ class PruneJob:
         if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory < 1):
             raise ConfigError(f"--max-memory must be a positive size such as 16GB, got {self.max_memory!r}")
         check_device(self.device)
+        if self.heal_options is not None:
+            if self.layerwise:
+                raise ConfigError("--heal-tokens/--heal-minutes distil from the dense model in memory: drop --layerwise")
+            if self.config.mode != "shrink":
+                raise ConfigError(f"a heal trains the shrunk model: --mode {self.config.mode} is not supported with --heal-tokens")
+            self.heal_options.check()
         if self.layerwise:
             from llmrank.passes.layerwise import check_config
 
@@ -219,9 +240,22 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
     if config.compensation != "none" and job.compensation_samples != job.samples:
         refit = calibration_tokens(tokenizer, job.calib, n=job.compensation_samples, seq_len=job.seq_len, seed=config.seed)
     result = prune(model, calib, config=config, compensation_data=refit, progress=job.progress)
+    heal_part = None
+    if job.heal_options is not None:
+        from llmrank.healcmd import group_linears, heal_slim
+
+        healed, heal_part = heal_slim(result.model, model, tokenizer, job.heal_options, progress=job.progress,
+                                      targets=group_linears(result.ir))
+        result.model = healed.model  # what is exported; the verification above is of the model before the heal
     report = build_report(job, result, load_s)
     with atomic_path(out, force=job.force) as tmp:
         tmp.mkdir(parents=True)
+        if heal_part is not None:
+            from llmrank.healcmd import write_heal_plot
+
+            report["heal"] = heal_part
+            report["timings_s"]["heal"] = heal_part["wall_seconds"]
+            write_heal_plot(tmp, heal_part, f"{job.model}: heal after {config.scorer}, sparsity {config.sparsity}", report)
         write_artifacts(tmp, job, result, tokenizer, report)
     # paths in the report point at the final folder
     return json.loads((out / "report.json").read_text())

@@ -153,6 +153,9 @@ def check_config(config: PruneConfig) -> None:
     if config.scorer == "hits":
         raise ConfigError("scorer 'hits' reads the next block's weights, so it cannot run block by block; choose another scorer "
                           "or prune in memory")
+    if config.scorer == "taylor":
+        raise ConfigError("scorer 'taylor' needs the gradient of the whole model's loss, a backward pass through every "
+                          "block at once, which block-by-block pruning exists to avoid; prune in memory or choose another scorer")
     if config.inplace:
         raise ConfigError("inplace has no meaning block by block (the checkpoint on disk is never changed)")
 

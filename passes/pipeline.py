@@ -14,7 +14,7 @@ The contract, after torch.fx's pass infra and onnx-ir's ``_pass_infra``:
 - the runner logs each pass, records ``(name, modified, seconds)`` in ``state.history`` and,
   when a pass fails, names it and the passes that ran before it in the error.
 
-    trace -> analyze -> calibrate -> score -> select -> compensate -> shrink -> check outputs -> verify
+    trace -> analyze -> calibrate -> gradients (taylor only) -> score -> select -> compensate -> shrink -> check outputs -> verify
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from llmrank.ir.errors import CalibrationError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
+from llmrank.ir.errors import CalibrationError, ConfigError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes import program as P
@@ -39,6 +39,7 @@ from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
+from llmrank.passes.gradients import FirstOrder, first_order
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
@@ -94,6 +95,7 @@ class PruneState:
     traced: Traced | None = None
     ir: ModelIR | None = None
     stats: CalibrationStats | None = None
+    first_order: FirstOrder | None = None
     scores: Scores | None = None
     kept: dict[str, torch.Tensor] | None = None
     refits: dict[str, Refit] | None = None
@@ -300,6 +302,23 @@ def require_calibration(config: PruneConfig, batches: Sequence[Any], refit_batch
                                "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
 
 
+class Gradients(Pass):
+    """model + ir + batches -> first_order: sum w * dL/dw per group channel, for the taylor
+    scorer only (a backward pass per calibration sequence); other scorers skip it."""
+
+    needs = ("model", "ir")
+
+    def call(self, state: PruneState) -> PassResult:
+        if state.config.scorer != "taylor" or state.first_order is not None:
+            return PassResult(state, False)
+        if state.from_program:
+            raise ConfigError("scorer 'taylor' needs the loss of a causal LM (an nn.Module with logits); an exported "
+                              "program is not one: prune the nn.Module, or choose another scorer")
+        require_calibration(state.config, state.batches, None)
+        grads = first_order(state.model, state.ir, state.batches, progress=state.progress)
+        return PassResult(state.update(first_order=grads), True)
+
+
 class Score(Pass):
     """model + ir + norms -> scores, by the configured scorer or a plug-in callable.
 
@@ -322,7 +341,8 @@ class Score(Pass):
 
     def call(self, state: PruneState) -> PassResult:
         if self.scorer is None:
-            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, state.config.scoring)), True)
+            scores = score(state.model, state.ir, state.norms, state.config.scoring, first_order=state.first_order)
+            return PassResult(state.update(scores=scores), True)
         return PassResult(state.update(scores=_as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)), True)
 
 
@@ -519,7 +539,7 @@ class Pipeline:
     @classmethod
     def default(cls, *, scorer: ScorerFn | None = None) -> Pipeline:
         """The passes every route runs, in order (a plug-in ``scorer`` replaces the built-in ones)."""
-        return cls([Trace(), Analyze(), Calibrate(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
+        return cls([Trace(), Analyze(), Calibrate(), Gradients(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
 
     def __call__(self, state: PruneState) -> PassResult:
         modified, ran = False, [r.name for r in state.history]

@@ -14,6 +14,9 @@ Representations (which layers form the centrality chain):
   value that really flows into down_proj (act(gate) * up). For the per-layer baselines the
   dataflow view also scores the whole group: activation = consumer a_in, l1 = producer rows
   plus consumer columns, wanda = sum over producers.
+- ``taylor`` (the peers' criterion, a baseline): first-order Taylor importance from the
+  gradients of the causal-LM loss (``llmrank.passes.gradients``), summed over every slot of
+  the group whatever the representation; it needs the whole model at once.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from llmrank.ir.errors import CalibrationError, ConfigError, UnsupportedModelErr
 from llmrank.ir.graph import ChannelGroup, ModelIR, Port
 from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
+from llmrank.passes.gradients import FirstOrder, group_parts
 
-SCORERS = ("wpr", "mpr", "hits", "l1", "lp", "activation", "wanda", "random")
+SCORERS = ("wpr", "mpr", "hits", "l1", "lp", "activation", "wanda", "random", "taylor")
 REPRESENTATIONS = ("isolated", "chained", "dataflow")
 WEIGHT_ONLY_SCORERS = ("l1", "lp", "random")  # need no calibration data
 
@@ -114,17 +118,25 @@ def _need(norms: ActivationNorms, name: str, kind: str) -> torch.Tensor:
 
 
 def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig, *,
-          upstream: Upstream | None = None) -> Scores:
+          upstream: Upstream | None = None, first_order: FirstOrder | None = None) -> Scores:
     """Score every channel group of ``ir`` (pure: reads the model, changes nothing).
 
     ``upstream``: what earlier slices of the model passed on when ``ir`` is one slice of it
-    (see :class:`Upstream`); None scores ``ir`` as the whole model.
+    (see :class:`Upstream`); None scores ``ir`` as the whole model. ``first_order``: the
+    gradient statistics of the taylor scorer (``llmrank.passes.gradients.first_order``).
     """
     up = upstream or Upstream()
     if not ir.groups:
         raise UnsupportedModelError(f"{ir.model_class} has no prunable channel group; nothing to score")
     if norms is None and config.scorer not in WEIGHT_ONLY_SCORERS:
         raise CalibrationError(f"scorer {config.scorer!r} needs calibration data")
+    if config.scorer == "taylor":
+        if upstream is not None:
+            raise ConfigError("scorer 'taylor' needs the gradient of the whole model's loss, so it cannot score a model "
+                              "slice by slice (block by block); prune in memory or choose another scorer")
+        if first_order is None:
+            raise CalibrationError("scorer 'taylor' needs gradient statistics: run the Gradients pass before Score")
+        return _taylor(ir, norms, first_order)
     if config.scorer == "hits":
         if upstream is not None:
             raise ConfigError("scorer 'hits' reads the next group's weights, so it cannot score a model slice by slice")
@@ -234,6 +246,16 @@ def _hits(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreCo
                 downstream = sum(w.to(torch.float64).abs().T @ a_next for w in reads)
         out.groups[g.name] = S.hits(_need(norms, down.linear, "in"), w_down, downstream, gamma=config.gamma)
         out.outputs[g.name] = S.activation(_need(norms, down.linear, "out"))
+    return out
+
+
+def _taylor(ir: ModelIR, norms: ActivationNorms, first_order: FirstOrder) -> Scores:
+    """|sum of w * dL/dw over the group's slots| per channel; the consumer's output rows (read
+    only by mask-paper) get their activation norm."""
+    out = Scores()
+    for name, parts in group_parts(ir, first_order).items():
+        out.groups[name] = S.taylor(parts)
+        out.outputs[name] = S.activation(_need(norms, ir.group(name).consumers[0].linear, "out"))
     return out
 
 

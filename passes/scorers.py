@@ -109,6 +109,21 @@ def hits(a_mid: torch.Tensor, w_down: torch.Tensor, downstream: torch.Tensor | N
     return normalize(normalize(a_mid) * hub)
 
 
+def first_order(weight: torch.Tensor, grad: torch.Tensor, axis: int) -> torch.Tensor:
+    """sum of w * dL/dw over every axis but ``axis``, in float64: one entry per channel of that
+    axis (a row of a producer, a column of a consumer, an entry of a bias)."""
+    prod = weight.detach().to(torch.float64) * grad.detach().to(torch.float64)
+    return prod.sum(dim=tuple(d for d in range(prod.dim()) if d != axis)) if prod.dim() > 1 else prod
+
+
+def taylor(parts: list[torch.Tensor]) -> torch.Tensor:
+    """First-order Taylor importance of a channel group (Molchanov et al.; Torch-Pruning's and
+    LLM-Pruner's group criterion): |sum over the group's slots of sum w * dL/dw|, i.e. the
+    first-order change of the loss when every weight of the channel is set to zero.
+    ``parts``: one :func:`first_order` vector (cut to the group's block) per slot."""
+    return normalize(torch.stack([p.to(torch.float64) for p in parts]).sum(0).abs())
+
+
 def random_scores(n: int, seed: int, salt: int = 0) -> torch.Tensor:
     """Seeded uniform scores; ``salt`` decorrelates layers that share one seed."""
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(salt))

@@ -26,6 +26,17 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def save_tiny_llama(folder: Path, **overrides) -> Path:
+    """A tiny random Llama (seed 0) and the word-level tokenizer, saved as a HF folder."""
+    cfg = transformers.LlamaConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
+                                             bos_token_id=1, eos_token_id=2, pad_token_id=3), **overrides})
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
 
@@ -33,14 +44,7 @@ def snapshot(folder: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "tiny-llama"
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(model_dir)
-    make_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_llama(root / "tiny-llama")
     rng = random.Random(0)
     text = root / "calib.txt"
     text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " ." for _ in range(40)))
