@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from llmrank.ir.errors import ConfigError
+from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
 from llmrank.passes.compensate import METHODS
 from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
@@ -47,6 +48,10 @@ class PruneConfig:
     seed: int = _opt(0, "seed of the random scorer and of calibration sampling")
     multiple: int = _opt(1, "round kept widths to a multiple (8, 64: faster GEMMs)")
     min_width: int = _opt(1, "never keep fewer channels than this per group")
+    allocation: str = _opt("uniform", "per-group widths: uniform (the pruner's), or error: minimise the summed relative "
+                           "residual of the least-squares refit under the same budget (needs compensation lstsq)", ALLOCATIONS)
+    selection: str = _opt("score", "which channels a group keeps: the scorer's top-k, or refit: drop greedily the channel "
+                          "whose loss the refit repairs best (needs compensation lstsq)", SELECTIONS)
     mode: str = _opt("shrink", "shrink tensors, zero them (mask), or the authors' row masks (mask-paper)", MODES)
     compensation: str = _opt("none", "repair the consumers of cut channels from calibration statistics", COMPENSATIONS)
     ridge: float = _opt(1e-3, "least-squares refit: ridge, relative to the mean diagonal of the Gram matrix (>= 0)")
@@ -92,6 +97,14 @@ class PruneConfig:
         if self.mode == "mask-paper" and self.pruner != "local":
             raise ConfigError("mode 'mask-paper' reproduces the authors' local pruner only; their global pruner pools "
                               "up and down row scores, which llmrank does not implement: use pruner 'local'")
+        refit_aware = [f"{name} {getattr(self, name)!r}" for name, plain in (("allocation", "uniform"), ("selection", "score"))
+                       if getattr(self, name) != plain]
+        if refit_aware and not self.compensation.startswith("lstsq"):
+            raise ConfigError(f"{' and '.join(refit_aware)} read the least-squares refit's error: use compensation 'lstsq' "
+                              f"or 'lstsq+bias' (got {self.compensation!r})")
+        if refit_aware and self.pruner != "local":
+            raise ConfigError(f"{' and '.join(refit_aware)} choose widths or channels from the refit's error, not from pooled "
+                              f"scores: use pruner 'local'")
         if self.z_importance is not None and self.scorer != "mpr":
             raise ConfigError(f"z_importance is an option of the mpr scorer, not of {self.scorer!r}")
 

@@ -35,6 +35,7 @@ from llmrank.ir.errors import CalibrationError, InputError, LLMRankError, PassEr
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes import program as P
+from llmrank.passes.allocate import error_select
 from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
@@ -345,9 +346,22 @@ class Select(Pass):
     needs = ("ir", "scores")
     makes = ("kept",)
 
+    def requires(self, state: PruneState) -> None:
+        super().requires(state)
+        if state.config.allocation != "uniform" or state.config.selection != "score":
+            missing = [f for f in ("model", "stats") if getattr(state, f) is None]
+            if missing:
+                raise PassError(f"Select with allocation {state.config.allocation!r} / selection {state.config.selection!r} "
+                                f"reads the refit's moments: run {_MAKERS[missing[0]]} before it")
+
     def call(self, state: PruneState) -> PassResult:
         c = state.config
-        kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
+        if c.allocation == "uniform" and c.selection == "score":
+            kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
+        else:
+            kept, _ = error_select(state.model, state.ir, state.scores.groups, state.stats.moments, c.sparsity,
+                                   allocation=c.allocation, selection=c.selection, multiple=c.multiple, min_width=c.min_width,
+                                   ridge=c.ridge, centred=c.compensation == "lstsq+bias")
         notes = clamp_notes(state.ir, kept, c.sparsity, multiple=c.multiple, min_width=c.min_width) if c.mode != "mask-paper" else []
         for note in notes:
             log.warning(note)
