@@ -25,6 +25,7 @@ import csv
 import gc
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -83,16 +84,19 @@ class Cell:
     compensation_samples: int = 0  # sequences behind the compensation statistics (0: the calibration ones)
     allocation: str = "uniform"
     selection: str = "score"
+    refit_inputs: str = "dense"
 
     @property
     def key(self) -> str:
         """File-safe and unique: ``wpr-chained-s0.3-none-g0.5-t0.5``, ``...-lstsq64-...``,
-        ``...-t0.5-aerror-selrefit`` (refit-aware options only when not the defaults)."""
+        ``...-t0.5-aerror-selrefit-seq`` (refit options only when not the defaults)."""
         comp = f"{self.compensation}{self.compensation_samples or ''}"
-        return f"{self.scorer}-{self.representation}-s{self.sparsity:g}-{comp}-g{self.gamma:g}-t{self.theta:g}" + self._extra("-a", "-sel")
+        return f"{self.scorer}-{self.representation}-s{self.sparsity:g}-{comp}-g{self.gamma:g}-t{self.theta:g}" + self._extra("-a", "-sel", "-seq")
 
-    def _extra(self, a: str, sel: str) -> str:
-        return (f"{a}{self.allocation}" if self.allocation != "uniform" else "") + (f"{sel}{self.selection}" if self.selection != "score" else "")
+    def _extra(self, a: str, sel: str, seq: str) -> str:
+        return ((f"{a}{self.allocation}" if self.allocation != "uniform" else "")
+                + (f"{sel}{self.selection}" if self.selection != "score" else "")
+                + (seq if self.refit_inputs != "dense" else ""))
 
     @property
     def series(self) -> str:
@@ -104,7 +108,7 @@ class Cell:
             label += f" t={self.theta:g}"
         if self.compensation != "none":
             label += f" +{self.compensation}" + (f"({self.compensation_samples})" if self.compensation_samples else "")
-        return label + self._extra(" alloc=", " sel=")
+        return label + self._extra(" alloc=", " sel=", " sequential")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "key": self.key, "series": self.series}
@@ -121,12 +125,14 @@ def expand_cells(
     compensation_samples: int = 0,
     allocations: Sequence[str] = ("uniform",),
     selections: Sequence[str] = ("score",),
+    refit_inputs: Sequence[str] = ("dense",),
 ) -> list[Cell]:
     """The product of all options, in that nesting order, with parameters a scorer ignores
     set to their defaults and duplicates removed (first occurrence kept). Allocation and
     selection read the least-squares refit: cells without one keep the defaults."""
     from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
     from llmrank.passes.config import COMPENSATIONS as METHODS
+    from llmrank.passes.config import REFIT_INPUTS
     from llmrank.passes.score import REPRESENTATIONS, SCORERS
     from llmrank.passes.select import check_sparsity
 
@@ -139,7 +145,8 @@ def expand_cells(
     for c in compensations:
         if c not in METHODS:
             raise ConfigError(f"unknown compensation {c!r}; choose from {', '.join(METHODS)}")
-    for name, values, known in (("allocation", allocations, ALLOCATIONS), ("selection", selections, SELECTIONS)):
+    for name, values, known in (("allocation", allocations, ALLOCATIONS), ("selection", selections, SELECTIONS),
+                                ("refit_inputs", refit_inputs, REFIT_INPUTS)):
         for v in values:
             if v not in known:
                 raise ConfigError(f"unknown {name} {v!r}; choose from {', '.join(known)}")
@@ -151,7 +158,7 @@ def expand_cells(
         for v in values:
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
-    if not (scorers and sparsities and representations and compensations and gammas and thetas and allocations and selections):
+    if not (scorers and sparsities and representations and compensations and gammas and thetas and allocations and selections and refit_inputs):
         raise ConfigError("every sweep option needs at least one value")
 
     seen: dict[str, Cell] = {}
@@ -160,18 +167,17 @@ def expand_cells(
             for comp in compensations:
                 for gamma in gammas:
                     for theta in thetas:
-                        for alloc in allocations:
-                            for sel in selections:
-                                for sp in sparsities:
-                                    refit = comp.startswith("lstsq")
-                                    cell = Cell(
-                                        scorer, rep, float(sp), comp,
-                                        float(gamma) if scorer in _USES["gamma"] else _DEFAULTS["gamma"],
-                                        float(theta) if scorer in _USES["theta"] else _DEFAULTS["theta"],
-                                        compensation_samples if comp != "none" else 0,
-                                        alloc if refit else "uniform", sel if refit else "score",
-                                    )
-                                    seen.setdefault(cell.key, cell)
+                        for alloc, sel, inputs in itertools.product(allocations, selections, refit_inputs):
+                            for sp in sparsities:
+                                refit = comp.startswith("lstsq")
+                                cell = Cell(
+                                    scorer, rep, float(sp), comp,
+                                    float(gamma) if scorer in _USES["gamma"] else _DEFAULTS["gamma"],
+                                    float(theta) if scorer in _USES["theta"] else _DEFAULTS["theta"],
+                                    compensation_samples if comp != "none" else 0,
+                                    alloc if refit else "uniform", sel if refit else "score", inputs if refit else "dense",
+                                )
+                                seen.setdefault(cell.key, cell)
     return list(seen.values())
 
 
@@ -181,6 +187,7 @@ _GRID_KEYS = {
     "representation": "representations", "representations": "representations",
     "compensation": "compensations", "compensations": "compensations",
     "allocation": "allocations", "allocations": "allocations", "selection": "selections", "selections": "selections",
+    "refit_inputs": "refit_inputs",
 }
 _NUMERIC = ("gammas", "thetas", "sparsities")
 
@@ -202,7 +209,7 @@ def parse_grid(specs: Iterable[str]) -> dict[str, list]:
         name, sep, values = spec.partition("=")
         if not sep or name.strip() not in _GRID_KEYS:
             raise ValueError(f"bad --grid entry {spec!r}: use NAME=v1,v2,... with NAME one of gamma, theta, sparsity, "
-                             f"scorer, representation, compensation, allocation, selection")
+                             f"scorer, representation, compensation, allocation, selection, refit_inputs")
         key = _GRID_KEYS[name.strip()]
         out[key] = parse_list(values, numeric=key in _NUMERIC)
         if not out[key]:
@@ -299,7 +306,7 @@ def cell_config(base: Any, cell: Cell) -> Any:
     """The PruneConfig of one cell: the sweep's shared options with the cell's own."""
     return base.with_(scorer=cell.scorer, representation=cell.representation, sparsity=cell.sparsity,
                       compensation=cell.compensation, gamma=cell.gamma, theta=cell.theta, allocation=cell.allocation,
-                      selection=cell.selection)
+                      selection=cell.selection, refit_inputs=cell.refit_inputs)
 
 
 def _shared_config(base: Any, configs: Sequence[Any]) -> Any:

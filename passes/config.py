@@ -21,6 +21,7 @@ from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, 
 from llmrank.passes.select import PRUNERS
 
 MODES = ("shrink", "mask", "mask-paper")
+REFIT_INPUTS = ("dense", "pruned")
 COMPENSATIONS = METHODS  # the refit methods compensate.py implements
 
 #: What the ``llmrank prune`` command changes from the library defaults, and why: the command
@@ -54,6 +55,9 @@ class PruneConfig:
                           "whose loss the refit repairs best (needs compensation lstsq)", SELECTIONS)
     mode: str = _opt("shrink", "shrink tensors, zero them (mask), or the authors' row masks (mask-paper)", MODES)
     compensation: str = _opt("none", "repair the consumers of cut channels from calibration statistics", COMPENSATIONS)
+    refit_inputs: str = _opt("dense", "least-squares refit: fit each consumer on the dense model's inputs, or on the pruned "
+                             "model's (sequential: earlier layers already cut and refitted), to the dense outputs",
+                             REFIT_INPUTS)
     ridge: float = _opt(1e-3, "least-squares refit: ridge, relative to the mean diagonal of the Gram matrix (>= 0)")
     verify: bool = _opt(True, "check that the shrunk model equals the dense one with the same channels zeroed", cli=False)
     verify_atol: float = _opt(1e-5, "verification bound: atol + rtol * max|reference|", cli=False)
@@ -97,13 +101,14 @@ class PruneConfig:
         if self.mode == "mask-paper" and self.pruner != "local":
             raise ConfigError("mode 'mask-paper' reproduces the authors' local pruner only; their global pruner pools "
                               "up and down row scores, which llmrank does not implement: use pruner 'local'")
-        refit_aware = [f"{name} {getattr(self, name)!r}" for name, plain in (("allocation", "uniform"), ("selection", "score"))
-                       if getattr(self, name) != plain]
+        refit_aware = [f"{name} {getattr(self, name)!r}" for name, plain in (("allocation", "uniform"), ("selection", "score"),
+                                                                             ("refit_inputs", "dense")) if getattr(self, name) != plain]
         if refit_aware and not self.compensation.startswith("lstsq"):
-            raise ConfigError(f"{' and '.join(refit_aware)} read the least-squares refit's error: use compensation 'lstsq' "
+            raise ConfigError(f"{' and '.join(refit_aware)} need the least-squares refit: use compensation 'lstsq' "
                               f"or 'lstsq+bias' (got {self.compensation!r})")
-        if refit_aware and self.pruner != "local":
-            raise ConfigError(f"{' and '.join(refit_aware)} choose widths or channels from the refit's error, not from pooled "
+        choosers = [r for r in refit_aware if not r.startswith("refit_inputs")]
+        if choosers and self.pruner != "local":
+            raise ConfigError(f"{' and '.join(choosers)} choose widths or channels from the refit's error, not from pooled "
                               f"scores: use pruner 'local'")
         if self.z_importance is not None and self.scorer != "mpr":
             raise ConfigError(f"z_importance is an option of the mpr scorer, not of {self.scorer!r}")
@@ -126,7 +131,10 @@ class PruneConfig:
 
     @property
     def needs_moments(self) -> bool:
-        return self.compensation != "none"
+        """Dense-input moments: the plain refit's, and what error-aware widths or selection read
+        (the sequential refit gathers its own)."""
+        reads = self.allocation != "uniform" or self.selection != "score"
+        return self.compensation != "none" and (self.refit_inputs == "dense" or reads)
 
     @property
     def second_moment(self) -> bool:

@@ -446,9 +446,10 @@ def check_config(config: PruneConfig) -> None:
     if config.scorer == "hits":
         raise ConfigError("scorer 'hits' reads the next block's weights, so it cannot run block by block; choose another scorer "
                           "or prune in memory")
-    if config.allocation != "uniform" or config.selection != "score":
-        raise ConfigError(f"allocation {config.allocation!r} / selection {config.selection!r} are not implemented block by "
-                          "block yet: use allocation 'uniform' and selection 'score', or prune in memory")
+    if config.allocation != "uniform" or config.selection != "score" or config.refit_inputs != "dense":
+        raise ConfigError(f"allocation {config.allocation!r} / selection {config.selection!r} / refit_inputs "
+                          f"{config.refit_inputs!r} are not implemented block by block yet: use allocation 'uniform', "
+                          "selection 'score' and refit_inputs 'dense', or prune in memory")
     if config.inplace:
         raise ConfigError("inplace has no meaning block by block (the checkpoint on disk is never changed)")
 

@@ -31,11 +31,12 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from llmrank.ir.errors import CalibrationError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
+from llmrank.ir.errors import CalibrationError, ConfigError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes import program as P
 from llmrank.passes.allocate import error_select
+from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
@@ -378,7 +379,15 @@ class Compensate(Pass):
         c = state.config
         if c.compensation == "none":
             return PassResult(state.update(refits={}), False)
-        refits = plan_refit(state.model, state.ir, state.kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
+        if c.refit_inputs == "pruned":
+            if state.from_program:
+                raise ConfigError("refit_inputs 'pruned' walks the decoder blocks of an nn.Module; an ExportedProgram has none: "
+                                  "use refit_inputs 'dense'")
+            batches = state.refit_batches if state.refit_batches is not None else state.batches
+            refits = plan_sequential_refit(state.model, state.ir, state.kept, list(batches), method=c.compensation,
+                                           ridge=c.ridge, progress=state.progress)
+        else:
+            refits = plan_refit(state.model, state.ir, state.kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
         return PassResult(state.update(refits=refits), bool(refits))
 
 
