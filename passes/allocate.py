@@ -32,7 +32,7 @@ from llmrank.ir.errors import ConfigError, InputError
 from llmrank.ir.graph import ChannelGroup, ModelIR
 from llmrank.passes.calibrate import InputStats
 
-ALLOCATIONS = ("uniform", "error")
+ALLOCATIONS = ("uniform", "error", "fisher")
 SELECTIONS = ("score", "refit")
 #: A group loses at most this multiple of the mean fraction under error allocation (and never
 #: more than MAX_GROUP_SPARSITY): it bounds the curve's cost, and no layer is emptied on the
@@ -319,12 +319,17 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
                  sparsity: float, *, allocation: str = "error", selection: str = "score", multiple: int = 1,
                  min_width: int = 1, ridge: float = 1e-3, centred: bool = False,
                  row_weights: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Curve]]:
-    """Kept channels per group when the widths (``allocation="error"``) or the channels
-    (``selection="refit"``) come from the refit's error; also the curves it read."""
+    """Kept channels per group when the widths (``allocation="error"``: the refit's residual
+    relative to the layer's output energy; ``"fisher"``: the residual per output row weighted by
+    the loss's squared gradient there, ``row_weights``) or the channels (``selection="refit"``)
+    come from the refit's error; also the curves it read."""
     from llmrank.passes.select import round_width
 
     if allocation not in ALLOCATIONS or selection not in SELECTIONS:
         raise ConfigError(f"allocation must be one of {ALLOCATIONS} and selection one of {SELECTIONS}")
+    weighted = allocation == "fisher"
+    if weighted and not row_weights:
+        raise InputError("allocation 'fisher' needs the loss's output sensitivities (stats.sensitivity from Calibrate)")
     uniform = {g.name: round_width(g.width - round(sparsity * g.width), g.width, multiple, min_width) for g in ir.groups}
     curves: dict[str, Curve] = {}
     for g in ir.groups:
@@ -336,12 +341,13 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
         order = None
         if selection == "score":
             order = _score_removal_order(scores[g.name])
-        consumers = group_consumers(model, ir, g, moments, centred=centred, row_weights=row_weights)
+        consumers = group_consumers(model, ir, g, moments, centred=centred, row_weights=row_weights if weighted else None)
         curves[g.name] = removal_curve(consumers, floor, ridge=ridge, order=order)
     if allocation == "uniform":
         widths = uniform
     else:
-        costs = {name: {c.width - i: float(c.errors[i]) / max(c.energy, 1e-300) for i in range(len(c.errors))}
+        # error: relative to the layer's output energy; fisher: already an estimate of the loss increase
+        costs = {name: {c.width - i: float(c.errors[i]) / (1.0 if weighted else max(c.energy, 1e-300)) for i in range(len(c.errors))}
                  for name, c in curves.items()}
         target = sum(g.width - round(sparsity * g.width) for g in ir.groups)
         widths = allocate(costs, {g.name: g.width for g in ir.groups}, target, multiple=multiple, min_width=min_width)

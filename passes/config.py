@@ -49,8 +49,10 @@ class PruneConfig:
     seed: int = _opt(0, "seed of the random scorer and of calibration sampling")
     multiple: int = _opt(1, "round kept widths to a multiple (8, 64: faster GEMMs)")
     min_width: int = _opt(1, "never keep fewer channels than this per group")
-    allocation: str = _opt("uniform", "per-group widths: uniform (the pruner's), or error: minimise the summed relative "
-                           "residual of the least-squares refit under the same budget (needs compensation lstsq)", ALLOCATIONS)
+    allocation: str = _opt("uniform", "per-group widths: uniform (the pruner's), or chosen to minimise the least-squares "
+                           "refit's summed residual under the same budget, relative to each layer's output energy (error) "
+                           "or weighted by the loss's squared gradients (fisher; one backward pass); needs compensation lstsq",
+                           ALLOCATIONS)
     selection: str = _opt("score", "which channels a group keeps: the scorer's top-k, or refit: drop greedily the channel "
                           "whose loss the refit repairs best (needs compensation lstsq)", SELECTIONS)
     mode: str = _opt("shrink", "shrink tensors, zero them (mask), or the authors' row masks (mask-paper)", MODES)

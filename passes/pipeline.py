@@ -36,6 +36,7 @@ from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes import program as P
 from llmrank.passes.allocate import error_select
+from llmrank.passes.sensitivity import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
@@ -292,6 +293,11 @@ class Calibrate(Pass):
             stats = collect(state.model, plan, acc, progress=state.progress)
         if wants_norms and stats.norms is None:
             raise CalibrationError("calibration data is empty: give at least one batch of token ids")
+        if config.allocation == "fisher":
+            if state.from_program:
+                raise ConfigError("allocation 'fisher' back-propagates through an nn.Module's loss; on an ExportedProgram use "
+                                  "allocation 'error'")
+            stats.sensitivity = output_sensitivity(state.model, consumer_linears(ir), list(batches or state.refit_batches))
         return PassResult(state.update(stats=stats), True)
 
 
@@ -362,7 +368,7 @@ class Select(Pass):
         else:
             kept, _ = error_select(state.model, state.ir, state.scores.groups, state.stats.moments, c.sparsity,
                                    allocation=c.allocation, selection=c.selection, multiple=c.multiple, min_width=c.min_width,
-                                   ridge=c.ridge, centred=c.compensation == "lstsq+bias")
+                                   ridge=c.ridge, centred=c.compensation == "lstsq+bias", row_weights=state.stats.sensitivity)
         notes = clamp_notes(state.ir, kept, c.sparsity, multiple=c.multiple, min_width=c.min_width) if c.mode != "mask-paper" else []
         for note in notes:
             log.warning(note)
