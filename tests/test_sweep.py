@@ -179,3 +179,16 @@ def test_pivot_puts_each_series_on_one_row():
     assert lines[0] == "| series | dense | 0.1 | 0.5 |"
     assert lines[2:] == ["| a | 10 | 12.5 | 30 |", "| b | 10 | 11 |  |"]
     assert pivot(rows, "mean_acc") == ""
+
+
+def test_refit_options_in_the_grid():
+    cells = expand_cells(["wpr"], [0.3], compensations=["none", "lstsq"], gammas=[0.5], allocations=["uniform", "error"],
+                         selections=["score", "refit"], refit_inputs=["dense", "pruned"])
+    keys = [c.key for c in cells]
+    assert len(keys) == 1 + 8  # the cell without a refit keeps the defaults, so it appears once
+    assert "wpr-chained-s0.3-none-g0.5-t0.5" in keys and "wpr-chained-s0.3-lstsq-g0.5-t0.5" in keys
+    assert "wpr-chained-s0.3-lstsq-g0.5-t0.5-aerror-selrefit-seq" in keys
+    assert parse_grid(["allocation=uniform,error", "refit_inputs=pruned"]) == {"allocations": ["uniform", "error"],
+                                                                               "refit_inputs": ["pruned"]}
+    with pytest.raises(ValueError):
+        expand_cells(["wpr"], [0.3], compensations=["lstsq"], allocations=["nope"])
