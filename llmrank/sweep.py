@@ -314,7 +314,8 @@ def _shared_config(base: Any, configs: Sequence[Any]) -> Any:
     scorer = next((c.scorer for c in configs if c.scorer not in WEIGHT_ONLY_SCORERS), configs[0].scorer)
     refits = [c.compensation for c in configs if c.compensation != "none"]
     compensation = next((c for c in refits if c.startswith("lstsq")), refits[0] if refits else "none")
-    return base.with_(scorer=scorer, compensation=compensation)
+    fisher = any(c.allocation == "fisher" for c in configs)  # the loss sensitivities are gathered once too
+    return base.with_(scorer=scorer, compensation=compensation, allocation="fisher" if fisher else "uniform")
 
 
 def code_fingerprint() -> str:

@@ -192,3 +192,15 @@ def test_refit_options_in_the_grid():
                                                                                "refit_inputs": ["pruned"]}
     with pytest.raises(ValueError):
         expand_cells(["wpr"], [0.3], compensations=["lstsq"], allocations=["nope"])
+
+
+@pytest.mark.slow
+def test_refit_aware_cells_equal_the_direct_prune(setup, tmp_path):
+    model, calib, spec = setup
+    spec = EvalSpec(ppl_tokens=spec.ppl_tokens, seq_len=32)
+    cells = expand_cells(["activation"], [0.5], compensations=["lstsq"], allocations=["fisher"], selections=["refit"])
+    res = run_sweep(model, cells, tmp_path, calibration=calib, spec=spec, progress=False, log=lambda s: None, plots=False)
+    direct = llmrank.prune(model, calib, sparsity=0.5, scorer="activation", representation="chained", compensation="lstsq",
+                           allocation="fisher", selection="refit", progress=False)
+    assert res.cells[0]["widths"] == [len(direct.kept[g.name]) for g in direct.ir.groups]
+    assert res.rows[-1]["ppl"] == pytest.approx(evaluate_model(direct.model, spec)["perplexity"]["ppl"], rel=1e-6)
