@@ -96,7 +96,7 @@ class Cell:
     def _extra(self, a: str, sel: str, seq: str) -> str:
         return ((f"{a}{self.allocation}" if self.allocation != "uniform" else "")
                 + (f"{sel}{self.selection}" if self.selection != "score" else "")
-                + (seq if self.refit_inputs != "dense" else ""))
+                + (seq + ("self" if self.refit_inputs == "pruned-self" else "") if self.refit_inputs != "dense" else ""))
 
     @property
     def series(self) -> str:

@@ -21,7 +21,7 @@ from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, 
 from llmrank.passes.select import PRUNERS
 
 MODES = ("shrink", "mask", "mask-paper")
-REFIT_INPUTS = ("dense", "pruned")
+REFIT_INPUTS = ("dense", "pruned", "pruned-self")
 COMPENSATIONS = METHODS  # the refit methods compensate.py implements
 
 #: What the ``llmrank prune`` command changes from the library defaults, and why: the command
@@ -58,7 +58,8 @@ class PruneConfig:
     mode: str = _opt("shrink", "shrink tensors, zero them (mask), or the authors' row masks (mask-paper)", MODES)
     compensation: str = _opt("none", "repair the consumers of cut channels from calibration statistics", COMPENSATIONS)
     refit_inputs: str = _opt("dense", "least-squares refit: fit each consumer on the dense model's inputs, or on the pruned "
-                             "model's (sequential: earlier layers already cut and refitted), to the dense outputs",
+                             "model's (sequential: earlier layers already cut and refitted) to the dense outputs (pruned) "
+                             "or to the dense weights' outputs on those inputs (pruned-self)",
                              REFIT_INPUTS)
     ridge: float = _opt(1e-3, "least-squares refit: ridge, relative to the mean diagonal of the Gram matrix (>= 0)")
     verify: bool = _opt(True, "check that the shrunk model equals the dense one with the same channels zeroed", cli=False)

@@ -385,13 +385,14 @@ class Compensate(Pass):
         c = state.config
         if c.compensation == "none":
             return PassResult(state.update(refits={}), False)
-        if c.refit_inputs == "pruned":
+        if c.refit_inputs != "dense":
             if state.from_program:
-                raise ConfigError("refit_inputs 'pruned' walks the decoder blocks of an nn.Module; an ExportedProgram has none: "
+                raise ConfigError(f"refit_inputs {c.refit_inputs!r} walks the decoder blocks of an nn.Module; an ExportedProgram has none: "
                                   "use refit_inputs 'dense'")
             batches = state.refit_batches if state.refit_batches is not None else state.batches
             refits = plan_sequential_refit(state.model, state.ir, state.kept, list(batches), method=c.compensation,
-                                           ridge=c.ridge, progress=state.progress)
+                                           ridge=c.ridge, target="self" if c.refit_inputs == "pruned-self" else "dense",
+                                           progress=state.progress)
         else:
             refits = plan_refit(state.model, state.ir, state.kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
         return PassResult(state.update(refits=refits), bool(refits))

@@ -9,7 +9,7 @@ pruned input x_p (its kept columns S) is fitted to the dense output:
     W' = W C[:, S] (P[S, S] + lambda I)^-1,  C = E[x_d x_p^T],  P = E[x_p x_p^T]
 
 (``lstsq+bias``: centred moments, b' = b + W mu_d - W' mu_p[S]), with lambda as in
-compensate.py. Cost: one dense and two pruned passes over the refit sample (the pruned block
+compensate.py. The ``self`` target fits W x_p instead (C = P), as SparseGPT's sequential mode. Cost: one dense and two pruned passes over the refit sample (the pruned block
 runs again after its own refit), block by block, hidden states held in memory.
 
 The pruned model is the dense one with the dropped channels zeroed (``mask``), which equals the
@@ -61,13 +61,17 @@ class CrossStats:
 
 
 def solve_cross(w: torch.Tensor, s: CrossStats, keep: torch.Tensor, offset: int, width: int, *, method: str = "lstsq",
-                ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(kept columns, W', bias shift or None) of one consumer (weight ``w``: out x in, fp64)."""
+                ridge: float = 1e-3, target: str = "dense") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(kept columns, W', bias shift or None) of one consumer (weight ``w``: out x in, fp64).
+
+    ``target``: ``dense`` fits W' x_p[S] to the dense output W x_d; ``self`` to W x_p, the dense
+    weights' response to the pruned inputs (SparseGPT's sequential mode)."""
     cols, _ = kept_columns(w.shape[1], keep, offset, width)
     n = float(s.count)
     p = s.pruned_gram[cols][:, cols] / n
-    c = s.cross[:, cols] / n
-    mu_d, mu_p = s.sum_dense / n, s.sum_pruned[cols] / n
+    own = target == "self"
+    c = (s.pruned_gram if own else s.cross)[:, cols] / n
+    mu_d, mu_p = (s.sum_pruned if own else s.sum_dense) / n, s.sum_pruned[cols] / n
     if method == "lstsq+bias":
         p = p - torch.outer(mu_p, mu_p)
         c = c - torch.outer(mu_d, mu_p)
@@ -178,10 +182,14 @@ def plan_sequential_refit(
     *,
     method: str = "lstsq",
     ridge: float = 1e-3,
+    target: str = "dense",
     progress: bool = False,
 ) -> dict[str, Refit]:
     """The refit of every consumer whose group loses channels, fitted block by block on the
-    pruned model's inputs against the dense model's outputs. ``dense`` is not changed."""
+    pruned model's inputs against the dense model's outputs (``target="self"``: against the
+    dense weights' outputs on those inputs). ``dense`` is not changed."""
+    if target not in ("dense", "self"):
+        raise ConfigError(f"target must be 'dense' or 'self', got {target!r}")
     if method not in SEQUENTIAL_METHODS:
         raise ConfigError(f"the sequential refit solves least squares: use compensation 'lstsq' or 'lstsq+bias', not {method!r}")
     if not batches:
@@ -218,7 +226,7 @@ def plan_sequential_refit(
                             w = dense.get_parameter(info.weight).detach().to(torch.float64)
                             w = w.t() if info.kind == "conv1d" else w
                             cols, w_new, shift = solve_cross(w, stats[info.name], kept[g.name].to(torch.long), port.offset,
-                                                             g.width, method=method, ridge=ridge)
+                                                             g.width, method=method, ridge=ridge, target=target)
                             bias = None
                             if shift is not None:
                                 old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)

@@ -42,11 +42,11 @@ def tiny(llama_factory):
     return model, ir, batches, kept
 
 
-@pytest.mark.parametrize("method", ["lstsq", "lstsq+bias"])
-def test_sequential_refit_equals_a_layer_by_layer_fit_by_hand(tiny, state_bytes_of, method):
+@pytest.mark.parametrize("method,target", [("lstsq", "dense"), ("lstsq+bias", "dense"), ("lstsq", "self")])
+def test_sequential_refit_equals_a_layer_by_layer_fit_by_hand(tiny, state_bytes_of, method, target):
     model, ir, batches, kept = tiny
     before = state_bytes_of(model)
-    refits = plan_sequential_refit(model, ir, kept, batches, method=method, ridge=RIDGE)
+    refits = plan_sequential_refit(model, ir, kept, batches, method=method, ridge=RIDGE, target=target)
     assert state_bytes_of(model) == before  # the dense model is only read
     pruned = mask(model, ir, kept)
     for g in ir.groups:  # depth order
@@ -55,7 +55,7 @@ def test_sequential_refit_equals_a_layer_by_layer_fit_by_hand(tiny, state_bytes_
         cols = kept[g.name].numpy()
         a = xp[:, cols]
         w = model.get_submodule(name).weight.detach().double().numpy()
-        y = xd @ w.T
+        y = (xd if target == "dense" else xp) @ w.T
         if method == "lstsq+bias":
             a_c, y_c = a - a.mean(0), y - y.mean(0)
         else:
