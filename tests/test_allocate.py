@@ -191,3 +191,21 @@ def test_uniform_score_through_error_select_equals_plain_select(llama_factory):
     for g in state.ir.groups:
         assert torch.equal(kept[g.name], plain[g.name])
         assert torch.equal(curves[g.name].kept(len(plain[g.name])), plain[g.name])
+
+
+def test_refit_selection_does_not_read_the_scores(llama_factory):
+    """With selection='refit' the kept set is the greedy error order's: any two scorers agree."""
+    from llmrank.passes.allocate import error_select
+    from llmrank.passes.pipeline import Analyze, Calibrate, Pipeline, Trace
+
+    model = llama_factory()
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(2))
+    state = Pipeline([Trace(), Analyze(), Calibrate()]).run(model, PruneConfig(compensation="lstsq"), batches=list(calib.split(4)))
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for _ in range(2):
+        scores = {g.name: torch.rand(g.width, generator=gen) for g in state.ir.groups}
+        for allocation in ("uniform", "error"):
+            runs.append(error_select(model, state.ir, scores, state.stats.moments, 0.4, allocation=allocation, selection="refit")[0])
+    for g in state.ir.groups:
+        assert torch.equal(runs[0][g.name], runs[2][g.name]) and torch.equal(runs[1][g.name], runs[3][g.name])
