@@ -133,10 +133,11 @@ def _run(block: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
 
 
 @contextmanager
-def _inputs(model: nn.Module, names: Sequence[str], sink: dict[str, torch.Tensor]) -> Iterator[None]:
+def _inputs(model: nn.Module, names: Sequence[str], sink: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
+    """Forward hooks writing each named Linear's input into ``sink["to"]`` (switched per run)."""
     def hook(name: str):
         def record(_m: nn.Module, args: tuple, _out: Any) -> None:
-            sink[name] = args[0]
+            sink["to"][name] = args[0]
         return record
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
@@ -147,21 +148,28 @@ def _inputs(model: nn.Module, names: Sequence[str], sink: dict[str, torch.Tensor
             h.remove()
 
 
-def sequential_moments(dense: nn.Module, pruned: nn.Module, names: Sequence[str], block: str, hidden_dense: Sequence[torch.Tensor],
+def sequential_moments(dense: nn.Module, names: Sequence[str], block: str, hidden_dense: Sequence[torch.Tensor],
                        hidden_pruned: Sequence[torch.Tensor], calls: Sequence[tuple]) -> tuple[dict[str, CrossStats], list[torch.Tensor]]:
     """Cross moments of the consumers ``names`` inside the block at path ``block``, and the dense
     block's outputs (the next dense hidden states)."""
-    block_d, block_p = dense.get_submodule(block), pruned.get_submodule(block)
+    # The pruned model's block differs from the dense one only by its own groups' cuts (earlier
+    # blocks are other modules), so the DENSE block run on the pruned hidden states gives the
+    # consumer's whole input x_p: its kept columns are what the cut block computes, and the
+    # others are what the ``self`` target needs (the cut block has zeros there).
+    block_d = dense.get_submodule(block)
     stats: dict[str, CrossStats] = {}
     outputs = []
     seen_d: dict[str, torch.Tensor] = {}
     seen_p: dict[str, torch.Tensor] = {}
-    with _inputs(dense, names, seen_d), _inputs(pruned, names, seen_p):
+    sink = {"to": seen_d}
+    with _inputs(dense, names, sink):
         for h_d, h_p, call in zip(hidden_dense, hidden_pruned, calls):
             seen_d.clear()
             seen_p.clear()
+            sink["to"] = seen_d
             outputs.append(_run(block_d, h_d, call))
-            _run(block_p, h_p, call)
+            sink["to"] = seen_p
+            _run(block_d, h_p, call)
             for name in names:
                 if name not in seen_d or name not in seen_p:
                     raise InputError(f"{name} did not run inside {block}: the sequential refit needs each group's "
@@ -218,7 +226,7 @@ def plan_sequential_refit(
                 groups = by_block.get(i, [])
                 if groups:
                     names = sorted({port.linear for g in groups for port in g.consumers})
-                    stats, hidden_next = sequential_moments(dense, pruned, names, block, hidden_d, hidden_p, calls)
+                    stats, hidden_next = sequential_moments(dense, names, block, hidden_d, hidden_p, calls)
                     block_refits = {}
                     for g in groups:
                         for port in g.consumers:

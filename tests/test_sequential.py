@@ -3,6 +3,8 @@ each against a computation by hand on a tiny random Llama."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -49,13 +51,19 @@ def test_sequential_refit_equals_a_layer_by_layer_fit_by_hand(tiny, state_bytes_
     refits = plan_sequential_refit(model, ir, kept, batches, method=method, ridge=RIDGE, target=target)
     assert state_bytes_of(model) == before  # the dense model is only read
     pruned = mask(model, ir, kept)
-    for g in ir.groups:  # depth order
+    for i, g in enumerate(ir.groups):  # depth order, one group per layer
         name = g.consumers[0].linear
         xd, xp = consumer_inputs(model, name, batches), consumer_inputs(pruned, name, batches)
         cols = kept[g.name].numpy()
         a = xp[:, cols]
         w = model.get_submodule(name).weight.detach().double().numpy()
-        y = (xd if target == "dense" else xp) @ w.T
+        if target == "dense":
+            y = xd @ w.T
+        else:  # the dense weights on the whole input this layer gets from the pruned layers before it
+            whole = copy.deepcopy(pruned)
+            whole.model.layers[i].mlp = copy.deepcopy(model.model.layers[i].mlp)
+            y = consumer_inputs(whole, name, batches) @ w.T
+            assert not np.allclose(y, xp @ w.T)  # the cut channels are zero in xp, not in the whole input
         if method == "lstsq+bias":
             a_c, y_c = a - a.mean(0), y - y.mean(0)
         else:
