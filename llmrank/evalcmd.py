@@ -250,7 +250,8 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     lists = _sweep_lists(args)
     cells = expand_cells(lists["scorers"], lists["sparsities"], representations=lists["representations"],
                          compensations=lists["compensations"], gammas=lists["gammas"], thetas=lists["thetas"],
-                         compensation_samples=0 if args.compensation_samples == args.samples else args.compensation_samples)
+                         compensation_samples=0 if args.compensation_samples == args.samples else args.compensation_samples,
+                         **{k: lists[k] for k in ("allocations", "selections", "refit_inputs") if k in lists})
     n_tokens = parse_tokens(args.ppl_tokens)
     tasks = parse_tasks(args.tasks)
     if n_tokens == 0 and not tasks:

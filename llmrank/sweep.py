@@ -25,6 +25,7 @@ import csv
 import gc
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -81,12 +82,21 @@ class Cell:
     gamma: float = 0.0
     theta: float = 0.5
     compensation_samples: int = 0  # sequences behind the compensation statistics (0: the calibration ones)
+    allocation: str = "uniform"
+    selection: str = "score"
+    refit_inputs: str = "dense"
 
     @property
     def key(self) -> str:
-        """File-safe and unique: ``wpr-chained-s0.3-none-g0.5-t0.5``, ``...-lstsq64-...``."""
+        """File-safe and unique: ``wpr-chained-s0.3-none-g0.5-t0.5``, ``...-lstsq64-...``,
+        ``...-t0.5-aerror-selrefit-seq`` (refit options only when not the defaults)."""
         comp = f"{self.compensation}{self.compensation_samples or ''}"
-        return f"{self.scorer}-{self.representation}-s{self.sparsity:g}-{comp}-g{self.gamma:g}-t{self.theta:g}"
+        return f"{self.scorer}-{self.representation}-s{self.sparsity:g}-{comp}-g{self.gamma:g}-t{self.theta:g}" + self._extra("-a", "-sel", "-seq")
+
+    def _extra(self, a: str, sel: str, seq: str) -> str:
+        return ((f"{a}{self.allocation}" if self.allocation != "uniform" else "")
+                + (f"{sel}{self.selection}" if self.selection != "score" else "")
+                + (seq + ("self" if self.refit_inputs == "pruned-self" else "") if self.refit_inputs != "dense" else ""))
 
     @property
     def series(self) -> str:
@@ -98,7 +108,7 @@ class Cell:
             label += f" t={self.theta:g}"
         if self.compensation != "none":
             label += f" +{self.compensation}" + (f"({self.compensation_samples})" if self.compensation_samples else "")
-        return label
+        return label + self._extra(" alloc=", " sel=", " sequential")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "key": self.key, "series": self.series}
@@ -113,10 +123,16 @@ def expand_cells(
     gammas: Sequence[float] = (0.0,),
     thetas: Sequence[float] = (0.5,),
     compensation_samples: int = 0,
+    allocations: Sequence[str] = ("uniform",),
+    selections: Sequence[str] = ("score",),
+    refit_inputs: Sequence[str] = ("dense",),
 ) -> list[Cell]:
     """The product of all options, in that nesting order, with parameters a scorer ignores
-    set to their defaults and duplicates removed (first occurrence kept)."""
+    set to their defaults and duplicates removed (first occurrence kept). Allocation and
+    selection read the least-squares refit: cells without one keep the defaults."""
+    from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
     from llmrank.passes.config import COMPENSATIONS as METHODS
+    from llmrank.passes.config import REFIT_INPUTS
     from llmrank.passes.score import REPRESENTATIONS, SCORERS
     from llmrank.passes.select import check_sparsity
 
@@ -129,6 +145,11 @@ def expand_cells(
     for c in compensations:
         if c not in METHODS:
             raise ConfigError(f"unknown compensation {c!r}; choose from {', '.join(METHODS)}")
+    for name, values, known in (("allocation", allocations, ALLOCATIONS), ("selection", selections, SELECTIONS),
+                                ("refit_inputs", refit_inputs, REFIT_INPUTS)):
+        for v in values:
+            if v not in known:
+                raise ConfigError(f"unknown {name} {v!r}; choose from {', '.join(known)}")
     for sp in sparsities:
         check_sparsity(sp)
         if sp == 0:
@@ -137,7 +158,7 @@ def expand_cells(
         for v in values:
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {v}")
-    if not (scorers and sparsities and representations and compensations and gammas and thetas):
+    if not (scorers and sparsities and representations and compensations and gammas and thetas and allocations and selections and refit_inputs):
         raise ConfigError("every sweep option needs at least one value")
 
     seen: dict[str, Cell] = {}
@@ -146,14 +167,17 @@ def expand_cells(
             for comp in compensations:
                 for gamma in gammas:
                     for theta in thetas:
-                        for sp in sparsities:
-                            cell = Cell(
-                                scorer, rep, float(sp), comp,
-                                float(gamma) if scorer in _USES["gamma"] else _DEFAULTS["gamma"],
-                                float(theta) if scorer in _USES["theta"] else _DEFAULTS["theta"],
-                                compensation_samples if comp != "none" else 0,
-                            )
-                            seen.setdefault(cell.key, cell)
+                        for alloc, sel, inputs in itertools.product(allocations, selections, refit_inputs):
+                            for sp in sparsities:
+                                refit = comp.startswith("lstsq")
+                                cell = Cell(
+                                    scorer, rep, float(sp), comp,
+                                    float(gamma) if scorer in _USES["gamma"] else _DEFAULTS["gamma"],
+                                    float(theta) if scorer in _USES["theta"] else _DEFAULTS["theta"],
+                                    compensation_samples if comp != "none" else 0,
+                                    alloc if refit else "uniform", sel if refit else "score", inputs if refit else "dense",
+                                )
+                                seen.setdefault(cell.key, cell)
     return list(seen.values())
 
 
@@ -162,6 +186,8 @@ _GRID_KEYS = {
     "sparsity": "sparsities", "sparsities": "sparsities", "scorer": "scorers", "scorers": "scorers",
     "representation": "representations", "representations": "representations",
     "compensation": "compensations", "compensations": "compensations",
+    "allocation": "allocations", "allocations": "allocations", "selection": "selections", "selections": "selections",
+    "refit_inputs": "refit_inputs",
 }
 _NUMERIC = ("gammas", "thetas", "sparsities")
 
@@ -183,7 +209,7 @@ def parse_grid(specs: Iterable[str]) -> dict[str, list]:
         name, sep, values = spec.partition("=")
         if not sep or name.strip() not in _GRID_KEYS:
             raise ValueError(f"bad --grid entry {spec!r}: use NAME=v1,v2,... with NAME one of gamma, theta, sparsity, "
-                             f"scorer, representation, compensation")
+                             f"scorer, representation, compensation, allocation, selection, refit_inputs")
         key = _GRID_KEYS[name.strip()]
         out[key] = parse_list(values, numeric=key in _NUMERIC)
         if not out[key]:
@@ -279,7 +305,8 @@ def _read_cell(path: Path, settings_hash: str) -> dict[str, Any] | None:
 def cell_config(base: Any, cell: Cell) -> Any:
     """The PruneConfig of one cell: the sweep's shared options with the cell's own."""
     return base.with_(scorer=cell.scorer, representation=cell.representation, sparsity=cell.sparsity,
-                      compensation=cell.compensation, gamma=cell.gamma, theta=cell.theta)
+                      compensation=cell.compensation, gamma=cell.gamma, theta=cell.theta, allocation=cell.allocation,
+                      selection=cell.selection, refit_inputs=cell.refit_inputs)
 
 
 def _shared_config(base: Any, configs: Sequence[Any]) -> Any:
@@ -287,7 +314,8 @@ def _shared_config(base: Any, configs: Sequence[Any]) -> Any:
     scorer = next((c.scorer for c in configs if c.scorer not in WEIGHT_ONLY_SCORERS), configs[0].scorer)
     refits = [c.compensation for c in configs if c.compensation != "none"]
     compensation = next((c for c in refits if c.startswith("lstsq")), refits[0] if refits else "none")
-    return base.with_(scorer=scorer, compensation=compensation)
+    fisher = any(c.allocation == "fisher" for c in configs)  # the loss sensitivities are gathered once too
+    return base.with_(scorer=scorer, compensation=compensation, allocation="fisher" if fisher else "uniform")
 
 
 def code_fingerprint() -> str:
@@ -413,6 +441,7 @@ def run_sweep(
                 "params": count_parameters(state.slim), "param_reduction": 1 - count_parameters(state.slim) / params_before,
                 "kept_width": {"min": min(widths), "max": max(widths), "mean": sum(widths) / len(widths),
                                "dense": state.ir.groups[0].width},
+                "widths": widths,
                 "metrics": metrics, "prune_s": prune_s, "eval_s": eval_s, "shared_timings": shared_timings,
             }
             _atomic_write(out / "cells" / f"{cell.key}.json", json.dumps(record, indent=2, default=str))

@@ -64,6 +64,7 @@ class CalibrationStats:
     norms: ActivationNorms | None = None
     moments: dict[str, InputStats] = field(default_factory=dict)
     refit_tokens: int = 0
+    sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)  # E[(dL/dy)^2] per consumer output (sensitivity.py)
 
 
 @dataclass(frozen=True)

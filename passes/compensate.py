@@ -89,11 +89,17 @@ def plan_refit(
     return refits
 
 
-def _solve(w: torch.Tensor, s: InputStats, keep: torch.Tensor, offset: int, width: int, method: str, ridge: float):
-    cols = torch.arange(w.shape[1])
+def kept_columns(n: int, keep: torch.Tensor, offset: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, removed) input columns of a consumer with ``n`` inputs whose group sits at
+    ``offset`` with ``width`` channels, of which ``keep`` stay; columns outside the group stay."""
+    cols = torch.arange(n)
     block = cols[offset:offset + width]
-    kept_cols = torch.cat([cols[:offset], block[keep], cols[offset + width:]])
     removed = block[torch.ones(width, dtype=torch.bool).index_fill_(0, keep, False)]
+    return torch.cat([cols[:offset], block[keep], cols[offset + width:]]), removed
+
+
+def _solve(w: torch.Tensor, s: InputStats, keep: torch.Tensor, offset: int, width: int, method: str, ridge: float):
+    kept_cols, removed = kept_columns(w.shape[1], keep, offset, width)
     if method == "bias":
         return kept_cols, w[:, kept_cols], w[:, removed] @ s.mean[removed]
     # Only the kept rows of the (centred) second moment are formed: at 8B width the full
@@ -103,13 +109,13 @@ def _solve(w: torch.Tensor, s: InputStats, keep: torch.Tensor, offset: int, widt
     if method == "lstsq+bias":
         rows -= torch.outer(mean[kept_cols], mean)
     rhs = rows @ w.T
-    w_new = _ridge_solve(rows[:, kept_cols], rhs, ridge).T
+    w_new = ridge_solve(rows[:, kept_cols], rhs, ridge).T
     if method == "lstsq+bias":
         return kept_cols, w_new, w @ mean - w_new @ mean[kept_cols]
     return kept_cols, w_new, None
 
 
-def _ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+def ridge_solve(a: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """Solve (a + lambda I) x = rhs; ``a`` is a temporary the caller gives up (its diagonal is
     raised in place, which equals adding lambda I without an n x n identity in memory)."""
     lam = ridge * float(a.diagonal().mean().clamp_min(1e-12))

@@ -15,11 +15,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from llmrank.ir.errors import ConfigError
+from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
 from llmrank.passes.compensate import METHODS
 from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
 
 MODES = ("shrink", "mask", "mask-paper")
+REFIT_INPUTS = ("dense", "pruned", "pruned-self")
 COMPENSATIONS = METHODS  # the refit methods compensate.py implements
 
 #: What the ``llmrank prune`` command changes from the library defaults, and why: the command
@@ -47,8 +49,18 @@ class PruneConfig:
     seed: int = _opt(0, "seed of the random scorer and of calibration sampling")
     multiple: int = _opt(1, "round kept widths to a multiple (8, 64: faster GEMMs)")
     min_width: int = _opt(1, "never keep fewer channels than this per group")
+    allocation: str = _opt("uniform", "per-group widths: uniform (the pruner's), or chosen to minimise the least-squares "
+                           "refit's summed residual under the same budget, relative to each layer's output energy (error) "
+                           "or weighted by the loss's squared gradients (fisher; one backward pass); needs compensation lstsq",
+                           ALLOCATIONS)
+    selection: str = _opt("score", "which channels a group keeps: the scorer's top-k, or refit: drop greedily the channel "
+                          "whose loss the refit repairs best (needs compensation lstsq)", SELECTIONS)
     mode: str = _opt("shrink", "shrink tensors, zero them (mask), or the authors' row masks (mask-paper)", MODES)
     compensation: str = _opt("none", "repair the consumers of cut channels from calibration statistics", COMPENSATIONS)
+    refit_inputs: str = _opt("dense", "least-squares refit: fit each consumer on the dense model's inputs, or on the pruned "
+                             "model's (sequential: earlier layers already cut and refitted) to the dense outputs (pruned) "
+                             "or to the dense weights' outputs on those inputs (pruned-self)",
+                             REFIT_INPUTS)
     ridge: float = _opt(1e-3, "least-squares refit: ridge, relative to the mean diagonal of the Gram matrix (>= 0)")
     verify: bool = _opt(True, "check that the shrunk model equals the dense one with the same channels zeroed", cli=False)
     verify_atol: float = _opt(1e-5, "verification bound: atol + rtol * max|reference|", cli=False)
@@ -92,6 +104,15 @@ class PruneConfig:
         if self.mode == "mask-paper" and self.pruner != "local":
             raise ConfigError("mode 'mask-paper' reproduces the authors' local pruner only; their global pruner pools "
                               "up and down row scores, which llmrank does not implement: use pruner 'local'")
+        refit_aware = [f"{name} {getattr(self, name)!r}" for name, plain in (("allocation", "uniform"), ("selection", "score"),
+                                                                             ("refit_inputs", "dense")) if getattr(self, name) != plain]
+        if refit_aware and not self.compensation.startswith("lstsq"):
+            raise ConfigError(f"{' and '.join(refit_aware)} need the least-squares refit: use compensation 'lstsq' "
+                              f"or 'lstsq+bias' (got {self.compensation!r})")
+        choosers = [r for r in refit_aware if not r.startswith("refit_inputs")]
+        if choosers and self.pruner != "local":
+            raise ConfigError(f"{' and '.join(choosers)} choose widths or channels from the refit's error, not from pooled "
+                              f"scores: use pruner 'local'")
         if self.z_importance is not None and self.scorer != "mpr":
             raise ConfigError(f"z_importance is an option of the mpr scorer, not of {self.scorer!r}")
 
@@ -113,7 +134,10 @@ class PruneConfig:
 
     @property
     def needs_moments(self) -> bool:
-        return self.compensation != "none"
+        """Dense-input moments: the plain refit's, and what error-aware widths or selection read
+        (the sequential refit gathers its own)."""
+        reads = self.allocation != "uniform" or self.selection != "score"
+        return self.compensation != "none" and (self.refit_inputs == "dense" or reads)
 
     @property
     def second_moment(self) -> bool:

@@ -156,6 +156,10 @@ def check_config(config: PruneConfig) -> None:
     if config.scorer == "taylor":
         raise ConfigError("scorer 'taylor' needs the gradient of the whole model's loss, a backward pass through every "
                           "block at once, which block-by-block pruning exists to avoid; prune in memory or choose another scorer")
+    if config.allocation != "uniform" or config.selection != "score" or config.refit_inputs != "dense":
+        raise ConfigError(f"allocation {config.allocation!r} / selection {config.selection!r} / refit_inputs "
+                          f"{config.refit_inputs!r} are not implemented block by block yet: use allocation 'uniform', "
+                          "selection 'score' and refit_inputs 'dense', or prune in memory")
     if config.inplace:
         raise ConfigError("inplace has no meaning block by block (the checkpoint on disk is never changed)")
 

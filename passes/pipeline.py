@@ -35,6 +35,9 @@ from llmrank.ir.errors import CalibrationError, ConfigError, InputError, LLMRank
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes import program as P
+from llmrank.passes.allocate import error_select
+from llmrank.passes.sensitivity import output_sensitivity
+from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
@@ -292,6 +295,11 @@ class Calibrate(Pass):
             stats = collect(state.model, plan, acc, progress=state.progress)
         if wants_norms and stats.norms is None:
             raise CalibrationError("calibration data is empty: give at least one batch of token ids")
+        if config.allocation == "fisher":
+            if state.from_program:
+                raise ConfigError("allocation 'fisher' back-propagates through an nn.Module's loss; on an ExportedProgram use "
+                                  "allocation 'error'")
+            stats.sensitivity = output_sensitivity(state.model, consumer_linears(ir), list(batches or state.refit_batches))
         return PassResult(state.update(stats=stats), True)
 
 
@@ -365,9 +373,22 @@ class Select(Pass):
     needs = ("ir", "scores")
     makes = ("kept",)
 
+    def requires(self, state: PruneState) -> None:
+        super().requires(state)
+        if state.config.allocation != "uniform" or state.config.selection != "score":
+            missing = [f for f in ("model", "stats") if getattr(state, f) is None]
+            if missing:
+                raise PassError(f"Select with allocation {state.config.allocation!r} / selection {state.config.selection!r} "
+                                f"reads the refit's moments: run {_MAKERS[missing[0]]} before it")
+
     def call(self, state: PruneState) -> PassResult:
         c = state.config
-        kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
+        if c.allocation == "uniform" and c.selection == "score":
+            kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
+        else:
+            kept, _ = error_select(state.model, state.ir, state.scores.groups, state.stats.moments, c.sparsity,
+                                   allocation=c.allocation, selection=c.selection, multiple=c.multiple, min_width=c.min_width,
+                                   ridge=c.ridge, centred=c.compensation == "lstsq+bias", row_weights=state.stats.sensitivity)
         notes = clamp_notes(state.ir, kept, c.sparsity, multiple=c.multiple, min_width=c.min_width) if c.mode != "mask-paper" else []
         for note in notes:
             log.warning(note)
@@ -384,7 +405,16 @@ class Compensate(Pass):
         c = state.config
         if c.compensation == "none":
             return PassResult(state.update(refits={}), False)
-        refits = plan_refit(state.model, state.ir, state.kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
+        if c.refit_inputs != "dense":
+            if state.from_program:
+                raise ConfigError(f"refit_inputs {c.refit_inputs!r} walks the decoder blocks of an nn.Module; an ExportedProgram has none: "
+                                  "use refit_inputs 'dense'")
+            batches = state.refit_batches if state.refit_batches is not None else state.batches
+            refits = plan_sequential_refit(state.model, state.ir, state.kept, list(batches), method=c.compensation,
+                                           ridge=c.ridge, target="self" if c.refit_inputs == "pruned-self" else "dense",
+                                           progress=state.progress)
+        else:
+            refits = plan_refit(state.model, state.ir, state.kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
         return PassResult(state.update(refits=refits), bool(refits))
 
 

@@ -179,3 +179,28 @@ def test_pivot_puts_each_series_on_one_row():
     assert lines[0] == "| series | dense | 0.1 | 0.5 |"
     assert lines[2:] == ["| a | 10 | 12.5 | 30 |", "| b | 10 | 11 |  |"]
     assert pivot(rows, "mean_acc") == ""
+
+
+def test_refit_options_in_the_grid():
+    cells = expand_cells(["wpr"], [0.3], compensations=["none", "lstsq"], gammas=[0.5], allocations=["uniform", "error"],
+                         selections=["score", "refit"], refit_inputs=["dense", "pruned"])
+    keys = [c.key for c in cells]
+    assert len(keys) == 1 + 8  # the cell without a refit keeps the defaults, so it appears once
+    assert "wpr-chained-s0.3-none-g0.5-t0.5" in keys and "wpr-chained-s0.3-lstsq-g0.5-t0.5" in keys
+    assert "wpr-chained-s0.3-lstsq-g0.5-t0.5-aerror-selrefit-seq" in keys
+    assert parse_grid(["allocation=uniform,error", "refit_inputs=pruned"]) == {"allocations": ["uniform", "error"],
+                                                                               "refit_inputs": ["pruned"]}
+    with pytest.raises(ValueError):
+        expand_cells(["wpr"], [0.3], compensations=["lstsq"], allocations=["nope"])
+
+
+@pytest.mark.slow
+def test_refit_aware_cells_equal_the_direct_prune(setup, tmp_path):
+    model, calib, spec = setup
+    spec = EvalSpec(ppl_tokens=spec.ppl_tokens, seq_len=32)
+    cells = expand_cells(["activation"], [0.5], compensations=["lstsq"], allocations=["fisher"], selections=["refit"])
+    res = run_sweep(model, cells, tmp_path, calibration=calib, spec=spec, progress=False, log=lambda s: None, plots=False)
+    direct = llmrank.prune(model, calib, sparsity=0.5, scorer="activation", representation="chained", compensation="lstsq",
+                           allocation="fisher", selection="refit", progress=False)
+    assert res.cells[0]["widths"] == [len(direct.kept[g.name]) for g in direct.ir.groups]
+    assert res.rows[-1]["ppl"] == pytest.approx(evaluate_model(direct.model, spec)["perplexity"]["ppl"], rel=1e-6)
