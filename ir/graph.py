@@ -145,6 +145,8 @@ class ModelIR:
         names = {port.linear for g in self.groups for port in (*g.producers, *g.consumers)}
         for g in self.groups:
             names.update(self.feeders(g.primary.linear))
+        for hg in self.head_groups:
+            names.update((hg.q.linear, hg.o.linear, *self.feeders(hg.q.linear)))
         return [n for n in self.linears if n in names]
 
     def prunable_parameters(self) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 
 from llmrank.ir.errors import ConfigError
 from llmrank.passes.compensate import METHODS
+from llmrank.passes.headscore import HEAD_SCORERS, WEIGHT_ONLY_HEAD_SCORERS
+from llmrank.passes.headscore import resolve as resolve_head_scorer
 from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
 
@@ -37,6 +39,9 @@ class PruneConfig:
     """What to prune and how. Immutable; ``with_(**changes)`` returns a checked copy."""
 
     sparsity: float = _opt(0.3, "fraction of each group's channels to remove, in [0, 1)")
+    head_sparsity: float = _opt(0.0, "fraction of each attention layer's query heads to remove, in [0, 1); every KV group keeps "
+                                     "the same count, so it moves to the nearest count the layer allows")
+    head_scorer: str = _opt("auto", "head score (auto: the neuron scorer's formula; fluctuation: FLAP's)", HEAD_SCORERS)
     scorer: str = _opt("wpr", "neuron score", SCORERS)
     representation: str = _opt("dataflow", "which Linears form the centrality chain", REPRESENTATIONS)
     pruner: str = _opt("local", "local: the same fraction per group; global: pool all scores", PRUNERS)
@@ -72,6 +77,8 @@ class PruneConfig:
                 raise ConfigError(f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
         _number("sparsity", self.sparsity, low=0.0, high=1.0, high_open=True,
                 what="the fraction of channels to remove")
+        _number("head_sparsity", self.head_sparsity, low=0.0, high=1.0, high_open=True,
+                what="the fraction of query heads to remove")
         _number("p", self.p, low=0.0, low_open=True, high=math.inf)
         if self.z_importance is not None:
             _number("z_importance", self.z_importance, low=0.0, high=1.0, high_open=True)
@@ -92,7 +99,9 @@ class PruneConfig:
         if self.mode == "mask-paper" and self.pruner != "local":
             raise ConfigError("mode 'mask-paper' reproduces the authors' local pruner only; their global pruner pools "
                               "up and down row scores, which llmrank does not implement: use pruner 'local'")
-        if self.z_importance is not None and self.scorer != "mpr":
+        if self.head_sparsity > 0 and self.mode == "mask-paper":
+            raise ConfigError("mode 'mask-paper' reproduces the authors' FFN row masks only: use mode 'shrink' or 'mask' with head_sparsity")
+        if self.z_importance is not None and self.scorer != "mpr" and self.head_scoring != "mpr":
             raise ConfigError(f"z_importance is an option of the mpr scorer, not of {self.scorer!r}")
 
     # ------------------------------------------------------------------ views
@@ -107,13 +116,29 @@ class PruneConfig:
             raise ConfigError(str(error)) from error
 
     @property
+    def heads(self) -> bool:
+        """Whether attention heads are cut."""
+        return self.head_sparsity > 0
+
+    @property
+    def head_scoring(self) -> str:
+        """The head scorer in effect (``auto`` resolved against the neuron scorer)."""
+        return resolve_head_scorer(self.head_scorer, self.scorer)
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the passes need calibration data (activation scorers or a refit)."""
-        return self.scorer not in WEIGHT_ONLY_SCORERS or self.compensation != "none"
+        heads = self.heads and self.head_scoring not in WEIGHT_ONLY_HEAD_SCORERS
+        return self.scorer not in WEIGHT_ONLY_SCORERS or self.compensation != "none" or heads
 
     @property
     def needs_moments(self) -> bool:
         return self.compensation != "none"
+
+    @property
+    def needs_variances(self) -> bool:
+        """The fluctuation head scorer reads the o_proj input variances."""
+        return self.heads and self.head_scoring == "fluctuation"
 
     @property
     def second_moment(self) -> bool:

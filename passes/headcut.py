@@ -178,3 +178,24 @@ def layer_heads(model: nn.Module) -> dict[str, list[int]]:
             if isinstance(kv, int):
                 out[name] = [(module.qkv_proj.out_features - 2 * kv * head_dim) // head_dim, kv]
     return out
+
+
+def head_notes(ir: ModelIR, kept: dict[str, torch.Tensor], head_sparsity: float) -> list[str]:
+    """Where the GQA constraint moved a layer's head count away from what was asked, in words."""
+    moved = []
+    for hg in ir.head_groups:
+        want = hg.heads - round(head_sparsity * hg.heads)
+        if hg.name in kept and len(kept[hg.name]) != want:
+            moved.append(f"{hg.name} keeps {len(kept[hg.name])} of {hg.heads} query heads (asked {want}: every KV group must keep "
+                         "the same count)")
+    return moved[:1] + ([f"... and {len(moved) - 1} more layer(s) alike"] if len(moved) > 1 else [])
+
+
+def heads_kept(ir: ModelIR, kept: dict[str, torch.Tensor]) -> dict[str, dict[str, object]]:
+    """Per head group: query and KV heads before and after, and which query heads stay (report, JSON)."""
+    out = {}
+    for hg in ir.head_groups:
+        heads = kept.get(hg.name, torch.arange(hg.heads))
+        out[hg.name] = {"heads": [hg.heads, len(heads)], "kv_heads": [hg.kv_heads, len(kept_kv(hg, heads))],
+                        "kept": heads.tolist()}
+    return out

@@ -31,7 +31,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from llmrank.ir.errors import CalibrationError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
+from llmrank.ir.errors import CalibrationError, ConfigError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes import program as P
@@ -39,6 +39,8 @@ from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
+from llmrank.passes.headcut import head_notes, select_heads
+from llmrank.passes.headscore import variance_linears
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
@@ -256,6 +258,8 @@ class Analyze(Pass):
         if state.from_program and not ir.linears:
             raise InputError("the program has no aten.linear/aten.addmm with a weight parameter: analyse the program from "
                              "torch.export.export BEFORE run_decompositions() (the default table turns linear into mm)")
+        if state.config.heads:
+            _check_heads(state, ir)
         if not ir.groups:
             model = state.traced.model
             if any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in model.modules()):
@@ -266,6 +270,19 @@ class Analyze(Pass):
                 f"{ir.model_class} has no prunable channel group: no Linear's output feeds another Linear only through "
                 f"element-wise ops. Blocked: {dict(list(ir.blocked.items())[:4])}")
         return PassResult(state.update(ir=ir), True)
+
+
+def _check_heads(state: PruneState, ir: ModelIR) -> None:
+    """Head pruning needs head groups, and the module route (a program's graph hard-codes
+    the head counts in its reshapes)."""
+    if state.from_program:
+        raise ConfigError("head_sparsity needs an nn.Module: the program route rewrites only FFN widths; prune the "
+                          "module (llmrank.prune) or use head_sparsity 0")
+    if not ir.head_groups:
+        reasons = {k: v for k, v in ir.blocked.items() if k.startswith("heads:")}
+        raise UnsupportedModelError(f"{ir.model_class} has no attention heads llmrank can cut"
+                                    + (f": {dict(list(reasons.items())[:2])}" if reasons else " (no attention op found in the graph)")
+                                    + "; use head_sparsity 0")
 
 
 class Calibrate(Pass):
@@ -282,8 +299,10 @@ class Calibrate(Pass):
         require_calibration(config, state.batches, state.refit_batches)
         batches = state.batches or ()
         plan = Plan.build(batches, state.refit_batches, norms=wants_norms and bool(batches), moments=config.needs_moments)
-        acc = Accumulator(ir.calibration_linears() if wants_norms else (), consumer_linears(ir) if config.needs_moments else (),
-                          second_moment=config.second_moment)
+        acc = Accumulator(ir.calibration_linears() if wants_norms else (),
+                          consumer_linears(ir, heads=config.heads) if config.needs_moments else (),
+                          second_moment=config.second_moment,
+                          variance_linears=variance_linears(ir) if config.needs_variances else ())
         if state.from_program:
             stats = collect_program(state.model, ir, plan, acc)
         else:
@@ -321,9 +340,16 @@ class Score(Pass):
         return "Score" if self.scorer is None else f"Score[{getattr(self.scorer, '__name__', type(self.scorer).__name__)}]"
 
     def call(self, state: PruneState) -> PassResult:
+        c = state.config
+        head_scorer = c.head_scoring if c.heads else None
         if self.scorer is None:
-            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, state.config.scoring)), True)
-        return PassResult(state.update(scores=_as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)), True)
+            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, c.scoring, head_scorer=head_scorer,
+                                                        variances=state.stats.variances)), True)
+        scores = _as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)
+        if head_scorer is not None and not scores.heads:
+            scores.heads = score(state.model, state.ir, state.norms, c.scoring, head_scorer=head_scorer,
+                                 variances=state.stats.variances).heads
+        return PassResult(state.update(scores=scores), True)
 
 
 def _as_scores(value: Any, ir: ModelIR) -> Scores:
@@ -349,6 +375,10 @@ class Select(Pass):
         c = state.config
         kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
         notes = clamp_notes(state.ir, kept, c.sparsity, multiple=c.multiple, min_width=c.min_width) if c.mode != "mask-paper" else []
+        if c.heads:
+            heads = select_heads(state.ir, state.scores.heads, c.head_sparsity)
+            kept.update(heads)
+            notes += head_notes(state.ir, heads, c.head_sparsity)
         for note in notes:
             log.warning(note)
         return PassResult(state.update(kept=kept, notes=state.notes + tuple(notes)), True)
