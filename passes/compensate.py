@@ -149,11 +149,12 @@ def apply_refit(model: nn.Module, ir: ModelIR, refits: dict[str, Refit], *, shru
 
 
 def collect_input_stats(
-    model: nn.Module, ir: ModelIR, batches: Iterable, *, second_moment: bool = True, progress: bool = True
+    model: nn.Module, ir: ModelIR, batches: Iterable, *, second_moment: bool = True, progress: bool = True, heads: bool = False
 ) -> dict[str, InputStats]:
-    """Moments of every group consumer's input on ``batches`` (the dense model is not changed)."""
+    """Moments of every group consumer's input (and with ``heads`` every o_proj's) on ``batches``
+    (the dense model is not changed)."""
     plan = Plan.build(list(batches), None, norms=False, moments=True)
-    acc = Accumulator((), consumer_linears(ir), second_moment=second_moment)
+    acc = Accumulator((), consumer_linears(ir, heads=heads), second_moment=second_moment)
     return collect(model, plan, acc, progress=progress).moments
 
 

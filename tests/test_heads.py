@@ -200,3 +200,185 @@ def test_per_layer_counts_reload_with_llmrank_load(family, tmp_path):
     check_reload(tmp_path / "out", slim, stock=False)
     reloaded = llmrank.load(tmp_path / "out")
     assert reloaded.model.layers[0].self_attn.num_key_value_groups == 1
+
+
+# ---------------------------------------------------------------------- scoring
+
+
+def _o_inputs(model, ir, batches):
+    """Every o_proj's input on ``batches``, one [tokens, channels] float64 array per batch."""
+    seen = {hg.o.linear: [] for hg in ir.head_groups}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen[n].append(a[0].detach().double().reshape(-1, a[0].shape[-1]).numpy()))
+             for n in seen]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _normalize(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / v.sum()
+
+
+@pytest.fixture(scope="module")
+def scored_qwen():
+    model = build("qwen2")
+    calib = ids(3, (6, 16))
+    return model, calib
+
+
+@pytest.mark.parametrize("head_scorer", ["activation", "l1", "l2", "wanda", "fluctuation"])
+def test_head_baselines_match_a_hand_computation(scored_qwen, head_scorer):
+    model, calib = scored_qwen
+    result = llmrank.prune(model, calib, sparsity=0.0, head_sparsity=0.5, head_scorer=head_scorer, batch_size=3, progress=False)
+    ir = result.ir
+    inputs = _o_inputs(model, ir, [calib[:3], calib[3:]])
+    sd = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    for hg in ir.head_groups:
+        D, n_rep = hg.head_dim, hg.n_rep
+        wq, wk, wv = (sd[f"{hg.module}.{p}_proj.weight"] for p in "qkv")
+        wo = sd[f"{hg.module}.o_proj.weight"]
+        xs = inputs[hg.o.linear]
+        per_batch_norm = np.mean([np.sqrt((x ** 2).sum(0)) for x in xs], axis=0)
+        allx = np.concatenate(xs)
+        want = []
+        for h in range(hg.heads):
+            blk, kv = slice(h * D, (h + 1) * D), slice((h // n_rep) * D, (h // n_rep + 1) * D)
+            if head_scorer == "activation":
+                want.append(np.sqrt((per_batch_norm[blk] ** 2).sum()))
+            elif head_scorer in ("l1", "l2"):
+                p = 1 if head_scorer == "l1" else 2
+                total = (np.abs(wq[blk]) ** p).sum() + (np.abs(wo[:, blk]) ** p).sum()
+                total += ((np.abs(wk[kv]) ** p).sum() + (np.abs(wv[kv]) ** p).sum()) / n_rep
+                want.append(total ** (1 / p))
+            elif head_scorer == "wanda":
+                want.append((np.abs(wo[:, blk]).sum(0) * per_batch_norm[blk]).sum())
+            else:
+                want.append((allx[:, blk].var(0) * (wo[:, blk] ** 2).sum(0)).sum())
+        np.testing.assert_allclose(result.scores.heads[hg.name].numpy(), _normalize(want), rtol=1e-5, atol=1e-9)
+
+
+def _transition(w, theta):
+    a = np.abs(w)
+    nz = (a != 0).astype(np.float64)
+    return theta * a / a.sum(0, keepdims=True) + (1 - theta) * nz / nz.sum(0, keepdims=True)
+
+
+def test_wpr_head_score_is_the_flow_through_its_o_proj_columns(scored_qwen):
+    model, calib = scored_qwen
+    result = llmrank.prune(model, calib, sparsity=0.2, head_sparsity=0.5, scorer="wpr", batch_size=3, progress=False)
+    hg = result.ir.head_groups[0]  # layer 0: nothing writes the residual stream before it but the embedding
+    from conftest import hook_norms
+
+    ref = hook_norms(model, [hg.q.linear, hg.o.linear], [calib[:3], calib[3:]])
+    sd = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    theta = gamma = 0.5
+    r = _normalize(ref[hg.q.linear][0])
+    D, n_rep = hg.head_dim, hg.n_rep
+    idx = np.array([(h // n_rep) * D + d for h in range(hg.heads) for d in range(D)])
+    flows = [_transition(sd[f"{hg.module}.q_proj.weight"], theta) @ r]
+    flows += [(_transition(sd[f"{hg.module}.{p}_proj.weight"], theta) @ r)[idx] for p in "kv"]
+    mid = _normalize(gamma * np.mean(flows, axis=0) + (1 - gamma) * _normalize(ref[hg.o.linear][0]))
+    want = _normalize(mid.reshape(hg.heads, D).sum(1))
+    np.testing.assert_allclose(result.scores.heads[hg.name].numpy(), want, rtol=1e-6)
+    # one graph: the FFN after the heads reads their exit score, so its neuron scores differ from an FFN-only run
+    ffn_only = llmrank.prune(model, calib, sparsity=0.2, scorer="wpr", batch_size=3, progress=False)
+    g = result.ir.groups[0].name
+    assert not torch.allclose(result.scores.groups[g], ffn_only.scores.groups[g])
+
+
+def test_o_proj_refit_reduces_the_output_error_on_calibration_data():
+    from llmrank.passes.compensate import collect_input_stats, plan_refit
+
+    model = build("llama")
+    ir = analysed(model)
+    calib = ids(4, (8, 16))
+    kept = _kept(ir, [[0, 2], [1, 3]])
+    stats = collect_input_stats(model, ir, [calib[:4], calib[4:]], heads=True, progress=False)
+    refits = plan_refit(model, ir, kept, stats, method="lstsq", ridge=1e-6)
+    assert set(refits) == {hg.o.linear for hg in ir.head_groups}
+    x = np.concatenate(_o_inputs(model, ir, [calib])[ir.head_groups[0].o.linear])
+    hg = ir.head_groups[0]
+    w = model.get_parameter(ir.linears[hg.o.linear].weight).detach().double().numpy()
+    cols = headcut.kept_channels(hg, kept[hg.name]).numpy()
+    dense = x @ w.T
+    cut = x[:, cols] @ w[:, cols].T
+    refit = x[:, cols] @ refits[hg.o.linear].weight.numpy().T
+    assert np.linalg.norm(refit - dense) < 0.9 * np.linalg.norm(cut - dense)
+    # and the shrunk model with the refit equals the masked one with the same refit
+    x_ids = ids()
+    got = outputs(shrink(model, ir, kept, refits=refits), (x_ids,))
+    assert torch.allclose(got, outputs(mask(model, ir, kept, refits=refits), (x_ids,)), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- options and the pipeline
+
+
+def test_config_checks_head_options():
+    from llmrank.passes.config import PruneConfig
+
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="head_sparsity"):
+            PruneConfig(head_sparsity=bad)
+    with pytest.raises(ConfigError, match="head_scorer"):
+        PruneConfig(head_sparsity=0.5, head_scorer="nope")
+    with pytest.raises(ConfigError, match="mask-paper"):
+        PruneConfig(head_sparsity=0.5, mode="mask-paper")
+    assert not PruneConfig(scorer="l1", head_sparsity=0.5, head_scorer="l1").needs_calibration
+    assert PruneConfig(scorer="l1", head_sparsity=0.5, head_scorer="fluctuation").needs_calibration
+    assert PruneConfig(scorer="lp", head_sparsity=0.5).head_scoring == "l2"
+
+
+def test_pipeline_refuses_heads_where_it_cannot_cut_them():
+    from llmrank.ir.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    gpt2 = T.AutoModelForCausalLM.from_config(T.GPT2Config(n_embd=H, n_layer=L, n_head=4, vocab_size=V, n_positions=64), attn_implementation="eager")
+    with pytest.raises(UnsupportedModelError, match="no attention heads"):
+        llmrank.prune(gpt2.eval(), ids(), sparsity=0.2, head_sparsity=0.5, scorer="l1", progress=False)
+    model = build("llama")
+    with pytest.raises(ConfigError, match="same number of query heads"):
+        llmrank.prune(model, ids(), sparsity=0.2, head_sparsity=0.1, scorer="l1", progress=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_with_heads_and_compensation_verifies(family):
+    model = build(family)
+    calib = ids(5, (8, 16))
+    result = llmrank.prune(model, calib, sparsity=0.25, head_sparsity=0.5, compensation="lstsq", progress=False)
+    assert result.verification.ok, result.verification
+    assert result.output_check.relative_error < result.output_check.relative_error_without_refit
+    for hg in result.ir.head_groups:
+        info = result.heads[hg.name]
+        assert info["heads"] == [hg.heads, 2] and len(info["kept"]) == 2
+        assert result.model.get_submodule(hg.o.linear).in_features == 2 * hg.head_dim
+    assert result.to_dict()["heads"] == result.heads
+    before = sum(p.numel() for p in model.parameters())
+    removed = sum(hg.head_cost(result.ir.linears) * 2 for hg in result.ir.head_groups)
+    kv_removed = sum(hg.kv_cost(result.ir.linears) * (hg.kv_heads - info["kv_heads"][1])
+                     for hg, info in ((hg, result.heads[hg.name]) for hg in result.ir.head_groups))
+    ffn_removed = sum(result.ir.channel_cost(g) * (g.width - len(result.kept[g.name])) for g in result.ir.groups)
+    assert result.params_after == before - removed - kv_removed - ffn_removed
+
+
+@pytest.mark.onnx
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_onnx_with_kv_cache_matches_pytorch_after_a_head_cut(family, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from llmrank.exporters.onnx import export_onnx, generate_onnx
+
+    model = build(family)
+    ir = analysed(model)
+    slim = shrink(model, ir, _kept(ir, [[0, 2], [0, 1, 2, 3]]))  # per-layer counts
+    result = export_onnx(slim, tmp_path / "m.onnx", with_past=True, metadata={"eos_token_id": "none"})
+    assert result.max_abs_diff and max(result.max_abs_diff.values()) < 1e-4  # prefill and decode on the cache
+    prompt = [5, 9, 17, 3]
+    got = generate_onnx(tmp_path / "m.onnx", prompt, max_new_tokens=6, eos_token_id=None)
+    with torch.no_grad():
+        want = slim.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+    assert got == want.tolist()
