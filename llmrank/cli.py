@@ -212,6 +212,7 @@ def summary_table(report: dict[str, Any]) -> str:
         ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}"),
         ("FFN width", "/".join(map(str, before)), f"{min(after)}..{max(after)}" if len(after) > 1 else str(after[0])),
         ("groups pruned", str(len(widths)), ""),
+        *_head_rows(report.get("heads") or {}),
         ("verified (shrunk == masked)", "", f"{ver.get('ok')} (max diff {ver.get('max_abs_diff', float('nan')):.2g})" if ver else "skipped"),
     ]
     onnx = report["artifacts"].get("onnx")
@@ -220,6 +221,20 @@ def summary_table(report: dict[str, Any]) -> str:
         rows.append(("ONNX vs PyTorch max diff", "", f"{max(onnx['max_abs_diff'].values()):.2g}"))
     rows.append(("time (s)", "", " ".join(f"{k}={v:.1f}" for k, v in report["timings_s"].items())))
     return table(rows, ("", "dense", "slim"))
+
+
+def _head_rows(heads: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Query / KV heads per layer, before and after (ranges when layers differ)."""
+    if not heads:
+        return []
+
+    def span(values: list[int]) -> str:
+        return str(values[0]) if min(values) == max(values) else f"{min(values)}..{max(values)}"
+
+    rows = []
+    for key, label in (("heads", "query heads per layer"), ("kv_heads", "KV heads per layer")):
+        rows.append((label, span([h[key][0] for h in heads.values()]), span([h[key][1] for h in heads.values()])))
+    return rows
 
 
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:

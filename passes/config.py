@@ -41,6 +41,9 @@ class PruneConfig:
     sparsity: float = _opt(0.3, "fraction of each group's channels to remove, in [0, 1)")
     head_sparsity: float = _opt(0.0, "fraction of each attention layer's query heads to remove, in [0, 1); every KV group keeps "
                                      "the same count, so it moves to the nearest count the layer allows")
+    target_params: float | None = _opt(None, "keep this fraction of all parameters, in (0, 1): sparsity and head_sparsity "
+                                             "are then derived from it (head_share splits the cut)")
+    head_share: float = _opt(0.0, "with target_params: the fraction of the removed parameters taken from attention heads, in [0, 1]")
     head_scorer: str = _opt("auto", "head score (auto: the neuron scorer's formula; fluctuation: FLAP's)", HEAD_SCORERS)
     scorer: str = _opt("wpr", "neuron score", SCORERS)
     representation: str = _opt("dataflow", "which Linears form the centrality chain", REPRESENTATIONS)
@@ -79,6 +82,10 @@ class PruneConfig:
                 what="the fraction of channels to remove")
         _number("head_sparsity", self.head_sparsity, low=0.0, high=1.0, high_open=True,
                 what="the fraction of query heads to remove")
+        if self.target_params is not None:
+            _number("target_params", self.target_params, low=0.0, high=1.0, low_open=True, high_open=True,
+                    what="the fraction of all parameters to keep")
+        _number("head_share", self.head_share, low=0.0, high=1.0, what="the share of the cut taken from heads")
         _number("p", self.p, low=0.0, low_open=True, high=math.inf)
         if self.z_importance is not None:
             _number("z_importance", self.z_importance, low=0.0, high=1.0, high_open=True)
@@ -99,7 +106,10 @@ class PruneConfig:
         if self.mode == "mask-paper" and self.pruner != "local":
             raise ConfigError("mode 'mask-paper' reproduces the authors' local pruner only; their global pruner pools "
                               "up and down row scores, which llmrank does not implement: use pruner 'local'")
-        if self.head_sparsity > 0 and self.mode == "mask-paper":
+        if self.target_params is not None and (self.mode == "mask-paper" or self.pruner != "local"):
+            raise ConfigError("target_params plans the cut for the local pruner in mode 'shrink' or 'mask': use pruner 'local' "
+                              "and another mode than 'mask-paper'")
+        if self.heads and self.mode == "mask-paper":
             raise ConfigError("mode 'mask-paper' reproduces the authors' FFN row masks only: use mode 'shrink' or 'mask' with head_sparsity")
         if self.z_importance is not None and self.scorer != "mpr" and self.head_scoring != "mpr":
             raise ConfigError(f"z_importance is an option of the mpr scorer, not of {self.scorer!r}")
@@ -117,8 +127,8 @@ class PruneConfig:
 
     @property
     def heads(self) -> bool:
-        """Whether attention heads are cut."""
-        return self.head_sparsity > 0
+        """Whether attention heads are cut (asked directly, or a share of a parameter target)."""
+        return self.head_sparsity > 0 or (self.target_params is not None and self.head_share > 0)
 
     @property
     def head_scoring(self) -> str:

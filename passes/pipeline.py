@@ -38,6 +38,7 @@ from llmrank.passes import program as P
 from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
+from llmrank.passes import budget
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.headcut import head_notes, select_heads
 from llmrank.passes.headscore import variance_linears
@@ -373,12 +374,19 @@ class Select(Pass):
 
     def call(self, state: PruneState) -> PassResult:
         c = state.config
-        kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
-        notes = clamp_notes(state.ir, kept, c.sparsity, multiple=c.multiple, min_width=c.min_width) if c.mode != "mask-paper" else []
-        if c.heads:
-            heads = select_heads(state.ir, state.scores.heads, c.head_sparsity)
-            kept.update(heads)
-            notes += head_notes(state.ir, heads, c.head_sparsity)
+        sparsity, head_sparsity, heads, notes = c.sparsity, c.head_sparsity, None, []
+        if c.target_params is not None:
+            total = sum(p.numel() for p in state.model.parameters())
+            sparsity, head_sparsity, heads = budget.plan(state.ir, state.scores.heads, total, c.target_params, c.head_share)
+            notes.append(f"target_params {c.target_params:g} (head_share {c.head_share:g}): sparsity {sparsity:.4g}, "
+                         f"head_sparsity {head_sparsity:.3g}")
+        kept = select(state.ir, state.scores.groups, sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
+        if c.mode != "mask-paper":
+            notes += clamp_notes(state.ir, kept, sparsity, multiple=c.multiple, min_width=c.min_width)
+        if heads is None and c.head_sparsity > 0:
+            heads = select_heads(state.ir, state.scores.heads, head_sparsity)
+            notes += head_notes(state.ir, heads, head_sparsity)
+        kept.update(heads or {})
         for note in notes:
             log.warning(note)
         return PassResult(state.update(kept=kept, notes=state.notes + tuple(notes)), True)

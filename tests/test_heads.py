@@ -382,3 +382,32 @@ def test_onnx_with_kv_cache_matches_pytorch_after_a_head_cut(family, tmp_path):
     with torch.no_grad():
         want = slim.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
     assert got == want.tolist()
+
+
+def test_target_params_splits_one_budget_between_heads_and_neurons():
+    from llmrank.passes import budget
+
+    model = build("smollm")
+    calib = ids(3, (8, 16))
+    total = sum(p.numel() for p in model.parameters())
+    results = {share: llmrank.prune(model, calib, target_params=0.8, head_share=share, progress=False) for share in (0.0, 0.6, 1.0)}
+    for share, r in results.items():
+        assert r.verification.ok
+        ir = r.ir
+        by_heads = budget.removed_by_heads(ir, {k: v for k, v in r.kept.items() if k in {hg.name for hg in ir.head_groups}})
+        by_neurons = sum(ir.channel_cost(g) * (g.width - len(r.kept[g.name])) for g in ir.groups)
+        assert r.params_before - r.params_after == by_heads + by_neurons  # the plan's accounting is the model's
+        assert abs(r.params_after / total - 0.8) < 0.02, (share, r.params_after / total)
+        budget_ = (1 - 0.8) * total
+        if share == 0.0:
+            assert by_heads == 0 and not r.heads
+        else:  # the head cut closest to the share, in the steps the GQA constraint allows
+            assert by_heads > 0 and abs(by_heads - share * budget_) <= max(hg.head_cost(ir.linears) + hg.kv_cost(ir.linears) for hg in ir.head_groups) * len(ir.head_groups)
+    from llmrank.passes.config import PruneConfig
+
+    with pytest.raises(ConfigError, match="target_params"):
+        PruneConfig(target_params=1.0)
+    with pytest.raises(ConfigError, match="target_params"):
+        PruneConfig(target_params=0.8, pruner="global")
+    with pytest.raises(ConfigError, match="raise target_params"):
+        llmrank.prune(model, calib, target_params=0.05, head_share=0.0, progress=False)
