@@ -259,7 +259,16 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     _say(args, table(rows, ("group", "width", f"kept @ {args.sparsity}", "param share", "slots")))
     _say(args, f"\n{ir.model_class}: {total:,} parameters, {prunable:,} ({100 * prunable / total:.1f}%) in {len(ir.groups)} prunable groups; "
          f"a cut of {args.sparsity} removes ~{report['removed_at_sparsity']:,}.")
-    _say(args, f"not cut ({len(ir.blocked)} Linears): residual stream, attention heads, tied or output layers")
+    if ir.head_groups:
+        hg = ir.head_groups[0]
+        heads = sum(h.heads * h.head_cost(ir.linears) + h.kv_heads * h.kv_cost(ir.linears) for h in ir.head_groups)
+        _say(args, f"attention: {len(ir.head_groups)} head groups (e.g. {hg.name}: {hg.heads} query / {hg.kv_heads} KV heads of "
+             f"{hg.head_dim}), {heads:,} ({100 * heads / total:.1f}%) parameters in heads (--head-sparsity)")
+    blocked_heads = [k for k in ir.blocked if k.startswith("heads:")]
+    if blocked_heads:
+        _say(args, f"attention heads not cut in {len(blocked_heads)} place(s), e.g. {blocked_heads[0]}: {ir.blocked[blocked_heads[0]]}")
+    _say(args, f"not cut ({len(ir.blocked) - len(blocked_heads)} Linears' outputs): residual stream, attention projections "
+         "(cut as whole heads), tied or output layers")
     return report
 
 

@@ -7,6 +7,8 @@ output of another Linear (a *producer*) and nothing else reads those channels. T
 rows, the consumers' columns, matching bias entries and any per-channel parameter met on the
 way form one channel group. Walks that meet a norm, a reshape into heads, an embedding, a
 residual sum of different writers, or the model output mark the channels as not cuttable.
+Attention projections are cut in whole heads instead: ``passes/heads.py`` finds those groups
+from the attention ops, and ``analyze`` returns both.
 """
 
 from __future__ import annotations
