@@ -154,8 +154,8 @@ class _Walker:
             if lin is not None:
                 return Port(lin.name, offset)
             name, rank = op_name(node), len(_shape(node) or ())
-            if name in _PASS_THROUGH:
-                node = node.args[0]
+            if name in _PASS_THROUGH or (name in ("mul", "div") and isinstance(node.args[1], (int, float))):
+                node = node.args[0]  # a cast, or a scale by a number (OPT scales q before the split)
             elif name == "slice" and _dim(int(node.args[1]), rank) == rank - 1:
                 offset += int(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
                 node = node.args[0]

@@ -80,19 +80,6 @@ def test_analysis_reads_head_groups_from_the_graph(family, impl):
         assert biases == {n for n, _ in attn.named_parameters(prefix=hg.module) if n.endswith(".bias") and "proj" in n}
 
 
-def test_analysis_blocks_what_it_cannot_map_with_a_reason():
-    torch.manual_seed(0)
-    bloom = T.AutoModelForCausalLM.from_config(T.BloomConfig(hidden_size=H, n_layer=L, n_head=4, vocab_size=V), attn_implementation="eager")
-    ir = analysed(bloom.eval())
-    assert ir.head_groups == []
-    reasons = [v for k, v in ir.blocked.items() if k.startswith("heads:")]
-    assert len(reasons) == L and all("softmax" in r for r in reasons), ir.blocked
-    torch.manual_seed(0)
-    gpt2 = T.AutoModelForCausalLM.from_config(T.GPT2Config(n_embd=H, n_layer=L, n_head=4, vocab_size=V, n_positions=64), attn_implementation="eager")
-    ir = analysed(gpt2.eval())
-    assert ir.head_groups == [] and any(k.startswith("heads:transformer.h.0") for k in ir.blocked), ir.blocked
-
-
 # ---------------------------------------------------------------------- selection
 
 
@@ -411,3 +398,37 @@ def test_target_params_splits_one_budget_between_heads_and_neurons():
         PruneConfig(target_params=0.8, pruner="global")
     with pytest.raises(ConfigError, match="raise target_params"):
         llmrank.prune(model, calib, target_params=0.05, head_share=0.0, progress=False)
+
+
+WIDER = ["mistral", "qwen3", "gemma", "gemma2", "phi", "stablelm", "granite", "olmo", "opt", "bert"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", WIDER)
+def test_more_families_cut_heads_and_shrunk_equals_masked(family):
+    """The conformance configs beyond the four core families: found from the graph, cut, verified."""
+    from test_conformance import ENCODERS, _cfg
+
+    torch.manual_seed(0)
+    cls = T.AutoModel if family in ENCODERS else T.AutoModelForCausalLM
+    model = cls.from_config(_cfg(family), attn_implementation="eager").eval()
+    ir = analysed(model)
+    assert len(ir.head_groups) == 2, ir.blocked
+    kept = {hg.name: torch.arange(hg.heads)[:: 2] if hg.kv_heads in (1, hg.heads) else torch.arange(hg.n_rep) for hg in ir.head_groups}
+    slim = shrink(model, ir, kept)
+    x = ids()
+    ref = outputs(mask(model, ir, kept), (x,))
+    assert torch.allclose(outputs(slim, (x,)), ref, atol=1e-5)
+    assert not torch.allclose(ref, outputs(model, (x,)), atol=1e-4)
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon", "bloom"])
+def test_families_whose_heads_stay_whole_say_why(family):
+    from test_conformance import _cfg
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(_cfg(family), attn_implementation="eager").eval()
+    ir = analysed(model)
+    reasons = {k: v for k, v in ir.blocked.items() if k.startswith("heads:")}
+    assert not ir.head_groups and len(reasons) == 2 and all(reasons.values()), ir.blocked
