@@ -371,6 +371,7 @@ def test_onnx_with_kv_cache_matches_pytorch_after_a_head_cut(family, tmp_path):
     assert got == want.tolist()
 
 
+@pytest.mark.slow
 def test_target_params_splits_one_budget_between_heads_and_neurons():
     from llmrank.passes import budget
 
