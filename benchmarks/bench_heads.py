@@ -40,7 +40,7 @@ def main() -> None:
     from llmrank.evaluate import perplexity
     from llmrank.passes.config import PruneConfig
     from llmrank.passes.headcut import heads_kept
-    from llmrank.passes.pipeline import Analyze, Calibrate, CheckOutputs, Compensate, Pipeline, PruneState, Score, Select, Shrink, Trace, Verify
+    from llmrank.passes.pipeline import Analyze, Calibrate, CheckOutputs, Compensate, Pipeline, Score, Select, Shrink, Trace, Verify
     from llmrank.targets import load_torch_model
 
     model, tokenizer, _ = load_torch_model(args.model)

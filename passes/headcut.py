@@ -113,12 +113,8 @@ def set_head_counts(model: nn.Module, module_path: str, heads: int, kv_heads: in
     """Make an attention module's head-count attributes (and, where its forward reads them from
     its config, a per-layer copy of that config) say ``heads`` / ``kv_heads``."""
     module = model.get_submodule(module_path)
-    for attr in _HEAD_ATTRS:
-        if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, heads)
-    for attr in _KV_ATTRS:
-        if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, kv_heads)
+    _set_ints(module, _HEAD_ATTRS, heads)
+    _set_ints(module, _KV_ATTRS, kv_heads)
     if isinstance(getattr(module, "num_key_value_groups", None), int):
         module.num_key_value_groups = heads // kv_heads
     config = getattr(module, "config", None)
@@ -137,12 +133,15 @@ def _config_counts(config) -> tuple[int | None, int | None]:
 
 
 def _write_counts(config, heads: int, kv_heads: int) -> None:
-    for f in _CONFIG_HEADS:
-        if isinstance(getattr(config, f, None), int):
-            setattr(config, f, heads)
-    for f in _CONFIG_KV:
-        if isinstance(getattr(config, f, None), int):
-            setattr(config, f, kv_heads)
+    _set_ints(config, _CONFIG_HEADS, heads)
+    _set_ints(config, _CONFIG_KV, kv_heads)
+
+
+def _set_ints(owner: object, names: tuple[str, ...], value: int) -> None:
+    """Set each of ``names`` that ``owner`` holds as an int (absent or None ones stay)."""
+    for name in names:
+        if isinstance(getattr(owner, name, None), int):
+            setattr(owner, name, value)
 
 
 def update_head_counts(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) -> None:

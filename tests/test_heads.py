@@ -3,7 +3,6 @@ reload, export, scorers and compensation, on tiny random configs of four familie
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
