@@ -213,7 +213,7 @@ class _Walker:
             cur = nxt
 
 
-def _anchors(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node, set[fx.Node]] | str]:
+def _anchors(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Node, set[fx.Node]] | tuple[fx.Node, str]]:
     """(anchor, q, k, v, output, the attention's own nodes) of every attention op: SDPA, or the
     eager matmul(q, k^T) -> softmax -> matmul(p, v)."""
     found = []
@@ -222,7 +222,8 @@ def _anchors(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node, 
         if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"):
             found.append((node, node.args[0], node.args[1], node.args[2], node, {node}))
         elif name in ("softmax", "_softmax"):
-            found.append(_eager(node))
+            eager = _eager(node)
+            found.append(eager if not isinstance(eager, str) else (node, eager))
     return found
 
 
@@ -255,8 +256,8 @@ def find_head_groups(
     blocked: dict[str, str] = {}
     from_linear = _descendants(linear_of_node)
     for anchor in _anchors(graph):
-        if isinstance(anchor, str):
-            blocked[f"heads:{anchor.split()[2]}"] = anchor
+        if isinstance(anchor[1], str):  # a softmax that is not the eager attention pattern
+            blocked[f"heads:{module_of(anchor[0]) or anchor[0].name}"] = anchor[1]
             continue
         anchor, q, k, v, out, own = anchor
         where = module_of(anchor) or anchor.name
