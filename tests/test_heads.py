@@ -445,3 +445,19 @@ def test_routes_that_cut_neurons_only_refuse_heads():
     ep = llmrank.trace(model).program
     with pytest.raises(ConfigError, match="head_sparsity needs an nn.Module"):
         prune_program(ep, [(ids(),)], config=PruneConfig(head_sparsity=0.5, scorer="l1"))
+
+
+def test_float64_recheck_tells_rounding_from_a_wrong_cut():
+    from llmrank.passes.config import PruneConfig
+    from llmrank.passes.pipeline import _in_float64
+
+    model = build("smollm")
+    ir = analysed(model)
+    kept = _kept(ir, [[0, 1, 2], [1, 4]])
+    x = (ids(),)
+    config = PruneConfig(verify_atol=0.0, verify_rtol=0.0)
+    same = _in_float64(mask(model, ir, kept), shrink(model, ir, kept), x, config)
+    assert same.ok and same.max_abs_diff < 1e-12
+    wrong = _in_float64(mask(model, ir, kept), shrink(model, ir, _kept(ir, [[3, 4, 5], [1, 4]])), x, config)
+    assert not wrong.ok and wrong.max_abs_diff > 1e-3
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # the input model stays fp32
