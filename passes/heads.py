@@ -13,6 +13,7 @@ head) leaves the layer's heads uncut, with the reason in ``ModelIR.blocked``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -249,7 +250,7 @@ def _eager(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, fx.Nod
 
 
 def find_head_groups(
-    graph: fx.Graph, linear_of_node: dict[fx.Node, LinearInfo], param_of_node: dict[fx.Node, str], module_of: callable,
+    graph: fx.Graph, linear_of_node: dict[fx.Node, LinearInfo], param_of_node: dict[fx.Node, str], module_of: Callable[[fx.Node], str],
 ) -> tuple[list[HeadGroup], dict[str, str]]:
     """Head groups of every attention op in ``graph``, and the reason for each one left uncut."""
     groups: list[HeadGroup] = []
@@ -268,7 +269,8 @@ def find_head_groups(
     return groups, blocked
 
 
-def _group(q, k, v, out, own, linear_of_node, param_of_node, from_linear, where: str) -> HeadGroup:
+def _group(q: fx.Node, k: fx.Node, v: fx.Node, out: fx.Node, own: set[fx.Node], linear_of_node: dict[fx.Node, LinearInfo],
+           param_of_node: dict[fx.Node, str], from_linear: set[fx.Node], where: str) -> HeadGroup:
     shape = _shape(q)
     if shape is None or len(shape) < 3:
         raise _Blocked("the query has no (…, heads, tokens, head_dim) shape")
