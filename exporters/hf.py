@@ -7,7 +7,10 @@ they differ we record the widths under `config.llmrank` and `load_hf` rebuilds t
 model from the saved weight shapes. Compensation can add a bias the family's config
 does not declare (Llama with `mlp_bias: false`): the config's switch is turned on
 where the family has one, otherwise the checkpoint is marked for `llmrank.load`,
-because stock loading would silently drop those biases. `check_reload` proves the
+because stock loading would silently drop those biases. Attention heads
+follow the same rule: head counts every layer shares are in the config (the pruning rewrite
+writes them), per-layer counts go under `config.llmrank["layer_heads"]` and `load_hf` sets
+them on each attention module. `check_reload` proves the
 claim by reloading the folder and comparing logits. Nothing here scores or prunes:
 it only reads the shapes the model already has.
 """
