@@ -7,7 +7,10 @@ they differ we record the widths under `config.llmrank` and `load_hf` rebuilds t
 model from the saved weight shapes. Compensation can add a bias the family's config
 does not declare (Llama with `mlp_bias: false`): the config's switch is turned on
 where the family has one, otherwise the checkpoint is marked for `llmrank.load`,
-because stock loading would silently drop those biases. `check_reload` proves the
+because stock loading would silently drop those biases. Attention heads
+follow the same rule: head counts every layer shares are in the config (the pruning rewrite
+writes them), per-layer counts go under `config.llmrank["layer_heads"]` and `load_hf` sets
+them on each attention module. `check_reload` proves the
 claim by reloading the folder and comparing logits. Nothing here scores or prunes:
 it only reads the shapes the model already has.
 """
@@ -27,6 +30,7 @@ from torch import nn
 
 from .atomic import atomic_path, refuse_input_overlap
 from llmrank.ir.errors import ExportError
+from llmrank.passes.headcut import layer_heads, set_head_counts
 
 __all__ = ["save_hf", "load_hf", "check_reload", "mlp_widths", "SaveResult", "ReloadMismatchError"]
 
@@ -160,8 +164,21 @@ def _config_for_save(model: nn.Module, metadata: Mapping[str, Any]) -> tuple[Any
     if undeclared:
         info["undeclared_biases"] = undeclared
         info["loader"] = "llmrank.load"
+    heads = _per_layer_heads(model, text)
+    if heads:
+        info["layer_heads"] = heads
+        info["loader"] = "llmrank.load"
     config.llmrank = info
     return config, widths, uniform, undeclared, zeros
+
+
+def _per_layer_heads(model: nn.Module, text: Any) -> dict[str, list[int]]:
+    """[query heads, KV heads] per attention module when some layer's counts differ from the
+    config's (a per-layer head cut); empty when the config describes every layer."""
+    heads = layer_heads(model)
+    want = [getattr(text, "num_attention_heads", None)]
+    want.append(getattr(text, "num_key_value_heads", None) or want[0])
+    return heads if any(counts != want for counts in heads.values()) else {}
 
 
 @dataclass
@@ -212,6 +229,7 @@ def save_hf(
             tokenizer.save_pretrained(tmp)
     files = sorted(p.name for p in out_dir.iterdir())
     stock = (not widths or (uniform and _width_field(_text_config(config)) is not None)) and not undeclared
+    stock = stock and "layer_heads" not in config.llmrank
     return SaveResult(out_dir, uniform, widths, files, time.perf_counter() - start, stock, undeclared)
 
 
@@ -291,6 +309,8 @@ def load_hf(path: Path | str, *, dtype: torch.dtype | None = None) -> nn.Module:
         if isinstance(module, kinds):
             _resize_to(module, name, state)
             _add_saved_bias(module, name, state)
+    for name, (heads, kv_heads) in (getattr(config, "llmrank", None) or {}).get("layer_heads", {}).items():
+        set_head_counts(model, name, heads, kv_heads)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = set(result.missing_keys) - _tied_targets(model)
     if missing or result.unexpected_keys:

@@ -71,6 +71,48 @@ class ChannelGroup:
     slots: tuple[Slot, ...]
 
 
+@dataclass(frozen=True)
+class HeadGroup:
+    """One attention layer's heads, read from the graph: what removing a query head touches.
+
+    ``q`` / ``k`` / ``v`` are the producer ports (rows in blocks of ``head_dim`` per head; a fused
+    qkv_proj gives three ports of one Linear at their offsets) and ``o`` the consumer port (columns
+    in blocks of ``head_dim`` per query head). Query head h reads KV head ``h // n_rep`` (GQA,
+    MQA: kv_heads = 1). ``q_slots`` hold ``heads * head_dim`` channels indexed by query head (q
+    rows, their bias, o_proj columns); ``kv_slots`` hold ``kv_heads * head_dim`` channels indexed
+    by KV head (k and v rows and biases). ``module`` is the attention module whose head-count
+    attributes the rewrite updates.
+    """
+
+    name: str
+    module: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    q: Port
+    k: Port
+    v: Port
+    o: Port
+    q_slots: tuple[Slot, ...]
+    kv_slots: tuple[Slot, ...]
+
+    @property
+    def n_rep(self) -> int:
+        return self.heads // self.kv_heads
+
+    def kv_of(self, head: int) -> int:
+        return head // self.n_rep
+
+    def head_cost(self, linears: dict[str, "LinearInfo"]) -> int:
+        """Parameters removed with one query head (q rows + bias, o columns), KV rows excluded."""
+        q, o = linears[self.q.linear], linears[self.o.linear]
+        return self.head_dim * (q.in_features + (1 if q.bias else 0) + o.out_features)
+
+    def kv_cost(self, linears: dict[str, "LinearInfo"]) -> int:
+        """Parameters removed with one KV head (k and v rows and biases)."""
+        return sum(self.head_dim * (linears[p.linear].in_features + (1 if linears[p.linear].bias else 0)) for p in (self.k, self.v))
+
+
 @dataclass
 class ModelIR:
     """Everything the passes need to know about a model, in graph order."""
@@ -80,6 +122,13 @@ class ModelIR:
     groups: list[ChannelGroup]
     feeds: dict[str, tuple[str, ...]]
     blocked: dict[str, str] = field(default_factory=dict)
+    head_groups: list[HeadGroup] = field(default_factory=list)
+
+    def head_group(self, name: str) -> HeadGroup:
+        for g in self.head_groups:
+            if g.name == name:
+                return g
+        raise KeyError(f"no head group named {name!r}; known: {[g.name for g in self.head_groups]}")
 
     def group(self, name: str) -> ChannelGroup:
         for g in self.groups:
@@ -96,6 +145,8 @@ class ModelIR:
         names = {port.linear for g in self.groups for port in (*g.producers, *g.consumers)}
         for g in self.groups:
             names.update(self.feeders(g.primary.linear))
+        for hg in self.head_groups:
+            names.update((hg.q.linear, hg.o.linear, *self.feeders(hg.q.linear)))
         return [n for n in self.linears if n in names]
 
     def prunable_parameters(self) -> int:
@@ -119,4 +170,5 @@ class ModelIR:
             "groups": [asdict(g) for g in self.groups],
             "feeds": {k: list(v) for k, v in self.feeds.items()},
             "blocked": dict(self.blocked),
+            "head_groups": [asdict(g) for g in self.head_groups],
         }

@@ -22,6 +22,7 @@ from llmrank.passes.config import PruneConfig
 from llmrank.passes.pipeline import OutputCheck, Pipeline, PruneState, ScorerFn, require_calibration
 from llmrank.passes.score import Scores
 from llmrank.passes.select import effective_sparsity
+from llmrank.passes.headcut import heads_kept
 from llmrank.passes.verify import Verification
 
 __all__ = ["PruneError", "PruneResult", "as_batches", "count_parameters", "prune"]
@@ -43,6 +44,7 @@ class PruneResult:
     config: dict[str, Any] = field(default_factory=dict)
     output_check: OutputCheck | None = None
     notes: tuple[str, ...] = ()
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def uniform_width(self) -> int | None:
@@ -63,8 +65,12 @@ class PruneResult:
             "notes": list(self.notes),
             "blocked": self.ir.blocked,
         }
+        if self.heads:
+            out["heads"] = self.heads
         if include_scores:
             out["scores"] = {k: v.tolist() for k, v in self.scores.groups.items()}
+            if self.scores.heads:
+                out["head_scores"] = {k: v.tolist() for k, v in self.scores.heads.items()}
             out["kept"] = {k: v.tolist() for k, v in self.kept.items()}
         return out
 
@@ -157,4 +163,5 @@ def result_of(state: PruneState, params_before: int) -> PruneResult:
                 "compensation_tokens": refit_tokens, "calibration_batches": norms.batches if norms else 0,
                 "calibration_tokens": norms.tokens if norms else 0},
         output_check=state.output_check, notes=state.notes,
+        heads=heads_kept(ir, kept) if config.heads else {},
     )

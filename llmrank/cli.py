@@ -242,6 +242,7 @@ def summary_table(report: dict[str, Any]) -> str:
         ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}"),
         ("FFN width", "/".join(map(str, before)), f"{min(after)}..{max(after)}" if len(after) > 1 else str(after[0])),
         ("groups pruned", str(len(widths)), ""),
+        *_head_rows(report.get("heads") or {}),
         ("verified (shrunk == masked)", "", f"{ver.get('ok')} (max diff {ver.get('max_abs_diff', float('nan')):.2g})" if ver else "skipped"),
     ]
     onnx = report["artifacts"].get("onnx")
@@ -270,6 +271,20 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _head_rows(heads: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Query / KV heads per layer, before and after (ranges when layers differ)."""
+    if not heads:
+        return []
+
+    def span(values: list[int]) -> str:
+        return str(values[0]) if min(values) == max(values) else f"{min(values)}..{max(values)}"
+
+    rows = []
+    for key, label in (("heads", "query heads per layer"), ("kv_heads", "KV heads per layer")):
+        rows.append((label, span([h[key][0] for h in heads.values()]), span([h[key][1] for h in heads.values()])))
+    return rows
+
+
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     import llmrank
     from llmrank.report import table
@@ -292,7 +307,16 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     _say(args, table(rows, ("group", "width", f"kept @ {args.sparsity}", "param share", "slots")))
     _say(args, f"\n{ir.model_class}: {total:,} parameters, {prunable:,} ({100 * prunable / total:.1f}%) in {len(ir.groups)} prunable groups; "
          f"a cut of {args.sparsity} removes ~{report['removed_at_sparsity']:,}.")
-    _say(args, f"not cut ({len(ir.blocked)} Linears): residual stream, attention heads, tied or output layers")
+    if ir.head_groups:
+        hg = ir.head_groups[0]
+        heads = sum(h.heads * h.head_cost(ir.linears) + h.kv_heads * h.kv_cost(ir.linears) for h in ir.head_groups)
+        _say(args, f"attention: {len(ir.head_groups)} head groups (e.g. {hg.name}: {hg.heads} query / {hg.kv_heads} KV heads of "
+             f"{hg.head_dim}), {heads:,} ({100 * heads / total:.1f}%) parameters in heads (--head-sparsity)")
+    blocked_heads = [k for k in ir.blocked if k.startswith("heads:")]
+    if blocked_heads:
+        _say(args, f"attention heads not cut in {len(blocked_heads)} place(s), e.g. {blocked_heads[0]}: {ir.blocked[blocked_heads[0]]}")
+    _say(args, f"not cut ({len(ir.blocked) - len(blocked_heads)} Linears' outputs): residual stream, attention projections "
+         "(cut as whole heads), tied or output layers")
     return report
 
 

@@ -281,13 +281,15 @@ def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str,
 def _metadata(job: PruneJob, widths: dict[str, tuple[int, int]]) -> dict[str, Any]:
     c = job.config
     return {"source_model": job.model, "scorer": c.scorer, "representation": c.representation, "sparsity": c.sparsity,
-            "pruner": c.pruner, "compensation": c.compensation, "layer_widths": {k: a for k, (_, a) in widths.items()}}
+            "pruner": c.pruner, "compensation": c.compensation, "layer_widths": {k: a for k, (_, a) in widths.items()},
+            **({"head_sparsity": c.head_sparsity, "head_scorer": c.head_scoring} if c.heads else {})}
 
 
 def _write_scores_and_plot(folder: Path, job: PruneJob, result: Any, report: dict[str, Any]) -> None:
     c = job.config
     tensors = {f"{name}": s.to(torch.float32).contiguous() for name, s in result.scores.groups.items()}
     tensors.update({f"{name}.kept": k.contiguous() for name, k in result.kept.items()})
+    tensors.update({f"{name}.heads": s.to(torch.float32).contiguous() for name, s in result.scores.heads.items()})
     save_file(tensors, str(folder / "scores.safetensors"), metadata={"scorer": c.scorer})
     report["artifacts"]["scores"] = "scores.safetensors"
     title = f"{job.model}: {c.scorer}/{c.representation}, sparsity {c.sparsity}"

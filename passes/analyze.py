@@ -7,6 +7,8 @@ output of another Linear (a *producer*) and nothing else reads those channels. T
 rows, the consumers' columns, matching bias entries and any per-channel parameter met on the
 way form one channel group. Walks that meet a norm, a reshape into heads, an embedding, a
 residual sum of different writers, or the model output mark the channels as not cuttable.
+Attention projections are cut in whole heads instead: ``passes/heads.py`` finds those groups
+from the attention ops, and ``analyze`` returns both.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from llmrank.ir.graph import ChannelGroup, LinearInfo, ModelIR, Port, Slot
+from llmrank.ir.graph import ChannelGroup, HeadGroup, LinearInfo, ModelIR, Port, Slot
 from llmrank.ir.errors import InputError
 from llmrank.ir.trace import Traced
+from llmrank.passes.heads import find_head_groups
 from llmrank.passes.ops import BINARY, LINEAR_OPS, NONLINEAR, SHAPE_ONLY, SPLITS, UNARY, VIEWS, linear_data_input, linear_weight_arg, op_name
 
 def _val(node: object) -> torch.Tensor | None:
@@ -311,7 +314,25 @@ def analyze(traced: Traced, *, prune_tied: bool = False) -> ModelIR:
     for lin in g.linear_of_node.values():
         if lin.name not in producers:
             blocked.setdefault(lin.name, "its output channels are not a prunable group (residual stream, attention heads or model output)")
-    return ModelIR(type(traced.model).__name__, {lin.name: lin for lin in g.linear_of_node.values()}, groups, _feeds(g), blocked)
+    heads, heads_blocked = find_head_groups(traced.program.graph, g.linear_of_node, g.param_of_node,
+                                            lambda node: _module_path(node, traced.prefix))
+    heads = _untied_heads(heads, shared, blocked, {grp.name for grp in groups})
+    blocked.update(heads_blocked)
+    return ModelIR(type(traced.model).__name__, {lin.name: lin for lin in g.linear_of_node.values()}, groups, _feeds(g), blocked, heads)
+
+
+def _untied_heads(heads: list[HeadGroup], shared: set[str], blocked: dict[str, str], taken: set[str]) -> list[HeadGroup]:
+    """Head groups whose parameters are not tied elsewhere, under names no channel group uses."""
+    out = []
+    for hg in heads:
+        tied = [s.param for s in (*hg.q_slots, *hg.kv_slots) if s.param in shared]
+        if tied:
+            blocked[f"heads:{hg.name}"] = f"tied weights: {', '.join(tied)}"
+        elif hg.name in taken or any(o.name == hg.name for o in out):
+            blocked[f"heads:{hg.name}"] = "two attention ops in one module"
+        else:
+            out.append(hg)
+    return out
 
 
 def _node_of(g: _Graph, linear: str) -> fx.Node:

@@ -65,6 +65,7 @@ class CalibrationStats:
     moments: dict[str, InputStats] = field(default_factory=dict)
     refit_tokens: int = 0
     sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)  # E[(dL/dy)^2] per consumer output (sensitivity.py)
+    variances: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,12 @@ def symmetric_gram(x: torch.Tensor, *, block: int = 384) -> torch.Tensor:
 class Accumulator:
     """Sums per-batch reductions of the watched Linears' inputs and outputs."""
 
-    def __init__(self, norm_linears: Iterable[str], moment_linears: Iterable[str], *, second_moment: bool = True):
+    def __init__(self, norm_linears: Iterable[str], moment_linears: Iterable[str], *, second_moment: bool = True,
+                 variance_linears: Iterable[str] = ()):
         self.norm_linears = set(norm_linears)
         self.moment_linears = set(moment_linears)
+        self.variance_linears = set(variance_linears) & self.norm_linears
+        self._spread: dict[str, list] = {}  # name -> [sum x, sum x^2, tokens] over the scoring batches
         self.second_moment = second_moment
         self.sum_in: dict[str, torch.Tensor] = {}
         self.sum_out: dict[str, torch.Tensor] = {}
@@ -155,8 +159,17 @@ class Accumulator:
         if step.norms and name in self.norm_linears:
             _add(self.sum_in, name, batch_norm(x))
             _add(self.sum_out, name, batch_norm(y))
+            if name in self.variance_linears:
+                self._add_spread(name, x)
         if step.moments and name in self.moment_linears:
             self._add_moments(name, x)
+
+    def _add_spread(self, name: str, x: torch.Tensor) -> None:
+        """Per-channel sums of x and x^2 (a variance over tokens, without a Gram matrix)."""
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        parts = (flat.sum(0), flat.pow(2).sum(0), flat.shape[0])
+        old = self._spread.get(name)
+        self._spread[name] = list(parts) if old is None else [old[0] + parts[0], old[1] + parts[1], old[2] + parts[2]]
 
     def _add_moments(self, name: str, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
@@ -195,7 +208,8 @@ class Accumulator:
                 if name in self.sum_in:  # a Linear the calibration inputs never reach has no entry
                     norms.a_in[name] = (self.sum_in[name] / self.norm_batches).to(torch.float32)
                     norms.a_out[name] = (self.sum_out[name] / self.norm_batches).to(torch.float32)
-        return CalibrationStats(norms=norms, moments=self.moments, refit_tokens=self.refit_tokens)
+        variances = {name: (sq / n - (total / n) ** 2).clamp_min(0.0) for name, (total, sq, n) in self._spread.items()}
+        return CalibrationStats(norms=norms, moments=self.moments, refit_tokens=self.refit_tokens, variances=variances)
 
 
 def _add(table: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 from llmrank.ir.errors import ConfigError, InputError
 from llmrank.ir.graph import ModelIR
 from llmrank.passes.calibrate import Accumulator, InputStats, Plan, collect
+from llmrank.passes.headcut import kept_channels
 
 METHODS = ("none", "bias", "lstsq", "lstsq+bias")
 
@@ -46,9 +47,13 @@ class Refit:
     bias: torch.Tensor | None
 
 
-def consumer_linears(ir: ModelIR) -> list[str]:
-    """Linears whose inputs the refit needs moments of: every group's consumers."""
-    return sorted({c.linear for g in ir.groups for c in g.consumers})
+def consumer_linears(ir: ModelIR, *, heads: bool = False) -> list[str]:
+    """Linears whose inputs the refit needs moments of: every group's consumers (and, when
+    heads are cut, every head group's o_proj)."""
+    names = {c.linear for g in ir.groups for c in g.consumers}
+    if heads:
+        names.update(hg.o.linear for hg in ir.head_groups)
+    return sorted(names)
 
 
 def plan_refit(
@@ -60,7 +65,8 @@ def plan_refit(
     method: str = "lstsq",
     ridge: float = 1e-3,
 ) -> dict[str, Refit]:
-    """The refit of every consumer whose group loses channels, from ``dense``'s weights."""
+    """The refit of every consumer whose group loses channels (and of every o_proj whose
+    layer loses heads: the kept heads' columns), from ``dense``'s weights."""
     if method not in METHODS:
         raise ConfigError(f"unknown compensation {method!r}; choose one of {', '.join(METHODS)}")
     if ridge < 0:
@@ -68,24 +74,24 @@ def plan_refit(
     refits: dict[str, Refit] = {}
     if method == "none":
         return refits
+    cuts = [(port, kept[g.name].to(torch.long), g.width) for g in ir.groups if g.name in kept for port in g.consumers]
+    cuts += [(hg.o, kept_channels(hg, kept[hg.name]), hg.heads * hg.head_dim) for hg in ir.head_groups if hg.name in kept]
     with torch.no_grad():
-        for g in ir.groups:
-            keep = kept[g.name].to(torch.long)
-            if keep.numel() == g.width:
+        for port, keep, width in cuts:
+            if keep.numel() == width:
                 continue
-            for port in g.consumers:
-                info = ir.linears[port.linear]
-                stats = moments.get(info.name)
-                if stats is None or stats.count == 0:
-                    raise InputError(f"no calibration moments for {info.name!r}: the refit data never reached it")
-                w = dense.get_parameter(info.weight).detach().to(torch.float64)
-                w = w.t() if info.kind == "conv1d" else w
-                columns, w_new, shift = _solve(w, stats, keep, port.offset, g.width, method, ridge)
-                bias = None
-                if shift is not None:
-                    old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
-                    bias = old + shift
-                refits[info.name] = Refit(info.name, columns, w_new, bias)
+            info = ir.linears[port.linear]
+            stats = moments.get(info.name)
+            if stats is None or stats.count == 0:
+                raise InputError(f"no calibration moments for {info.name!r}: the refit data never reached it")
+            w = dense.get_parameter(info.weight).detach().to(torch.float64)
+            w = w.t() if info.kind == "conv1d" else w
+            columns, w_new, shift = _solve(w, stats, keep, port.offset, width, method, ridge)
+            bias = None
+            if shift is not None:
+                old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
+                bias = old + shift
+            refits[info.name] = Refit(info.name, columns, w_new, bias)
     return refits
 
 
@@ -149,11 +155,12 @@ def apply_refit(model: nn.Module, ir: ModelIR, refits: dict[str, Refit], *, shru
 
 
 def collect_input_stats(
-    model: nn.Module, ir: ModelIR, batches: Iterable, *, second_moment: bool = True, progress: bool = True
+    model: nn.Module, ir: ModelIR, batches: Iterable, *, second_moment: bool = True, progress: bool = True, heads: bool = False
 ) -> dict[str, InputStats]:
-    """Moments of every group consumer's input on ``batches`` (the dense model is not changed)."""
+    """Moments of every group consumer's input (and with ``heads`` every o_proj's) on ``batches``
+    (the dense model is not changed)."""
     plan = Plan.build(list(batches), None, norms=False, moments=True)
-    acc = Accumulator((), consumer_linears(ir), second_moment=second_moment)
+    acc = Accumulator((), consumer_linears(ir, heads=heads), second_moment=second_moment)
     return collect(model, plan, acc, progress=progress).moments
 
 

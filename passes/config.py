@@ -17,6 +17,8 @@ from typing import Any
 from llmrank.ir.errors import ConfigError
 from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
 from llmrank.passes.compensate import METHODS
+from llmrank.passes.headscore import HEAD_SCORERS, WEIGHT_ONLY_HEAD_SCORERS
+from llmrank.passes.headscore import resolve as resolve_head_scorer
 from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
 
@@ -39,6 +41,12 @@ class PruneConfig:
     """What to prune and how. Immutable; ``with_(**changes)`` returns a checked copy."""
 
     sparsity: float = _opt(0.3, "fraction of each group's channels to remove, in [0, 1)")
+    head_sparsity: float = _opt(0.0, "fraction of each attention layer's query heads to remove, in [0, 1); every KV group keeps "
+                                     "the same count, so it moves to the nearest count the layer allows")
+    target_params: float | None = _opt(None, "keep this fraction of all parameters, in (0, 1): sparsity and head_sparsity "
+                                             "are then derived from it (head_share splits the cut)")
+    head_share: float = _opt(0.0, "with target_params: the fraction of the removed parameters taken from attention heads, in [0, 1]")
+    head_scorer: str = _opt("auto", "head score (auto: the neuron scorer's formula; fluctuation: FLAP's)", HEAD_SCORERS)
     scorer: str = _opt("wpr", "neuron score", SCORERS)
     representation: str = _opt("dataflow", "which Linears form the centrality chain", REPRESENTATIONS)
     pruner: str = _opt("local", "local: the same fraction per group; global: pool all scores", PRUNERS)
@@ -84,6 +92,12 @@ class PruneConfig:
                 raise ConfigError(f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
         _number("sparsity", self.sparsity, low=0.0, high=1.0, high_open=True,
                 what="the fraction of channels to remove")
+        _number("head_sparsity", self.head_sparsity, low=0.0, high=1.0, high_open=True,
+                what="the fraction of query heads to remove")
+        if self.target_params is not None:
+            _number("target_params", self.target_params, low=0.0, high=1.0, low_open=True, high_open=True,
+                    what="the fraction of all parameters to keep")
+        _number("head_share", self.head_share, low=0.0, high=1.0, what="the share of the cut taken from heads")
         _number("p", self.p, low=0.0, low_open=True, high=math.inf)
         if self.z_importance is not None:
             _number("z_importance", self.z_importance, low=0.0, high=1.0, high_open=True)
@@ -113,7 +127,18 @@ class PruneConfig:
         if choosers and self.pruner != "local":
             raise ConfigError(f"{' and '.join(choosers)} choose widths or channels from the refit's error, not from pooled "
                               f"scores: use pruner 'local'")
-        if self.z_importance is not None and self.scorer != "mpr":
+        if self.target_params is not None and (self.mode == "mask-paper" or self.pruner != "local"):
+            raise ConfigError("target_params plans the cut for the local pruner in mode 'shrink' or 'mask': use pruner 'local' "
+                              "and another mode than 'mask-paper'")
+        if self.heads and self.mode == "mask-paper":
+            raise ConfigError("mode 'mask-paper' reproduces the authors' FFN row masks only: use mode 'shrink' or 'mask' with head_sparsity")
+        if self.heads and self.head_scoring == "taylor":
+            raise ConfigError("scorer 'taylor' ranks FFN neurons only: choose a head scorer with head_scorer "
+                              "(e.g. 'fluctuation' or 'activation')")
+        if self.heads and self.refit_inputs != "dense":
+            raise ConfigError(f"refit_inputs {self.refit_inputs!r} refits FFN consumers only, not o_proj after a head cut: "
+                              "use refit_inputs 'dense' with head_sparsity or target_params")
+        if self.z_importance is not None and self.scorer != "mpr" and self.head_scoring != "mpr":
             raise ConfigError(f"z_importance is an option of the mpr scorer, not of {self.scorer!r}")
 
     # ------------------------------------------------------------------ views
@@ -128,9 +153,20 @@ class PruneConfig:
             raise ConfigError(str(error)) from error
 
     @property
+    def heads(self) -> bool:
+        """Whether attention heads are cut (asked directly, or a share of a parameter target)."""
+        return self.head_sparsity > 0 or (self.target_params is not None and self.head_share > 0)
+
+    @property
+    def head_scoring(self) -> str:
+        """The head scorer in effect (``auto`` resolved against the neuron scorer)."""
+        return resolve_head_scorer(self.head_scorer, self.scorer)
+
+    @property
     def needs_calibration(self) -> bool:
         """Whether the passes need calibration data (activation scorers or a refit)."""
-        return self.scorer not in WEIGHT_ONLY_SCORERS or self.compensation != "none"
+        heads = self.heads and self.head_scoring not in WEIGHT_ONLY_HEAD_SCORERS
+        return self.scorer not in WEIGHT_ONLY_SCORERS or self.compensation != "none" or heads
 
     @property
     def needs_moments(self) -> bool:
@@ -138,6 +174,11 @@ class PruneConfig:
         (the sequential refit gathers its own)."""
         reads = self.allocation != "uniform" or self.selection != "score"
         return self.compensation != "none" and (self.refit_inputs == "dense" or reads)
+
+    @property
+    def needs_variances(self) -> bool:
+        """The fluctuation head scorer reads the o_proj input variances."""
+        return self.heads and self.head_scoring == "fluctuation"
 
     @property
     def second_moment(self) -> bool:

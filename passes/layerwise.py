@@ -162,6 +162,9 @@ def check_config(config: PruneConfig) -> None:
                           "selection 'score' and refit_inputs 'dense', or prune in memory")
     if config.inplace:
         raise ConfigError("inplace has no meaning block by block (the checkpoint on disk is never changed)")
+    if config.heads:
+        raise ConfigError("block-by-block pruning cuts FFN neurons only: head_sparsity needs the in-memory route "
+                          "(drop --layerwise) or head_sparsity 0")
 
 
 def prune_layerwise(

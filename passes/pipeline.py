@@ -19,6 +19,7 @@ The contract, after torch.fx's pass infra and onnx-ir's ``_pass_infra``:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -41,8 +42,11 @@ from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.analyze import analyze, group_regions
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
+from llmrank.passes import budget
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.gradients import FirstOrder, first_order
+from llmrank.passes.headcut import head_notes, select_heads
+from llmrank.passes.headscore import variance_linears
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
@@ -261,6 +265,8 @@ class Analyze(Pass):
         if state.from_program and not ir.linears:
             raise InputError("the program has no aten.linear/aten.addmm with a weight parameter: analyse the program from "
                              "torch.export.export BEFORE run_decompositions() (the default table turns linear into mm)")
+        if state.config.heads:
+            _check_heads(state, ir)
         if not ir.groups:
             model = state.traced.model
             if any("expert" in type(m).__name__.lower() or "moe" in type(m).__name__.lower() for m in model.modules()):
@@ -271,6 +277,19 @@ class Analyze(Pass):
                 f"{ir.model_class} has no prunable channel group: no Linear's output feeds another Linear only through "
                 f"element-wise ops. Blocked: {dict(list(ir.blocked.items())[:4])}")
         return PassResult(state.update(ir=ir), True)
+
+
+def _check_heads(state: PruneState, ir: ModelIR) -> None:
+    """Head pruning needs head groups, and the module route (a program's graph hard-codes
+    the head counts in its reshapes)."""
+    if state.from_program:
+        raise ConfigError("head_sparsity needs an nn.Module: the program route rewrites only FFN widths; prune the "
+                          "module (llmrank.prune) or use head_sparsity 0")
+    if not ir.head_groups:
+        reasons = {k: v for k, v in ir.blocked.items() if k.startswith("heads:")}
+        raise UnsupportedModelError(f"{ir.model_class} has no attention heads llmrank can cut"
+                                    + (f": {dict(list(reasons.items())[:2])}" if reasons else " (no attention op found in the graph)")
+                                    + "; use head_sparsity 0")
 
 
 class Calibrate(Pass):
@@ -287,8 +306,10 @@ class Calibrate(Pass):
         require_calibration(config, state.batches, state.refit_batches)
         batches = state.batches or ()
         plan = Plan.build(batches, state.refit_batches, norms=wants_norms and bool(batches), moments=config.needs_moments)
-        acc = Accumulator(ir.calibration_linears() if wants_norms else (), consumer_linears(ir) if config.needs_moments else (),
-                          second_moment=config.second_moment)
+        acc = Accumulator(ir.calibration_linears() if wants_norms else (),
+                          consumer_linears(ir, heads=config.heads) if config.needs_moments else (),
+                          second_moment=config.second_moment,
+                          variance_linears=variance_linears(ir) if config.needs_variances else ())
         if state.from_program:
             stats = collect_program(state.model, ir, plan, acc)
         else:
@@ -348,10 +369,16 @@ class Score(Pass):
         return "Score" if self.scorer is None else f"Score[{getattr(self.scorer, '__name__', type(self.scorer).__name__)}]"
 
     def call(self, state: PruneState) -> PassResult:
+        c = state.config
+        head_scorer = c.head_scoring if c.heads else None
         if self.scorer is None:
-            scores = score(state.model, state.ir, state.norms, state.config.scoring, first_order=state.first_order)
-            return PassResult(state.update(scores=scores), True)
-        return PassResult(state.update(scores=_as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)), True)
+            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, c.scoring, head_scorer=head_scorer,
+                                                        variances=state.stats.variances, first_order=state.first_order)), True)
+        scores = _as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)
+        if head_scorer is not None and not scores.heads:
+            scores.heads = score(state.model, state.ir, state.norms, c.scoring, head_scorer=head_scorer,
+                                 variances=state.stats.variances, first_order=state.first_order).heads
+        return PassResult(state.update(scores=scores), True)
 
 
 def _as_scores(value: Any, ir: ModelIR) -> Scores:
@@ -383,13 +410,24 @@ class Select(Pass):
 
     def call(self, state: PruneState) -> PassResult:
         c = state.config
+        sparsity, head_sparsity, heads, notes = c.sparsity, c.head_sparsity, None, []
+        if c.target_params is not None:
+            total = sum(p.numel() for p in state.model.parameters())
+            sparsity, head_sparsity, heads = budget.plan(state.ir, state.scores.heads, total, c.target_params, c.head_share)
+            notes.append(f"target_params {c.target_params:g} (head_share {c.head_share:g}): sparsity {sparsity:.4g}, "
+                         f"head_sparsity {head_sparsity:.3g}")
         if c.allocation == "uniform" and c.selection == "score":
-            kept = select(state.ir, state.scores.groups, c.sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
+            kept = select(state.ir, state.scores.groups, sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
         else:
-            kept, _ = error_select(state.model, state.ir, state.scores.groups, state.stats.moments, c.sparsity,
+            kept, _ = error_select(state.model, state.ir, state.scores.groups, state.stats.moments, sparsity,
                                    allocation=c.allocation, selection=c.selection, multiple=c.multiple, min_width=c.min_width,
                                    ridge=c.ridge, centred=c.compensation == "lstsq+bias", row_weights=state.stats.sensitivity)
-        notes = clamp_notes(state.ir, kept, c.sparsity, multiple=c.multiple, min_width=c.min_width) if c.mode != "mask-paper" else []
+        if c.mode != "mask-paper":
+            notes += clamp_notes(state.ir, kept, sparsity, multiple=c.multiple, min_width=c.min_width)
+        if heads is None and c.head_sparsity > 0:
+            heads = select_heads(state.ir, state.scores.heads, head_sparsity)
+            notes += head_notes(state.ir, heads, head_sparsity)
+        kept.update(heads or {})
         for note in notes:
             log.warning(note)
         return PassResult(state.update(kept=kept, notes=state.notes + tuple(notes)), True)
@@ -469,11 +507,37 @@ class Verify(Pass):
         candidate = state.slim_program.module() if state.slim_program is not None else state.slim
         ver = Verification.compare(_first_output(reference, inputs), _first_output(candidate, inputs), inputs,
                                    atol=c.verify_atol, rtol=c.verify_rtol)
+        notes = state.notes
         if not ver.ok:
-            raise VerificationError(
-                f"the shrunk model differs from the masked dense model by {ver.max_abs_diff:.3g} (bound {ver.atol:g} + "
-                f"{ver.rtol:g} x {ver.reference_scale:.3g}); this is a bug: please report the model")
-        return PassResult(state.update(verification=ver), True)
+            exact = None if state.slim_program is not None else _in_float64(reference, candidate, inputs, c)
+            if exact is None or not exact.ok:
+                raise VerificationError(
+                    f"the shrunk model differs from the masked dense model by {ver.max_abs_diff:.3g} (bound {ver.atol:g} + "
+                    f"{ver.rtol:g} x {ver.reference_scale:.3g})"
+                    + (f", and by {exact.max_abs_diff:.3g} in float64" if exact is not None else "")
+                    + "; this is a bug: please report the model")
+            notes += (f"shrunk vs masked: {ver.max_abs_diff:.3g} apart in {ver.reference_scale:.3g} (above the fp32 bound), "
+                      f"{exact.max_abs_diff:.3g} in float64: rounding amplified by a deep cut, not a wrong cut",)
+            ver = replace(ver, ok=True)
+        return PassResult(state.update(verification=ver, notes=notes), True)
+
+
+#: Above this many parameters, a failed fp32 verification is not re-run in float64 (memory).
+FLOAT64_RECHECK_MAX_PARAMS = 500_000_000
+
+
+def _in_float64(reference: nn.Module, candidate: nn.Module, inputs: tuple, c: PruneConfig) -> Verification | None:
+    """The same comparison on float64 copies: rounding differences vanish there, a wrong cut does not.
+
+    A deep, heavy cut (most heads of 30 layers) can amplify fp32 summation-order differences
+    above the fp32 bound; None when the model is not float32 or too large to copy.
+    """
+    params = list(candidate.parameters())
+    if not params or params[0].dtype != torch.float32 or sum(p.numel() for p in params) > FLOAT64_RECHECK_MAX_PARAMS:
+        return None
+    ref64, cand64 = reference.double(), copy.deepcopy(candidate).double()
+    return Verification.compare(_first_output(ref64, inputs), _first_output(cand64, inputs), inputs,
+                                atol=c.verify_atol, rtol=c.verify_rtol)
 
 
 class CheckOutputs(Pass):

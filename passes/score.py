@@ -22,13 +22,14 @@ Representations (which layers form the centrality chain):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
 from llmrank.ir.errors import CalibrationError, ConfigError, UnsupportedModelError
-from llmrank.ir.graph import ChannelGroup, ModelIR, Port
+from llmrank.ir.graph import ChannelGroup, HeadGroup, ModelIR, Port
+from llmrank.passes import headscore as H
 from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
 from llmrank.passes.gradients import FirstOrder, group_parts
@@ -66,10 +67,12 @@ class ScoreConfig:
 
 @dataclass
 class Scores:
-    """Per group: a score per channel (sums to 1), and the score of the consumer's output rows."""
+    """Per group: a score per channel (sums to 1), and the score of the consumer's output rows;
+    per head group (when heads are scored): a score per query head (sums to 1)."""
 
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,13 +121,30 @@ def _need(norms: ActivationNorms, name: str, kind: str) -> torch.Tensor:
 
 
 def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig, *,
-          upstream: Upstream | None = None, first_order: FirstOrder | None = None) -> Scores:
+          upstream: Upstream | None = None, head_scorer: str | None = None,
+          variances: dict[str, torch.Tensor] | None = None, first_order: FirstOrder | None = None) -> Scores:
     """Score every channel group of ``ir`` (pure: reads the model, changes nothing).
 
     ``upstream``: what earlier slices of the model passed on when ``ir`` is one slice of it
     (see :class:`Upstream`); None scores ``ir`` as the whole model. ``first_order``: the
     gradient statistics of the taylor scorer (``llmrank.passes.gradients.first_order``).
+    ``head_scorer`` (a name of ``headscore.HEAD_SCORERS``, resolved) also scores the query heads
+    of every head group; when it is the neuron scorer's wpr / mpr on the dataflow view, heads and
+    neurons are ranked on one graph (the heads' exit scores feed the FFNs after them).
+    ``variances``: the o_proj input variances the fluctuation head scorer reads.
     """
+    if head_scorer is not None and ir.head_groups:
+        head_config = replace(config, scorer=head_scorer, representation="dataflow") if head_scorer in ("wpr", "mpr") else None
+        if head_config is not None and norms is None:
+            raise CalibrationError(f"head scorer {head_scorer!r} needs calibration data")
+        if head_config == config and upstream is None and ir.groups:
+            return _dataflow(model, ir, norms, config, Upstream(), heads=True)
+        result = score(model, ir, norms, config, upstream=upstream, first_order=first_order)
+        if head_config is not None:
+            result.heads = _dataflow(model, ir, norms, head_config, Upstream(), heads=True).heads
+        else:
+            result.heads = H.head_scores(model, ir, norms, head_scorer, seed=config.seed, variances=variances)
+        return result
     up = upstream or Upstream()
     if not ir.groups:
         raise UnsupportedModelError(f"{ir.model_class} has no prunable channel group; nothing to score")
@@ -193,37 +213,79 @@ def _chain_widths(ir: ModelIR, out_width: int, in_width: int) -> ConfigError:
                        f"({ir.model_class}: {out_width} vs {in_width}); use representation='isolated'")
 
 
-def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig, up: Upstream) -> Scores:
+def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig, up: Upstream,
+              *, heads: bool = False) -> Scores:
+    """Neurons (and, with ``heads``, attention heads) in graph order on one dataflow graph.
+
+    A head group is scored like an FFN whose hidden channels are the o_proj inputs: the flow
+    into channel (h, d) is the mean of the transitions of its q row and of the k and v rows of
+    its KV head; its activation the o_proj input norm; a head's score is the flow through its
+    block of o_proj columns, i.e. the sum of its channels' scores (columns of the transition
+    matrix sum to 1). The o_proj exit score then feeds the residual stream in place of its
+    normalised a_out, so the FFNs after it see what the heads pass on.
+    """
     out = Scores()
     written: dict[str, torch.Tensor] = {}  # consumer Linear -> propagated output score
-    for g in ir.groups:
-        hidden = ir.linears[g.primary.linear].in_features
-        writers = [w for w in ir.feeders(g.primary.linear) if ir.linears[w].out_features == hidden]
+    order = {name: i for i, name in enumerate(ir.linears)}
+    items: list = list(ir.groups) + (list(ir.head_groups) if heads else [])
+    items.sort(key=lambda it: order[(it.primary if isinstance(it, ChannelGroup) else it.q).linear])
+    for item in items:
+        reader = item.primary.linear if isinstance(item, ChannelGroup) else item.q.linear
+        hidden = ir.linears[reader].in_features
+        writers = [w for w in ir.feeders(reader) if ir.linears[w].out_features == hidden]
         parts = [p for p in up.residual if p.numel() == hidden]  # writers in earlier slices come first in graph order
         parts += [written[w] if w in written else S.normalize(norms.a_out[w]) for w in writers if w in written or w in norms.a_out]
-        r = S.normalize(torch.stack(parts).sum(0)) if parts else S.normalize(_need(norms, g.primary.linear, "in"))
-        mid_act = S.normalize(_need(norms, g.consumers[0].linear, "in"))
-        weights = [_weight(model, ir, p, g.width, rows=True) for p in g.producers]
-        down = g.consumers[0]
-        w_down = _weight(model, ir, down, g.width, rows=False)
-        a_down = S.normalize(_need(norms, down.linear, "out"))
-        if config.scorer == "wpr":
-            into = torch.stack([S.transition(w, config.theta) @ r for w in weights]).mean(0)
-            mid = S.normalize(config.gamma * into + (1 - config.gamma) * mid_act)
-            exit_ = S.normalize(config.gamma * (S.transition(w_down, config.theta) @ mid) + (1 - config.gamma) * a_down)
+        r = S.normalize(torch.stack(parts).sum(0)) if parts else S.normalize(_need(norms, reader, "in"))
+        if isinstance(item, ChannelGroup):
+            weights = [_weight(model, ir, p, item.width, rows=True) for p in item.producers]
+            down, expand = item.consumers[0], None
+            w_down = _weight(model, ir, down, item.width, rows=False)
         else:
-            r_in = r.clone()
-            if config.z_importance:
-                r_in[S.lowest(r_in, int(config.z_importance * r_in.numel()))] = 0.0
-            into = torch.stack([w.to(torch.float64).abs() @ r_in for w in weights]).mean(0)
-            mid = S.normalize(into * mid_act)
-            mid_in = mid.clone()
-            if config.z_importance:
-                mid_in[S.lowest(mid_in, int(config.z_importance * mid_in.numel()))] = 0.0
-            exit_ = S.normalize((w_down.to(torch.float64).abs() @ mid_in) * a_down)
-        out.groups[g.name], out.outputs[g.name] = mid, exit_
+            hg = item
+            kv_rows = hg.kv_heads * hg.head_dim
+            weights = [_weight(model, ir, hg.q, hg.heads * hg.head_dim, rows=True)]
+            weights += [_weight(model, ir, p, kv_rows, rows=True) for p in (hg.k, hg.v)]
+            down, expand = hg.o, _kv_index(hg)
+            w_down = _weight(model, ir, down, 0, rows=False)[:, down.offset:down.offset + hg.heads * hg.head_dim]
+        mid, exit_ = _flow(weights, expand, w_down, r, S.normalize(_need(norms, down.linear, "in")),
+                           S.normalize(_need(norms, down.linear, "out")), config)
+        if isinstance(item, ChannelGroup):
+            out.groups[item.name], out.outputs[item.name] = mid, exit_
+        else:
+            out.heads[item.name] = S.normalize(mid.view(item.heads, item.head_dim).sum(1))
         written[down.linear] = exit_
     return out
+
+
+def _kv_index(hg: HeadGroup) -> torch.Tensor:
+    """For each o_proj input channel (h, d): the row of its KV head's k / v block."""
+    heads = torch.arange(hg.heads).repeat_interleave(hg.head_dim)
+    return (heads // hg.n_rep) * hg.head_dim + torch.arange(hg.head_dim).repeat(hg.heads)
+
+
+def _flow(weights: list[torch.Tensor], expand: torch.Tensor | None, w_down: torch.Tensor, r: torch.Tensor,
+          mid_act: torch.Tensor, a_down: torch.Tensor, config: ScoreConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One producers -> hidden -> consumer step of wpr / mpr: the hidden and the exit scores.
+
+    ``expand`` maps the rows of the producers after the first (k, v) onto the hidden channels.
+    """
+    def into(step) -> torch.Tensor:
+        flows = [step(w) @ (r if config.scorer == "wpr" else r_in) for w in weights]
+        if expand is not None:
+            flows = flows[:1] + [f[expand] for f in flows[1:]]
+        return torch.stack(flows).mean(0)
+
+    if config.scorer == "wpr":
+        mid = S.normalize(config.gamma * into(lambda w: S.transition(w, config.theta)) + (1 - config.gamma) * mid_act)
+        return mid, S.normalize(config.gamma * (S.transition(w_down, config.theta) @ mid) + (1 - config.gamma) * a_down)
+    r_in = r.clone()
+    if config.z_importance:
+        r_in[S.lowest(r_in, int(config.z_importance * r_in.numel()))] = 0.0
+    mid = S.normalize(into(lambda w: w.to(torch.float64).abs()) * mid_act)
+    mid_in = mid.clone()
+    if config.z_importance:
+        mid_in[S.lowest(mid_in, int(config.z_importance * mid_in.numel()))] = 0.0
+    return mid, S.normalize((w_down.to(torch.float64).abs() @ mid_in) * a_down)
 
 
 def _hits(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig) -> Scores:

@@ -14,18 +14,21 @@ from torch import nn
 
 from llmrank.ir.graph import ModelIR
 from llmrank.passes.compensate import Refit, apply_refit
+from llmrank.passes.headcut import channel_masks, check_kept, update_head_counts
 
 FFN_CONFIG_FIELDS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "ffn_hidden_size")
 
 
 def _keep_masks(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
-    """Per (parameter path, axis): a boolean keep mask over that axis.
+    """Per (parameter path, axis): a boolean keep mask over that axis (channel groups and heads).
 
     Keyed by axis too: a Linear in the middle of an MLP is the consumer of one group (its
     columns) and the producer of the next (its rows), so one parameter can need two masks.
     """
     masks: dict[tuple[str, int], torch.Tensor] = {}
     for g in ir.groups:
+        if g.name not in kept:  # a cut of heads alone leaves every channel group whole
+            continue
         idx = kept[g.name].to(torch.long)
         for slot in g.slots:
             param = model.get_parameter(slot.param)
@@ -37,6 +40,19 @@ def _keep_masks(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) ->
             block[idx] = True
             mask[slot.offset:slot.offset + g.width] = block
             masks[key] = mask
+    for hg in ir.head_groups:
+        if hg.name not in kept:
+            continue
+        check_kept(hg, kept[hg.name])
+        q_keep, kv_keep = channel_masks(hg, kept[hg.name])
+        for slots, block in ((hg.q_slots, q_keep), (hg.kv_slots, kv_keep)):
+            for slot in slots:
+                key = (slot.param, slot.axis)
+                mask = masks.get(key)
+                if mask is None:
+                    mask = torch.ones(model.get_parameter(slot.param).shape[slot.axis], dtype=torch.bool)
+                mask[slot.offset:slot.offset + block.numel()] = block
+                masks[key] = mask
     return masks
 
 
@@ -64,6 +80,7 @@ def shrink(
     for lin in ir.linears.values():
         _sync_shape(target.get_submodule(lin.name))
     _update_config(target, ir, kept)
+    update_head_counts(target, ir, kept)
     return target
 
 
@@ -79,7 +96,7 @@ def _sync_shape(module: nn.Module) -> None:
 def _update_config(model: nn.Module, ir: ModelIR, kept: dict[str, torch.Tensor]) -> None:
     """With one width everywhere, the FFN size field of the config says it (stock reload)."""
     config = getattr(model, "config", None)
-    if config is None or not ir.groups:
+    if config is None or not ir.groups or any(g.name not in kept for g in ir.groups):
         return
     widths = {len(kept[g.name]) for g in ir.groups}
     originals = {g.width for g in ir.groups}
