@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from llmrank.ir.errors import ConfigError, InputError, UnsupportedModelError
 from llmrank.ir.graph import ModelIR
 from llmrank.passes.calibrate import check_token_ids, symmetric_gram
+from llmrank.passes.capture import Recorder, Stop, layers_path  # how the block-by-block route finds and records its blocks
 from llmrank.passes.compensate import Refit, apply_refit, kept_columns, ridge_solve
 from llmrank.passes.shrink import mask
 
@@ -85,14 +86,12 @@ def solve_cross(w: torch.Tensor, s: CrossStats, keep: torch.Tensor, offset: int,
 
 def decoder_layers(model: nn.Module) -> str:
     """Dotted path of the model's decoder-layer ModuleList (``model.layers``)."""
-    from llmrank.passes.layerwise import _layers_path  # the block-by-block route finds its blocks so
-
     n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if not isinstance(n, int):
         raise UnsupportedModelError(f"{type(model).__name__} has no config.num_hidden_layers: the sequential refit walks "
                                     "decoder blocks; use refit_inputs 'dense'")
     try:
-        return _layers_path(model, n)
+        return layers_path(model, n)
     except InputError as error:
         raise UnsupportedModelError(f"{error}; or use refit_inputs 'dense'") from error
 
@@ -101,8 +100,6 @@ def _block_calls(model: nn.Module, path: str, batches: Sequence[torch.Tensor]) -
     """Block 0's hidden states per batch, and (args, kwargs) of every block per batch (masks and
     rotary tables can differ between blocks, e.g. Gemma-3's local and global layers), recorded
     by stand-ins in the model's own forward, as the block-by-block route does."""
-    from llmrank.passes.layerwise import _Recorder, _Stop
-
     layers = model.get_submodule(path)
     originals = list(layers)
     hidden, calls = [], []
@@ -112,10 +109,10 @@ def _block_calls(model: nn.Module, path: str, batches: Sequence[torch.Tensor]) -
         check_token_ids(model, ids)
         sink: dict[int, tuple] = {}
         for i in range(len(originals)):
-            layers[i] = _Recorder(i, sink, last=i == len(originals) - 1)
+            layers[i] = Recorder(i, sink, last=i == len(originals) - 1)
         try:
             model(input_ids=ids, use_cache=False)
-        except _Stop:
+        except Stop:
             pass
         finally:
             for i, layer in enumerate(originals):
