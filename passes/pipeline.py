@@ -35,18 +35,18 @@ from torch.utils import _pytree as pytree
 from llmrank.ir.errors import CalibrationError, ConfigError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
-from llmrank.passes import program as P
 from llmrank.passes.allocate import error_select
-from llmrank.passes.sensitivity import output_sensitivity
-from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.analyze import analyze, group_regions
+from llmrank.passes import budget
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
-from llmrank.passes import budget
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.gradients import FirstOrder, first_order
 from llmrank.passes.headcut import head_notes, select_heads
 from llmrank.passes.headscore import variance_linears
+from llmrank.passes import program as P
+from llmrank.passes.sensitivity import output_sensitivity
+from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
