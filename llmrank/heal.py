@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from llmrank.ir.errors import ConfigError, InputError
 
 TRAIN_MODES = ("lora", "weights")
+SCHEDULES = ("constant", "cosine")
 PEFT_HINT = "pip install 'llmrank[heal]'"
 #: Default learning rates: usual values for LoRA and for full fine-tuning of a small LM, not yet
 #: tuned on the held-out text (README, "Heal", says what was measured with them).
@@ -102,10 +103,42 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def logits_and_hidden(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The logits and every block's output (the residual stream after each block)."""
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    hidden = getattr(out, "hidden_states", None)
+    if hidden is None:
+        raise InputError(f"{type(model).__name__} does not return hidden states (output_hidden_states=True): "
+                         "heal it with hidden_weight=0")
+    return out.logits, tuple(hidden[1:])
+
+
+def hidden_mismatch(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over blocks of ||h_s - h_t||² / ||h_t||²: each block's residual stream matched to the
+    teacher's, relative to its size, so blocks with a large stream do not dominate."""
+    if len(student) != len(teacher):
+        raise InputError(f"the student has {len(student)} blocks and the teacher {len(teacher)}: hidden-state "
+                         "matching needs the same depth")
+    terms = [((s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)) for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
+def lr_factor(schedule: str, done: float) -> float:
+    """The learning rate's multiplier when a fraction ``done`` of the budget is spent: constant,
+    or a cosine from 1 down to 0.1 (a short heal cannot afford a warm-up)."""
+    if schedule == "constant":
+        return 1.0
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+
+
 def _check(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, tokens: int | None, minutes: float | None,
-           train: str, lora_rank: int, batch_size: int, lr: float) -> None:
+           train: str, lora_rank: int, batch_size: int, lr: float, schedule: str, hidden_weight: float) -> None:
     if train not in TRAIN_MODES:
         raise ConfigError(f"unknown heal training {train!r}; choose one of {', '.join(TRAIN_MODES)}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown heal schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not (isinstance(hidden_weight, (int, float)) and hidden_weight >= 0 and math.isfinite(hidden_weight)):
+        raise ConfigError(f"heal hidden_weight must be a finite number >= 0, got {hidden_weight!r}")
     if tokens is None and minutes is None:
         raise ConfigError("a heal needs a budget: tokens=N and/or minutes=M")
     if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < ids.shape[1]):
@@ -155,6 +188,18 @@ def _merge(model: nn.Module, train: str) -> nn.Module:
     return merged
 
 
+def _distillation_loss(model: nn.Module, teacher: nn.Module, row: torch.Tensor, hidden_weight: float) -> torch.Tensor:
+    """KL on the logits, plus the weighted hidden-state mismatch when asked (the step's loss; also what is logged)."""
+    if not hidden_weight:
+        with torch.no_grad():
+            target = logits_of(teacher, row)
+        return kl_divergence(logits_of(model, row), target)
+    with torch.no_grad():
+        target, target_hidden = logits_and_hidden(teacher, row)
+    logits, hidden = logits_and_hidden(model, row)
+    return kl_divergence(logits, target) + hidden_weight * hidden_mismatch(hidden, target_hidden)
+
+
 def heal(
     student: nn.Module,
     teacher: nn.Module,
@@ -167,6 +212,9 @@ def heal(
     train: str = "lora",
     targets: Sequence[str] | None = None,
     batch_size: int = 4,
+    schedule: str = "constant",
+    hidden_weight: float = 0.0,
+    autocast_bf16: bool = False,
     seed: int = 0,
     evaluate: Callable[[nn.Module], float] | None = None,
     eval_points: int = 4,
@@ -179,12 +227,16 @@ def heal(
     training (evaluations not counted); both: whichever ends first. ``batch_size`` sequences
     make one optimizer step (AdamW, gradient norm clipped at 1), one sequence per backward.
     ``targets``: the Linears to adapt (default: every Linear but the output layer and tied
-    ones). ``evaluate(model) -> perplexity`` is called before training, at ``eval_points``
+    ones). ``schedule``: the learning rate over the budget (:func:`lr_factor`). ``hidden_weight``:
+    adds that many times :func:`hidden_mismatch` to the KL (Minitron-style intermediate
+    matching). ``autocast_bf16``: forward and backward in bfloat16 autocast (the weights and
+    the optimizer stay fp32): faster where the CPU or GPU has bf16 matmuls, slightly noisier.
+    ``evaluate(model) -> perplexity`` is called before training, at ``eval_points``
     evenly spaced points of the budget and on the merged result: the curve of the report.
     """
     ids = token_batches
     lr = DEFAULT_LR.get(train, 1e-3) if lr is None else lr
-    _check(student, teacher, ids, tokens, minutes, train, lora_rank, batch_size, lr)
+    _check(student, teacher, ids, tokens, minutes, train, lora_rank, batch_size, lr, schedule, hidden_weight)
     names = trainable_linears(student, targets)
     if not names:
         raise InputError("the student has no Linear to heal")
@@ -218,15 +270,16 @@ def heal(
                 stopped = "minutes"
                 break
             clock = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr * lr_factor(schedule, max(seen_seqs / budget_seqs, train_s / budget_s))
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(step_seqs):
                 if not order:
                     order = torch.randperm(ids.shape[0], generator=gen).tolist()
                 row = ids[order.pop(0)].unsqueeze(0)
-                with torch.no_grad():
-                    target = logits_of(teacher, row)
-                loss = kl_divergence(logits_of(model, row), target)
+                with torch.autocast(row.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                    loss = _distillation_loss(model, teacher, row, hidden_weight)
                 (loss / step_seqs).backward()
                 total += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -253,5 +306,6 @@ def heal(
     point(seen_seqs * seq_len, train_s)
     config = {"train": train, "lr": lr, "lora_rank": lora_rank if train == "lora" else None, "batch_size": batch_size,
               "seq_len": seq_len, "seed": seed, "token_budget": tokens, "minute_budget": minutes, "targets": len(names),
-              "loss": "KL(teacher || student), temperature 1"}
+              "schedule": schedule, "hidden_weight": hidden_weight, "autocast_bf16": autocast_bf16,
+              "loss": "KL(teacher || student), temperature 1" + (f" + {hidden_weight} x hidden-state mismatch" if hidden_weight else "")}
     return HealResult(healed, seen_seqs * seq_len, steps, train_s, curve, kls, config, stopped)

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from llmrank.heal import TRAIN_MODES, HealResult, heal, require_peft
+from llmrank.heal import SCHEDULES, TRAIN_MODES, HealResult, heal, require_peft
 from llmrank.ir.errors import ConfigError
 
 TARGETS = ("pruned", "all")
@@ -35,6 +35,9 @@ class HealOptions:
     train: str = "lora"
     targets: str = "pruned"
     batch_size: int = 4
+    schedule: str = "constant"
+    hidden_weight: float = 0.0
+    bf16: bool = False
     seq_len: int = 512
     calib: str = "wiki"
     seed: int = 0
@@ -51,6 +54,10 @@ class HealOptions:
             raise ConfigError(f"heal minutes must be > 0, got {self.minutes!r}")
         if self.train not in TRAIN_MODES:
             raise ConfigError(f"unknown heal training {self.train!r}; choose one of {', '.join(TRAIN_MODES)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown heal schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not self.hidden_weight >= 0:
+            raise ConfigError(f"heal --hidden-weight must be >= 0, got {self.hidden_weight!r}")
         if self.targets not in TARGETS:
             raise ConfigError(f"unknown heal targets {self.targets!r}; choose one of {', '.join(TARGETS)}")
         for name in ("lora_rank", "batch_size", "seq_len", "held_out", "eval_points"):
@@ -91,7 +98,8 @@ def heal_slim(slim: nn.Module, dense: nn.Module, tokenizer: Any, options: HealOp
         targets = pruned_linears(slim)
     clock = time.perf_counter()
     result = heal(slim, dense, train, tokens=o.tokens, minutes=o.minutes, lr=o.lr, lora_rank=o.lora_rank, train=o.train,
-                  targets=targets if o.targets == "pruned" else None, batch_size=o.batch_size, seed=o.seed,
+                  targets=targets if o.targets == "pruned" else None, batch_size=o.batch_size, schedule=o.schedule,
+                  hidden_weight=o.hidden_weight, autocast_bf16=o.bf16, seed=o.seed,
                   evaluate=held_ppl, eval_points=o.eval_points, progress=progress)
     wall = time.perf_counter() - clock
     dense_ppl = held_ppl(dense)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llmrank
-from llmrank.heal import heal, kl_divergence, logits_of
+from llmrank.heal import heal, hidden_mismatch, kl_divergence, logits_of, lr_factor
 
 from conftest import make_llama
 
@@ -100,3 +100,56 @@ def test_heal_refuses_a_missing_budget_and_a_foreign_teacher(pair):
         heal(slim, teacher, train, progress=False)
     with pytest.raises(llmrank.ir.errors.InputError, match="vocabulary"):
         heal(slim, make_llama(seed=0, vocab_size=64), train % 64, tokens=SEQ, progress=False)
+
+
+def test_hidden_mismatch_is_the_mean_relative_squared_error_per_block():
+    gen = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 5, 4, generator=gen) for _ in range(3)]
+    student = [t + 0.1 * torch.randn(t.shape, generator=gen) for t in teacher]
+    by_hand = sum(float(((s - t) ** 2).sum() / (t ** 2).sum()) for s, t in zip(student, teacher)) / 3
+    assert float(hidden_mismatch(student, teacher)) == pytest.approx(by_hand, rel=1e-6)
+    assert float(hidden_mismatch(teacher, teacher)) == 0.0
+    with pytest.raises(llmrank.ir.errors.InputError, match="same depth"):
+        hidden_mismatch(student[:2], teacher)
+
+
+def test_cosine_schedule_falls_from_one_to_a_tenth():
+    points = [lr_factor("cosine", k / 10) for k in range(11)]
+    assert points[0] == pytest.approx(1.0) and points[-1] == pytest.approx(0.1) and points[5] == pytest.approx(0.55)
+    assert all(a > b for a, b in zip(points, points[1:]))
+    assert lr_factor("constant", 0.7) == 1.0
+
+
+def test_first_logged_loss_is_kl_plus_weighted_hidden_mismatch(pair):
+    """batch 1: the first step's logged loss is the untrained student's loss on the seeded first row."""
+    teacher, slim, train, _ = pair
+    result = run(pair, tokens=SEQ, hidden_weight=0.5, train="weights", seed=4)
+    row = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(4))[0]].unsqueeze(0)
+    with torch.no_grad():
+        s = slim(input_ids=row, use_cache=False, output_hidden_states=True)
+        t = teacher(input_ids=row, use_cache=False, output_hidden_states=True)
+    expected = float(kl_divergence(s.logits, t.logits) + 0.5 * hidden_mismatch(s.hidden_states[1:], t.hidden_states[1:]))
+    assert result.kl[0][1] == pytest.approx(expected, rel=1e-5)
+    assert result.config["hidden_weight"] == 0.5
+
+
+def test_schedule_and_bf16_change_the_run_and_still_heal(pair):
+    teacher, slim, _, held = pair
+    constant = run(pair, train="weights", lr=3e-4)
+    cosine = run(pair, train="weights", lr=3e-4, schedule="cosine")
+    bf16 = run(pair, train="weights", lr=3e-4, schedule="cosine", autocast_bf16=True)
+    again = run(pair, train="weights", lr=3e-4, schedule="cosine", autocast_bf16=True)
+    weights = lambda r: r.model.state_dict()  # noqa: E731
+    assert any(not torch.equal(v, weights(cosine)[k]) for k, v in weights(constant).items())
+    assert all(torch.equal(v, weights(again)[k]) for k, v in weights(bf16).items())  # bf16 stays deterministic
+    assert all(v.dtype == slim.state_dict()[k].dtype for k, v in weights(bf16).items())  # fp32 weights come back
+    for result in (cosine, bf16):
+        assert held_out_kl(result.model, teacher, held) < held_out_kl(slim, teacher, held)
+
+
+def test_heal_refuses_unknown_schedule_and_negative_hidden_weight(pair):
+    teacher, slim, train, _ = pair
+    with pytest.raises(llmrank.ir.errors.ConfigError, match="schedule"):
+        heal(slim, teacher, train, tokens=SEQ, schedule="linear", progress=False)
+    with pytest.raises(llmrank.ir.errors.ConfigError, match="hidden_weight"):
+        heal(slim, teacher, train, tokens=SEQ, hidden_weight=-1.0, progress=False)

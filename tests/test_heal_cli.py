@@ -61,9 +61,12 @@ def test_prune_heal_tokens_heals_before_export(tiny, plain):
 def test_heal_command_writes_a_healed_checkpoint(tiny, plain):
     out = tiny["root"] / "heal-out"
     assert main(["heal", str(plain / "hf"), "--teacher", str(tiny["model"]), "--out", str(out), "--tokens", "128",
-                 "--calib", str(tiny["calib"]), "--eval-points", "2", "--batch-size", "2", "--no-onnx", *COMMON]) == 0
+                 "--calib", str(tiny["calib"]), "--eval-points", "2", "--batch-size", "2", "--no-onnx",
+                 "--schedule", "cosine", "--hidden-weight", "0.5", "--bf16", *COMMON]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["heal"]["tokens"] == 128 and [p["tokens"] for p in report["heal"]["curve"]] == [0, 64, 128]
+    config = report["heal"]["config"]
+    assert (config["schedule"], config["hidden_weight"], config["autocast_bf16"]) == ("cosine", 0.5, True)
     assert report["artifacts"]["hf"]["reload_max_abs_diff"] <= 1e-4
     assert (out / "hf" / "config.json").is_file() and not list(out.parent.glob(".heal-out*"))
 
