@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,7 @@ from llmrank.ir.errors import ConfigError, InputError
 from llmrank.ir.graph import ChannelGroup, ModelIR
 from llmrank.passes.calibrate import InputStats
 
-ALLOCATIONS = ("uniform", "error", "fisher")
+ALLOCATIONS = ("uniform", "error", "fisher", "loss")
 SELECTIONS = ("score", "refit")
 #: A group loses at most this multiple of the mean fraction under error allocation (and never
 #: more than MAX_GROUP_SPARSITY): it bounds the curve's cost, and no layer is emptied on the
@@ -318,11 +318,15 @@ def group_consumers(model: nn.Module, ir: ModelIR, g: ChannelGroup, moments: Map
 def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tensor], moments: Mapping[str, InputStats],
                  sparsity: float, *, allocation: str = "error", selection: str = "score", multiple: int = 1,
                  min_width: int = 1, ridge: float = 1e-3, centred: bool = False,
-                 row_weights: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Curve]]:
+                 row_weights: Mapping[str, torch.Tensor] | None = None,
+                 loss_probe: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Curve]]:
     """Kept channels per group when the widths (``allocation="error"``: the refit's residual
     relative to the layer's output energy; ``"fisher"``: the residual per output row weighted by
-    the loss's squared gradient there, ``row_weights``) or the channels (``selection="refit"``)
-    come from the refit's error; also the curves it read."""
+    the loss's squared gradient there, ``row_weights``; ``"loss"``: each curve scaled so that
+    at the uniform width it equals the loss increase ``loss_probe`` measures for that group
+    cut alone) or the channels (``selection="refit"``) come from the refit's error; also the
+    curves it read."""
     from llmrank.passes.select import round_width
 
     if allocation not in ALLOCATIONS or selection not in SELECTIONS:
@@ -330,6 +334,8 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
     weighted = allocation == "fisher"
     if weighted and not row_weights:
         raise InputError("allocation 'fisher' needs the loss's output sensitivities (stats.sensitivity from Calibrate)")
+    if allocation == "loss" and loss_probe is None:
+        raise InputError("allocation 'loss' needs a loss_probe (kept channels per group -> measured loss increase)")
     uniform = {g.name: round_width(g.width - round(sparsity * g.width), g.width, multiple, min_width) for g in ir.groups}
     curves: dict[str, Curve] = {}
     for g in ir.groups:
@@ -345,10 +351,15 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
         curves[g.name] = removal_curve(consumers, floor, ridge=ridge, order=order)
     if allocation == "uniform":
         widths = uniform
+    elif allocation == "loss":
+        at_uniform = {g.name: curves[g.name].kept(uniform[g.name]) if selection == "refit" else _top(scores[g.name], uniform[g.name])
+                      for g in ir.groups if uniform[g.name] < g.width}
+        costs = loss_scaled_costs(curves, uniform, loss_probe(at_uniform) if at_uniform else {})
     else:
         # error: relative to the layer's output energy; fisher: already an estimate of the loss increase
         costs = {name: {c.width - i: float(c.errors[i]) / (1.0 if weighted else max(c.energy, 1e-300)) for i in range(len(c.errors))}
                  for name, c in curves.items()}
+    if allocation != "uniform":
         target = sum(g.width - round(sparsity * g.width) for g in ir.groups)
         widths = allocate(costs, {g.name: g.width for g in ir.groups}, target, multiple=multiple, min_width=min_width)
     kept = {}
@@ -358,6 +369,20 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
         else:
             kept[g.name] = _top(scores[g.name], widths[g.name])
     return kept, curves
+
+
+def loss_scaled_costs(curves: Mapping[str, Curve], probe_width: Mapping[str, int],
+                      increases: Mapping[str, float]) -> dict[str, dict[int, float]]:
+    """Each curve's error growth, scaled to the measured loss increase at ``probe_width``:
+    cost(k) = max(increase, 0) * (error(k) - error(width)) / (error(probe) - error(width)).
+    Groups without a measurement (not cut at the probe width) cost nothing."""
+    costs = {}
+    for name, c in curves.items():
+        base = float(c.errors[0])
+        span = c.error_at(probe_width[name]) - base if name in increases else 0.0
+        scale = max(float(increases[name]), 0.0) / span if span > 0 else 0.0
+        costs[name] = {c.width - i: scale * (float(c.errors[i]) - base) for i in range(len(c.errors))}
+    return costs
 
 
 def _score_removal_order(scores: torch.Tensor) -> torch.Tensor:

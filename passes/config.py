@@ -59,8 +59,10 @@ class PruneConfig:
     min_width: int = _opt(1, "never keep fewer channels than this per group")
     allocation: str = _opt("uniform", "per-group widths: uniform (the pruner's), or chosen to minimise the least-squares "
                            "refit's summed residual under the same budget, relative to each layer's output energy (error) "
-                           "or weighted by the loss's squared gradients (fisher; one backward pass); needs compensation lstsq",
-                           ALLOCATIONS)
+                           "or weighted by the loss's squared gradients (fisher; one backward pass), or scaled to each "
+                           "group's measured loss increase when cut alone (loss; one forward pass per group); needs "
+                           "compensation lstsq", ALLOCATIONS)
+    probe_samples: int = _opt(4, "allocation loss: calibration sequences each group's loss probe reads")
     selection: str = _opt("score", "which channels a group keeps: the scorer's top-k, or refit: drop greedily the channel "
                           "whose loss the refit repairs best (needs compensation lstsq)", SELECTIONS)
     mode: str = _opt("shrink", "shrink tensors, zero them (mask), or the authors' row masks (mask-paper)", MODES)
@@ -104,7 +106,7 @@ class PruneConfig:
         _number("ridge", self.ridge, low=0.0, high=math.inf)
         _number("verify_atol", self.verify_atol, low=0.0, high=math.inf)
         _number("verify_rtol", self.verify_rtol, low=0.0, high=math.inf)
-        for name in ("multiple", "min_width", "batch_size"):
+        for name in ("multiple", "min_width", "batch_size", "probe_samples"):
             _integer(name, getattr(self, name), low=1)
         _integer("seed", self.seed, low=0)
         for name in ("verify", "inplace", "prune_tied"):

@@ -45,6 +45,7 @@ from llmrank.passes.gradients import FirstOrder, first_order
 from llmrank.passes.headcut import head_notes, select_heads
 from llmrank.passes.headscore import variance_linears
 from llmrank.passes import program as P
+from llmrank.passes.probe import group_loss_increases, probe_sequences
 from llmrank.passes.sensitivity import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
@@ -421,7 +422,8 @@ class Select(Pass):
         else:
             kept, _ = error_select(state.model, state.ir, state.scores.groups, state.stats.moments, sparsity,
                                    allocation=c.allocation, selection=c.selection, multiple=c.multiple, min_width=c.min_width,
-                                   ridge=c.ridge, centred=c.compensation == "lstsq+bias", row_weights=state.stats.sensitivity)
+                                   ridge=c.ridge, centred=c.compensation == "lstsq+bias", row_weights=state.stats.sensitivity,
+                                   loss_probe=self._loss_probe(state) if c.allocation == "loss" else None)
         if c.mode != "mask-paper":
             notes += clamp_notes(state.ir, kept, sparsity, multiple=c.multiple, min_width=c.min_width)
         if heads is None and c.head_sparsity > 0:
@@ -431,6 +433,18 @@ class Select(Pass):
         for note in notes:
             log.warning(note)
         return PassResult(state.update(kept=kept, notes=state.notes + tuple(notes)), True)
+
+
+    @staticmethod
+    def _loss_probe(state: PruneState):
+        """kept per group -> each group's measured loss increase when cut alone (allocation 'loss')."""
+        if state.from_program:
+            raise ConfigError("allocation 'loss' runs the model's forward with hooks on an nn.Module; on an ExportedProgram "
+                              "use allocation 'error'")
+        c = state.config
+        sequences = probe_sequences(list(state.batches or state.refit_batches or ()), c.probe_samples)
+        return lambda kept: group_loss_increases(state.model, state.ir, kept, state.stats.moments, sequences,
+                                                 method=c.compensation, ridge=c.ridge, progress=state.progress)
 
 
 class Compensate(Pass):
