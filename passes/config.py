@@ -134,8 +134,8 @@ class PruneConfig:
                               "and another mode than 'mask-paper'")
         if self.heads and self.mode == "mask-paper":
             raise ConfigError("mode 'mask-paper' reproduces the authors' FFN row masks only: use mode 'shrink' or 'mask' with head_sparsity")
-        if self.heads and self.head_scoring == "taylor":
-            raise ConfigError("scorer 'taylor' ranks FFN neurons only: choose a head scorer with head_scorer "
+        if self.heads and self.head_scoring in ("taylor", "taylor-element"):
+            raise ConfigError(f"scorer {self.head_scoring!r} ranks FFN neurons only: choose a head scorer with head_scorer "
                               "(e.g. 'fluctuation' or 'activation')")
         if self.heads and self.refit_inputs != "dense":
             raise ConfigError(f"refit_inputs {self.refit_inputs!r} refits FFN consumers only, not o_proj after a head cut: "

@@ -68,8 +68,12 @@ def _only_grads_of(model: nn.Module, names: set[str]) -> Iterator[dict[str, nn.P
         model.train(was_training)
 
 
-def first_order(model: nn.Module, ir: ModelIR, batches: Sequence[Any], *, progress: bool = False) -> FirstOrder:
-    """sum w * dL/dw per channel of every (parameter, axis) that holds a group's channels."""
+def first_order(model: nn.Module, ir: ModelIR, batches: Sequence[Any], *, progress: bool = False,
+                elementwise: bool = False) -> FirstOrder:
+    """sum w * dL/dw per channel of every (parameter, axis) that holds a group's channels;
+    ``elementwise``: sum |w * dL/dw| instead, with dL/dw the gradient of the whole calibration
+    loss (so the gradients are accumulated over every sequence before the absolute value:
+    memory for one gradient per group parameter)."""
     keys = sorted({(s.param, s.axis) for g in ir.groups for s in g.slots})
     sequences = list(_sequences(batches))
     if not sequences:
@@ -78,6 +82,8 @@ def first_order(model: nn.Module, ir: ModelIR, batches: Sequence[Any], *, progre
     with _only_grads_of(model, {name for name, _ in keys}) as params, torch.enable_grad():
         for ids in tqdm(sequences, desc="gradients", unit="seq", disable=not progress):
             (causal_lm_loss(model, ids) / len(sequences)).backward()
+            if elementwise:
+                continue
             for name, axis in keys:
                 p = params[name]
                 if p.grad is None:
@@ -86,6 +92,12 @@ def first_order(model: nn.Module, ir: ModelIR, batches: Sequence[Any], *, progre
                 out[(name, axis)] = part if (name, axis) not in out else out[(name, axis)] + part
             for p in params.values():
                 p.grad = None
+        if elementwise:
+            for name, axis in keys:
+                p = params[name]
+                if p.grad is None:
+                    raise CalibrationError(f"no gradient reached {name!r}: the loss does not depend on it")
+                out[(name, axis)] = S.first_order(p, p.grad, axis, absolute=True)
     return out
 
 

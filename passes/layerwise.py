@@ -153,8 +153,8 @@ def check_config(config: PruneConfig) -> None:
     if config.scorer == "hits":
         raise ConfigError("scorer 'hits' reads the next block's weights, so it cannot run block by block; choose another scorer "
                           "or prune in memory")
-    if config.scorer == "taylor":
-        raise ConfigError("scorer 'taylor' needs the gradient of the whole model's loss, a backward pass through every "
+    if config.scorer in ("taylor", "taylor-element"):
+        raise ConfigError(f"scorer {config.scorer!r} needs the gradient of the whole model's loss, a backward pass through every "
                           "block at once, which block-by-block pruning exists to avoid; prune in memory or choose another scorer")
     if config.allocation != "uniform" or config.selection != "score" or config.refit_inputs != "dense":
         raise ConfigError(f"allocation {config.allocation!r} / selection {config.selection!r} / refit_inputs "

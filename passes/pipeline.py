@@ -48,7 +48,7 @@ from llmrank.passes import program as P
 from llmrank.passes.probe import group_loss_increases, probe_sequences
 from llmrank.passes.sensitivity import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
-from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
+from llmrank.passes.score import GRADIENT_SCORERS, WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, outputs
@@ -339,13 +339,14 @@ class Gradients(Pass):
     needs = ("model", "ir")
 
     def call(self, state: PruneState) -> PassResult:
-        if state.config.scorer != "taylor" or state.first_order is not None:
+        if state.config.scorer not in GRADIENT_SCORERS or state.first_order is not None:
             return PassResult(state, False)
         if state.from_program:
-            raise ConfigError("scorer 'taylor' needs the loss of a causal LM (an nn.Module with logits); an exported "
+            raise ConfigError(f"scorer {state.config.scorer!r} needs the loss of a causal LM (an nn.Module with logits); an exported "
                               "program is not one: prune the nn.Module, or choose another scorer")
         require_calibration(state.config, state.batches, None)
-        grads = first_order(state.model, state.ir, state.batches, progress=state.progress)
+        grads = first_order(state.model, state.ir, state.batches, progress=state.progress,
+                            elementwise=state.config.scorer == "taylor-element")
         return PassResult(state.update(first_order=grads), True)
 
 

@@ -16,7 +16,10 @@ Representations (which layers form the centrality chain):
   plus consumer columns, wanda = sum over producers.
 - ``taylor`` (the peers' criterion, a baseline): first-order Taylor importance from the
   gradients of the causal-LM loss (``llmrank.passes.gradients``), summed over every slot of
-  the group whatever the representation; it needs the whole model at once.
+  the group whatever the representation; it needs the whole model at once. ``taylor`` sums
+  w * dL/dw over the channel before the absolute value (the loss change when the whole channel
+  goes, LLM-Pruner's "vector-wise"); ``taylor-element`` sums |w * dL/dw| per weight
+  (LLM-Pruner's "element-wise", Torch-Pruning's GroupTaylorImportance).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
 from llmrank.passes.gradients import FirstOrder, group_parts
 
-SCORERS = ("wpr", "mpr", "hits", "l1", "lp", "activation", "wanda", "random", "taylor")
+SCORERS = ("wpr", "mpr", "hits", "l1", "lp", "activation", "wanda", "random", "taylor", "taylor-element")
+GRADIENT_SCORERS = ("taylor", "taylor-element")  # need the Gradients pass (the whole model's loss)
 REPRESENTATIONS = ("isolated", "chained", "dataflow")
 WEIGHT_ONLY_SCORERS = ("l1", "lp", "random")  # need no calibration data
 
@@ -150,12 +154,12 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
         raise UnsupportedModelError(f"{ir.model_class} has no prunable channel group; nothing to score")
     if norms is None and config.scorer not in WEIGHT_ONLY_SCORERS:
         raise CalibrationError(f"scorer {config.scorer!r} needs calibration data")
-    if config.scorer == "taylor":
+    if config.scorer in GRADIENT_SCORERS:
         if upstream is not None:
-            raise ConfigError("scorer 'taylor' needs the gradient of the whole model's loss, so it cannot score a model "
+            raise ConfigError(f"scorer {config.scorer!r} needs the gradient of the whole model's loss, so it cannot score a model "
                               "slice by slice (block by block); prune in memory or choose another scorer")
         if first_order is None:
-            raise CalibrationError("scorer 'taylor' needs gradient statistics: run the Gradients pass before Score")
+            raise CalibrationError(f"scorer {config.scorer!r} needs gradient statistics: run the Gradients pass before Score")
         return _taylor(ir, norms, first_order)
     if config.scorer == "hits":
         if upstream is not None:
@@ -312,8 +316,9 @@ def _hits(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreCo
 
 
 def _taylor(ir: ModelIR, norms: ActivationNorms, first_order: FirstOrder) -> Scores:
-    """|sum of w * dL/dw over the group's slots| per channel; the consumer's output rows (read
-    only by mask-paper) get their activation norm."""
+    """|sum of w * dL/dw over the group's slots| per channel (for taylor-element the parts are
+    already sums of |w * dL/dw|, so this adds them); the consumer's output rows (read only by
+    mask-paper) get their activation norm."""
     out = Scores()
     for name, parts in group_parts(ir, first_order).items():
         out.groups[name] = S.taylor(parts)

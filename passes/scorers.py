@@ -109,10 +109,12 @@ def hits(a_mid: torch.Tensor, w_down: torch.Tensor, downstream: torch.Tensor | N
     return normalize(normalize(a_mid) * hub)
 
 
-def first_order(weight: torch.Tensor, grad: torch.Tensor, axis: int) -> torch.Tensor:
-    """sum of w * dL/dw over every axis but ``axis``, in float64: one entry per channel of that
-    axis (a row of a producer, a column of a consumer, an entry of a bias)."""
+def first_order(weight: torch.Tensor, grad: torch.Tensor, axis: int, *, absolute: bool = False) -> torch.Tensor:
+    """sum of w * dL/dw (``absolute``: of |w * dL/dw|) over every axis but ``axis``, in float64:
+    one entry per channel of that axis (a row of a producer, a column of a consumer, an entry
+    of a bias)."""
     prod = weight.detach().to(torch.float64) * grad.detach().to(torch.float64)
+    prod = prod.abs() if absolute else prod
     return prod.sum(dim=tuple(d for d in range(prod.dim()) if d != axis)) if prod.dim() > 1 else prod
 
 

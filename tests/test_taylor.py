@@ -14,9 +14,10 @@ from llmrank.passes.config import PruneConfig
 from llmrank.passes.layerwise import check_config
 
 
-def reference_taylor(model, calib: torch.Tensor) -> dict[int, torch.Tensor]:
+def reference_taylor(model, calib: torch.Tensor, elementwise: bool = False) -> dict[int, torch.Tensor]:
     """Per layer: |sum_j Wg*Gg[k,j] + sum_j Wu*Gu[k,j] + sum_i Wd*Gd[i,k]|, with G the gradient
-    of the mean over sequences of each sequence's mean next-token cross-entropy."""
+    of the mean over sequences of each sequence's mean next-token cross-entropy
+    (``elementwise``: the same sums of |W*G| per weight)."""
     m = copy.deepcopy(model)
     mlps = [layer.mlp for layer in m.model.layers]
     params = [p for mlp in mlps for p in (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)]
@@ -28,7 +29,10 @@ def reference_taylor(model, calib: torch.Tensor) -> dict[int, torch.Tensor]:
     out = {}
     for i in range(len(mlps)):
         (wg, wu, wd), (gg, gu, gd) = params[3 * i:3 * i + 3], grads[3 * i:3 * i + 3]
-        s = ((wg * gg).sum(1) + (wu * gu).sum(1) + (wd * gd).sum(0)).double().abs()
+        if elementwise:
+            s = ((wg * gg).abs().sum(1) + (wu * gu).abs().sum(1) + (wd * gd).abs().sum(0)).double()
+        else:
+            s = ((wg * gg).sum(1) + (wu * gu).sum(1) + (wd * gd).sum(0)).double().abs()
         out[i] = s / s.sum()
     return out
 
@@ -49,6 +53,18 @@ def test_taylor_matches_autograd_by_hand(tiny_llama, state_bytes_of):
     assert state_bytes_of(model) == before
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_taylor_element_matches_autograd_by_hand(tiny_llama):
+    result = llmrank.prune(tiny_llama.fresh(), tiny_llama.calib, scorer="taylor-element", sparsity=0.25, progress=False)
+    ref = reference_taylor(tiny_llama.model, tiny_llama.calib, elementwise=True)
+    signed = reference_taylor(tiny_llama.model, tiny_llama.calib)
+    for i, (name, got) in enumerate(result.scores.groups.items()):
+        torch.testing.assert_close(got, ref[i], rtol=1e-4, atol=1e-7, msg=name)
+        assert not torch.allclose(ref[i], signed[i])  # the two criteria differ
+    assert result.verification.ok
+    with pytest.raises(ConfigError, match="whole model"):
+        check_config(PruneConfig(scorer="taylor-element"))
 
 
 def test_taylor_batching_does_not_change_scores(tiny_llama):
