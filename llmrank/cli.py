@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-lr", type=float, default=None, help="heal learning rate (default: 1e-3 LoRA, 5e-5 weights)")
     p.add_argument("--heal-train", choices=("lora", "weights"), default="lora",
                    help="heal LoRA adapters (merged at the end) or the pruned Linears' own weights")
+    p.add_argument("--heal-bf16", action="store_true", help="heal under bfloat16 autocast (see heal --bf16)")
     _common(p)
 
     p = sub.add_parser("heal", help="distil a pruned checkpoint from its dense model (LoRA merged) and write hf/, onnx/, report, plot")
@@ -228,6 +229,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         progress=not (args.quiet or args.json), layerwise=args.layerwise, device=args.device,
         max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
         heal_tokens=args.heal_tokens, heal_minutes=args.heal_minutes, heal_lr=args.heal_lr, heal_train=args.heal_train,
+        heal_bf16=args.heal_bf16,
     )
     report = run_prune(job)
     _say(args, summary_table(report))

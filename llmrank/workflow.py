@@ -68,6 +68,7 @@ class PruneJob:
     heal_minutes: float | None = None
     heal_lr: float | None = None
     heal_train: str = "lora"
+    heal_bf16: bool = False
 
     @property
     def heal_options(self):
@@ -77,7 +78,7 @@ class PruneJob:
         from llmrank.healcmd import HealOptions
 
         return HealOptions(tokens=self.heal_tokens, minutes=self.heal_minutes, lr=self.heal_lr, train=self.heal_train,
-                           seq_len=self.seq_len, calib=self.calib, seed=self.config.seed)
+                           bf16=self.heal_bf16, seq_len=self.seq_len, calib=self.calib, seed=self.config.seed)
 
     def check(self) -> None:
         """Every setting and combination, before the model is read (ConfigError names the flag)."""

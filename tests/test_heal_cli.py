@@ -46,10 +46,10 @@ def ffn_weights(folder) -> dict[str, torch.Tensor]:
 def test_prune_heal_tokens_heals_before_export(tiny, plain):
     out = tiny["root"] / "healed"
     assert main(["prune", str(tiny["model"]), "--sparsity", "0.5", "--samples", "4", "--calib", str(tiny["calib"]),
-                 "--out", str(out), "--no-onnx", "--heal-tokens", "256", "--heal-lr", "1e-3", *COMMON]) == 0
+                 "--out", str(out), "--no-onnx", "--heal-tokens", "256", "--heal-lr", "1e-3", "--heal-bf16", *COMMON]) == 0
     report = json.loads((out / "report.json").read_text())
     heal = report["heal"]
-    assert heal["tokens"] == 256 and heal["stopped_by"] == "tokens"
+    assert heal["tokens"] == 256 and heal["stopped_by"] == "tokens" and heal["config"]["autocast_bf16"] is True
     assert heal["held_out_ppl"]["after"] < heal["held_out_ppl"]["before"]
     assert (out / "heal.png").is_file() and report["artifacts"]["heal_plot"] == "heal.png"
     cut, healed = ffn_weights(plain / "hf"), ffn_weights(out / "hf")
