@@ -82,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing --out folder: it is deleted with everything in it; a folder "
                         "without report.json (not an llmrank output) needs --force --force")
     p.add_argument("--heal-tokens", type=int, default=None,
-                   help="heal the slim model before export: distil it from the dense one for N tokens (LoRA, needs 'llmrank[heal]')")
+                   help="heal the slim model before export: distil it from the dense one for N tokens (see 'llmrank heal')")
     p.add_argument("--heal-minutes", type=float, default=None, help="heal for at most M minutes of training (with or without --heal-tokens)")
-    p.add_argument("--heal-lr", type=float, default=None, help="heal learning rate (default: 1e-3 LoRA, 5e-5 weights)")
-    p.add_argument("--heal-train", choices=("lora", "weights"), default="lora",
-                   help="heal LoRA adapters (merged at the end) or the pruned Linears' own weights")
+    p.add_argument("--heal-lr", type=float, default=None, help="heal learning rate (default: 3e-4 weights, 3e-3 LoRA)")
+    p.add_argument("--heal-train", choices=("lora", "weights"), default="weights",
+                   help="heal the pruned Linears' own weights (default) or LoRA adapters (merged at the end; needs 'llmrank[heal]')")
     p.add_argument("--heal-bf16", action="store_true", help="heal under bfloat16 autocast (see heal --bf16)")
     _common(p)
 
@@ -96,12 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force; never the input)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (whole sequences of --seq-len)")
     p.add_argument("--minutes", type=float, default=None, help="training minutes (evaluations not counted); with --tokens: whichever ends first")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 LoRA, 5e-5 weights)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-4 weights, 3e-3 LoRA)")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--train", choices=("lora", "weights"), default="lora", help="LoRA adapters (needs 'llmrank[heal]') or the Linears' own weights")
+    p.add_argument("--train", choices=("lora", "weights"), default="weights",
+                   help="the Linears' own weights (default; AdamW state: 2x their size) or LoRA adapters (needs 'llmrank[heal]'; "
+                        "far less memory for big models)")
     p.add_argument("--targets", choices=("pruned", "all"), default="pruned", help="the FFN Linears pruning cut, or every Linear but the LM head")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per optimizer step")
-    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                    help="learning rate over the budget: constant, or cosine down to a tenth")
     p.add_argument("--hidden-weight", type=float, default=0.0,
                    help="add this weight times the blocks' relative hidden-state mismatch to the KL (0: logits only)")

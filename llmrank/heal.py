@@ -28,9 +28,10 @@ from llmrank.ir.errors import ConfigError, InputError
 TRAIN_MODES = ("lora", "weights")
 SCHEDULES = ("constant", "cosine")
 PEFT_HINT = "pip install 'llmrank[heal]'"
-#: Default learning rates: usual values for LoRA and for full fine-tuning of a small LM, not yet
-#: tuned on the held-out text (README, "Heal", says what was measured with them).
-DEFAULT_LR = {"lora": 1e-3, "weights": 5e-5}
+#: Default learning rates, chosen on held-out calibration text (README, "Heal"): with a cosine
+#: schedule and 48 steps of 4 x 512 tokens on SmolLM2-135M, 3e-4 beat 1e-4 and 1e-3 for the
+#: weights, and LoRA at 3e-3 beat its usual 1e-3.
+DEFAULT_LR = {"lora": 3e-3, "weights": 3e-4}
 
 
 @dataclass(frozen=True)
@@ -209,10 +210,10 @@ def heal(
     minutes: float | None = None,
     lr: float | None = None,
     lora_rank: int = 8,
-    train: str = "lora",
+    train: str = "weights",
     targets: Sequence[str] | None = None,
     batch_size: int = 4,
-    schedule: str = "constant",
+    schedule: str = "cosine",
     hidden_weight: float = 0.0,
     autocast_bf16: bool = False,
     seed: int = 0,

@@ -2,7 +2,7 @@
 
 Both routes heal the same way (:func:`heal_slim`): training windows from the calibration half
 of the corpus, a held-out piece of it for the perplexity curve (never the evaluation
-articles), LoRA on the FFN Linears the pruning cut (or on every Linear), then a plain slim
+articles), the FFN Linears the pruning cut (or every Linear) trained directly or through LoRA, then a plain slim
 model. ``llmrank heal`` writes hf/ (+ onnx/), report.json and heal.png into one folder built
 under a temporary name, so a failed run leaves nothing behind.
 """
@@ -32,10 +32,10 @@ class HealOptions:
     minutes: float | None = None
     lr: float | None = None
     lora_rank: int = 8
-    train: str = "lora"
+    train: str = "weights"
     targets: str = "pruned"
     batch_size: int = 4
-    schedule: str = "constant"
+    schedule: str = "cosine"
     hidden_weight: float = 0.0
     bf16: bool = False
     seq_len: int = 512

@@ -67,7 +67,7 @@ class PruneJob:
     heal_tokens: int | None = None
     heal_minutes: float | None = None
     heal_lr: float | None = None
-    heal_train: str = "lora"
+    heal_train: str = "weights"
     heal_bf16: bool = False
 
     @property

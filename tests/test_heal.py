@@ -34,7 +34,7 @@ def held_out_kl(student, teacher, held) -> float:
 
 def run(pair, **kw):
     teacher, slim, train, _ = pair
-    options = dict(tokens=64 * SEQ, lr=1e-3, lora_rank=8, batch_size=1, seed=0, progress=False)
+    options = dict(tokens=64 * SEQ, lr=1e-3, train="lora", lora_rank=8, batch_size=1, seed=0, progress=False)
     return heal(slim, teacher, train, **{**options, **kw})
 
 
@@ -135,7 +135,7 @@ def test_first_logged_loss_is_kl_plus_weighted_hidden_mismatch(pair):
 
 def test_schedule_and_bf16_change_the_run_and_still_heal(pair):
     teacher, slim, _, held = pair
-    constant = run(pair, train="weights", lr=3e-4)
+    constant = run(pair, train="weights", lr=3e-4, schedule="constant")
     cosine = run(pair, train="weights", lr=3e-4, schedule="cosine")
     bf16 = run(pair, train="weights", lr=3e-4, schedule="cosine", autocast_bf16=True)
     again = run(pair, train="weights", lr=3e-4, schedule="cosine", autocast_bf16=True)
