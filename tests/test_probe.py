@@ -106,3 +106,12 @@ def test_probe_inputs_are_checked(calibrated):
     assert probe_sequences(list(calib.split(4)), 5).shape == (5, 32)
     with pytest.raises(ConfigError, match="probe_samples"):
         PruneConfig(compensation="lstsq", allocation="loss", probe_samples=0)
+
+
+def test_loss_allocation_refuses_an_exported_program():
+    from torch import nn
+
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    ep = torch.export.export(mlp, (torch.randn(3, 8),))
+    with pytest.raises(ConfigError, match="ExportedProgram"):
+        llmrank.prune_program(ep, [(torch.randn(3, 8),)], compensation="lstsq", allocation="loss")
