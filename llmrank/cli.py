@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-tokens", type=int, default=None,
                    help="heal the slim model before export: distil it from the dense one for N tokens (see 'llmrank heal')")
     p.add_argument("--heal-minutes", type=float, default=None, help="heal for at most M minutes of training (with or without --heal-tokens)")
-    p.add_argument("--heal-lr", type=float, default=None, help="heal learning rate (default: 3e-4 weights, 3e-3 LoRA)")
+    p.add_argument("--heal-lr", type=float, default=None,
+                   help="heal learning rate (default: 1.6e-3 x each weight's RMS for the weights, 3e-3 for LoRA)")
     p.add_argument("--heal-train", choices=("lora", "weights"), default="weights",
                    help="heal the pruned Linears' own weights (default) or LoRA adapters (merged at the end; needs 'llmrank[heal]')")
     p.add_argument("--heal-bf16", action="store_true", help="heal under bfloat16 autocast (see heal --bf16)")
@@ -96,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force; never the input)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens (whole sequences of --seq-len)")
     p.add_argument("--minutes", type=float, default=None, help="training minutes (evaluations not counted); with --tokens: whichever ends first")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-4 weights, 3e-3 LoRA)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="one learning rate for every trained tensor (default: 1.6e-3 x each weight's RMS, about 3e-4 on "
+                        "SmolLM2; LoRA: 3e-3)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--train", choices=("lora", "weights"), default="weights",
                    help="the Linears' own weights (default; AdamW state: 2x their size) or LoRA adapters (needs 'llmrank[heal]'; "

@@ -32,6 +32,10 @@ PEFT_HINT = "pip install 'llmrank[heal]'"
 #: schedule and 48 steps of 4 x 512 tokens on SmolLM2-135M, 3e-4 beat 1e-4 and 1e-3 for the
 #: weights, and LoRA at 3e-3 beat its usual 1e-3.
 DEFAULT_LR = {"lora": 3e-3, "weights": 3e-4}
+#: Without an explicit lr, each trained weight steps by this fraction of its own RMS (LAMB's
+#: trust-ratio idea): Adam's step is absolute, and Gemma-3's FFN weights are 5-10x smaller than
+#: SmolLM2's, so one absolute rate cannot fit both. 1.6e-3 x RMS is SmolLM2's 3e-4.
+RELATIVE_LR = 1.6e-3
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,15 @@ def _merge(model: nn.Module, train: str) -> nn.Module:
     return merged
 
 
+def _param_groups(params: Sequence[nn.Parameter], lr: float, relative: bool) -> list[dict[str, Any]]:
+    """One AdamW group per parameter: base rate ``lr`` or (``relative``) ``lr`` x the parameter's RMS."""
+    groups = []
+    for p in params:
+        rate = lr * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-8)) if relative else lr
+        groups.append({"params": [p], "lr": rate, "base_lr": rate})
+    return groups
+
+
 def _distillation_loss(model: nn.Module, teacher: nn.Module, row: torch.Tensor, hidden_weight: float) -> torch.Tensor:
     """KL on the logits, plus the weighted hidden-state mismatch when asked (the step's loss; also what is logged)."""
     if not hidden_weight:
@@ -228,7 +241,8 @@ def heal(
     training (evaluations not counted); both: whichever ends first. ``batch_size`` sequences
     make one optimizer step (AdamW, gradient norm clipped at 1), one sequence per backward.
     ``targets``: the Linears to adapt (default: every Linear but the output layer and tied
-    ones). ``schedule``: the learning rate over the budget (:func:`lr_factor`). ``hidden_weight``:
+    ones). ``lr``: one rate for every trained tensor; None: 3e-3 for LoRA, and for the weights
+    :data:`RELATIVE_LR` times each weight's RMS. ``schedule``: the learning rate over the budget (:func:`lr_factor`). ``hidden_weight``:
     adds that many times :func:`hidden_mismatch` to the KL (Minitron-style intermediate
     matching). ``autocast_bf16``: forward and backward in bfloat16 autocast (the weights and
     the optimizer stay fp32): faster where the CPU or GPU has bf16 matmuls, slightly noisier.
@@ -236,13 +250,14 @@ def heal(
     evenly spaced points of the budget and on the merged result: the curve of the report.
     """
     ids = token_batches
-    lr = DEFAULT_LR.get(train, 1e-3) if lr is None else lr
+    relative = lr is None and train == "weights"
+    lr = (RELATIVE_LR if relative else DEFAULT_LR.get(train, 1e-3)) if lr is None else lr
     _check(student, teacher, ids, tokens, minutes, train, lora_rank, batch_size, lr, schedule, hidden_weight)
     names = trainable_linears(student, targets)
     if not names:
         raise InputError("the student has no Linear to heal")
     model, params = _prepare(copy.deepcopy(student), names, train, lora_rank, seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(_param_groups(params, lr, relative), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     seq_len = ids.shape[1]
     budget_seqs = tokens // seq_len if tokens is not None else math.inf
@@ -272,7 +287,7 @@ def heal(
                 break
             clock = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr * lr_factor(schedule, max(seen_seqs / budget_seqs, train_s / budget_s))
+                group["lr"] = group["base_lr"] * lr_factor(schedule, max(seen_seqs / budget_seqs, train_s / budget_s))
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(step_seqs):
@@ -305,7 +320,7 @@ def heal(
         p.requires_grad_(False)
     healed.eval()
     point(seen_seqs * seq_len, train_s)
-    config = {"train": train, "lr": lr, "lora_rank": lora_rank if train == "lora" else None, "batch_size": batch_size,
+    config = {"train": train, "lr": lr, "lr_rule": "relative to each weight's RMS" if relative else "absolute", "lora_rank": lora_rank if train == "lora" else None, "batch_size": batch_size,
               "seq_len": seq_len, "seed": seed, "token_budget": tokens, "minute_budget": minutes, "targets": len(names),
               "schedule": schedule, "hidden_weight": hidden_weight, "autocast_bf16": autocast_bf16,
               "loss": "KL(teacher || student), temperature 1" + (f" + {hidden_weight} x hidden-state mismatch" if hidden_weight else "")}

@@ -3,6 +3,8 @@ keeps to its budget and hands back a plain model of the slim shapes that reloads
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -153,3 +155,33 @@ def test_heal_refuses_unknown_schedule_and_negative_hidden_weight(pair):
         heal(slim, teacher, train, tokens=SEQ, schedule="linear", progress=False)
     with pytest.raises(llmrank.ir.errors.ConfigError, match="hidden_weight"):
         heal(slim, teacher, train, tokens=SEQ, hidden_weight=-1.0, progress=False)
+
+
+def test_default_weights_lr_is_relative_to_each_weights_rms(pair):
+    """Adam's first step moves every weight with a gradient by its group's rate (the sign of
+    the gradient, bias-corrected): the default rate is RELATIVE_LR x the weight's RMS."""
+    from llmrank.heal import RELATIVE_LR
+
+    teacher, slim, train, _ = pair
+    slim = copy.deepcopy(slim)
+    targets = [n for n, m in slim.named_modules() if n.endswith(("mlp.down_proj", "mlp.up_proj"))]
+    with torch.no_grad():
+        slim.get_submodule(targets[0]).weight.mul_(10.0)  # one weight on another scale
+    result = heal(slim, teacher, train, tokens=SEQ, batch_size=1, train="weights", targets=targets, schedule="constant",
+                  progress=False)
+    assert result.config["lr_rule"] == "relative to each weight's RMS"
+    rates = []
+    for name in targets:
+        before = slim.get_submodule(name).weight
+        step = (result.model.get_submodule(name).weight - before).abs()
+        expected = RELATIVE_LR * float(before.pow(2).mean().sqrt())
+        moved = step[step > 0]
+        assert float(moved.max()) == pytest.approx(expected, rel=1e-3)
+        rates.append(expected)
+    assert rates[0] > 5 * rates[1]  # the rate follows the weight's scale
+    absolute = heal(slim, teacher, train, tokens=SEQ, batch_size=1, train="weights", targets=targets, lr=1e-3,
+                    schedule="constant", progress=False)
+    assert absolute.config["lr_rule"] == "absolute"
+    for name in targets:
+        step = (absolute.model.get_submodule(name).weight - slim.get_submodule(name).weight).abs()
+        assert float(step.max()) == pytest.approx(1e-3, rel=1e-3)
