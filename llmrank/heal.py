@@ -28,13 +28,13 @@ from llmrank.ir.errors import ConfigError, InputError
 TRAIN_MODES = ("lora", "weights")
 SCHEDULES = ("constant", "cosine")
 PEFT_HINT = "pip install 'llmrank[heal]'"
-#: Default learning rates, chosen on held-out calibration text (README, "Heal"): with a cosine
-#: schedule and 48 steps of 4 x 512 tokens on SmolLM2-135M, 3e-4 beat 1e-4 and 1e-3 for the
-#: weights, and LoRA at 3e-3 beat its usual 1e-3.
-DEFAULT_LR = {"lora": 3e-3, "weights": 3e-4}
-#: Without an explicit lr, each trained weight steps by this fraction of its own RMS (LAMB's
-#: trust-ratio idea): Adam's step is absolute, and Gemma-3's FFN weights are 5-10x smaller than
-#: SmolLM2's, so one absolute rate cannot fit both. 1.6e-3 x RMS is SmolLM2's 3e-4.
+#: Default rates, chosen on held-out calibration text (README, "Heal"): with a cosine schedule
+#: and 48 steps of 4 x 512 tokens on SmolLM2-135M, LoRA at 3e-3 beat its usual 1e-3, and the
+#: weights at 3e-4 beat 1e-4 and 1e-3. Without an explicit lr each trained weight steps by
+#: RELATIVE_LR times its own RMS (LAMB's trust-ratio idea), which is that 3e-4 on SmolLM2:
+#: Adam's step is absolute, and Gemma-3's FFN weights are 5-10x smaller than SmolLM2's, so one
+#: absolute rate cannot fit both (3e-4 made Gemma worse).
+LORA_LR = 3e-3
 RELATIVE_LR = 1.6e-3
 
 
@@ -241,17 +241,17 @@ def heal(
     training (evaluations not counted); both: whichever ends first. ``batch_size`` sequences
     make one optimizer step (AdamW, gradient norm clipped at 1), one sequence per backward.
     ``targets``: the Linears to adapt (default: every Linear but the output layer and tied
-    ones). ``lr``: one rate for every trained tensor; None: 3e-3 for LoRA, and for the weights
-    :data:`RELATIVE_LR` times each weight's RMS. ``schedule``: the learning rate over the budget (:func:`lr_factor`). ``hidden_weight``:
-    adds that many times :func:`hidden_mismatch` to the KL (Minitron-style intermediate
-    matching). ``autocast_bf16``: forward and backward in bfloat16 autocast (the weights and
+    ones). ``lr``: one rate for every trained tensor; None: :data:`LORA_LR` for LoRA, and for
+    the weights :data:`RELATIVE_LR` times each weight's RMS. ``schedule``: the learning rate
+    over the budget (:func:`lr_factor`). ``hidden_weight``: adds that many times
+    :func:`hidden_mismatch` to the KL (Minitron-style intermediate matching). ``autocast_bf16``: forward and backward in bfloat16 autocast (the weights and
     the optimizer stay fp32): faster where the CPU or GPU has bf16 matmuls, slightly noisier.
     ``evaluate(model) -> perplexity`` is called before training, at ``eval_points``
     evenly spaced points of the budget and on the merged result: the curve of the report.
     """
     ids = token_batches
     relative = lr is None and train == "weights"
-    lr = (RELATIVE_LR if relative else DEFAULT_LR.get(train, 1e-3)) if lr is None else lr
+    lr = (RELATIVE_LR if relative else LORA_LR) if lr is None else lr
     _check(student, teacher, ids, tokens, minutes, train, lora_rank, batch_size, lr, schedule, hidden_weight)
     names = trainable_linears(student, targets)
     if not names:
