@@ -172,7 +172,7 @@ def test_default_weights_lr_is_relative_to_each_weights_rms(pair):
     assert result.config["lr_rule"] == "relative to each weight's RMS"
     rates = []
     for name in targets:
-        before = slim.get_submodule(name).weight
+        before = slim.get_submodule(name).weight.detach()
         step = (result.model.get_submodule(name).weight - before).abs()
         expected = RELATIVE_LR * float(before.pow(2).mean().sqrt())
         moved = step[step > 0]
@@ -183,5 +183,5 @@ def test_default_weights_lr_is_relative_to_each_weights_rms(pair):
                     schedule="constant", progress=False)
     assert absolute.config["lr_rule"] == "absolute"
     for name in targets:
-        step = (absolute.model.get_submodule(name).weight - slim.get_submodule(name).weight).abs()
+        step = (absolute.model.get_submodule(name).weight - slim.get_submodule(name).weight.detach()).abs()
         assert float(step.max()) == pytest.approx(1e-3, rel=1e-3)
