@@ -352,8 +352,8 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
     if allocation == "uniform":
         widths = uniform
     elif allocation == "loss":
-        at_uniform = {g.name: curves[g.name].kept(uniform[g.name]) if selection == "refit" else _top(scores[g.name], uniform[g.name])
-                      for g in ir.groups if uniform[g.name] < g.width}
+        # the curve's survivors: the greedy's under selection 'refit', the scorer's top-k otherwise
+        at_uniform = {g.name: curves[g.name].kept(uniform[g.name]) for g in ir.groups if uniform[g.name] < g.width}
         costs = loss_scaled_costs(curves, uniform, loss_probe(at_uniform) if at_uniform else {})
     else:
         # error: relative to the layer's output energy; fisher: already an estimate of the loss increase

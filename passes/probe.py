@@ -28,7 +28,9 @@ from llmrank.passes.compensate import Refit, plan_refit
 
 
 def mean_next_token_loss(model: nn.Module, sequences: torch.Tensor) -> float:
-    """Mean cross-entropy of each next token over ``sequences`` (token ids [N, L]), fp64 sum."""
+    """Mean cross-entropy of each next token over ``sequences`` (token ids [N, L]), in fp64: the
+    probe subtracts two of these and the differences are ~1e-4 of the loss, below fp32's
+    rounding of a mean (so not gradients.causal_lm_loss, which is fp32)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in sequences.split(1):
