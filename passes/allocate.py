@@ -326,17 +326,37 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
     the loss's squared gradient there, ``row_weights``; ``"loss"``: each curve scaled so that
     at the uniform width it equals the loss increase ``loss_probe`` measures for that group
     cut alone) or the channels (``selection="refit"``) come from the refit's error; also the
-    curves it read."""
-    from llmrank.passes.select import round_width
+    curves it read. The two halves, :func:`removal_curves` (per group, from that group's
+    moments) and :func:`kept_from_curves` (across groups), run apart on the block route."""
+    curves = removal_curves(model, ir, scores, moments, sparsity, allocation=allocation, selection=selection,
+                            multiple=multiple, min_width=min_width, ridge=ridge, centred=centred, row_weights=row_weights)
+    kept = kept_from_curves(ir, curves, scores, sparsity, allocation=allocation, selection=selection, multiple=multiple,
+                            min_width=min_width, loss_probe=loss_probe)
+    return kept, curves
 
+
+def _check_choice(allocation: str, selection: str) -> None:
     if allocation not in ALLOCATIONS or selection not in SELECTIONS:
         raise ConfigError(f"allocation must be one of {ALLOCATIONS} and selection one of {SELECTIONS}")
+
+
+def _uniform_widths(ir: ModelIR, sparsity: float, multiple: int, min_width: int) -> dict[str, int]:
+    from llmrank.passes.select import round_width
+
+    return {g.name: round_width(g.width - round(sparsity * g.width), g.width, multiple, min_width) for g in ir.groups}
+
+
+def removal_curves(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tensor], moments: Mapping[str, InputStats],
+                   sparsity: float, *, allocation: str = "error", selection: str = "score", multiple: int = 1,
+                   min_width: int = 1, ridge: float = 1e-3, centred: bool = False,
+                   row_weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Curve]:
+    """Each group's refit error as its channels go, down to the narrowest width the allocation may
+    give it; reads only that group's weights and moments, so a block can be done on its own."""
+    _check_choice(allocation, selection)
     weighted = allocation == "fisher"
     if weighted and not row_weights:
         raise InputError("allocation 'fisher' needs the loss's output sensitivities (stats.sensitivity from Calibrate)")
-    if allocation == "loss" and loss_probe is None:
-        raise InputError("allocation 'loss' needs a loss_probe (kept channels per group -> measured loss increase)")
-    uniform = {g.name: round_width(g.width - round(sparsity * g.width), g.width, multiple, min_width) for g in ir.groups}
+    uniform = _uniform_widths(ir, sparsity, multiple, min_width)
     curves: dict[str, Curve] = {}
     for g in ir.groups:
         if allocation == "uniform":
@@ -344,31 +364,37 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
         else:
             lose = min(MAX_GROUP_SPARSITY, SPREAD * sparsity)
             floor = min(uniform[g.name], max(min(min_width, g.width), math.ceil(g.width * (1 - lose))))
-        order = None
-        if selection == "score":
-            order = _score_removal_order(scores[g.name])
+        order = _score_removal_order(scores[g.name]) if selection == "score" else None
         consumers = group_consumers(model, ir, g, moments, centred=centred, row_weights=row_weights if weighted else None)
         curves[g.name] = removal_curve(consumers, floor, ridge=ridge, order=order)
+    return curves
+
+
+def kept_from_curves(ir: ModelIR, curves: Mapping[str, Curve], scores: Mapping[str, torch.Tensor], sparsity: float, *,
+                     allocation: str = "error", selection: str = "score", multiple: int = 1, min_width: int = 1,
+                     loss_probe: Callable[[dict[str, torch.Tensor]], dict[str, float]] | None = None,
+                     ) -> dict[str, torch.Tensor]:
+    """Widths across all groups under one budget (the allocation), then each group's survivors."""
+    _check_choice(allocation, selection)
+    if allocation == "loss" and loss_probe is None:
+        raise InputError("allocation 'loss' needs a loss_probe (kept channels per group -> measured loss increase)")
+    uniform = _uniform_widths(ir, sparsity, multiple, min_width)
     if allocation == "uniform":
         widths = uniform
-    elif allocation == "loss":
-        # the curve's survivors: the greedy's under selection 'refit', the scorer's top-k otherwise
-        at_uniform = {g.name: curves[g.name].kept(uniform[g.name]) for g in ir.groups if uniform[g.name] < g.width}
-        costs = loss_scaled_costs(curves, uniform, loss_probe(at_uniform) if at_uniform else {})
     else:
-        # error: relative to the layer's output energy; fisher: already an estimate of the loss increase
-        costs = {name: {c.width - i: float(c.errors[i]) / (1.0 if weighted else max(c.energy, 1e-300)) for i in range(len(c.errors))}
-                 for name, c in curves.items()}
-    if allocation != "uniform":
+        if allocation == "loss":
+            # the curve's survivors: the greedy's under selection 'refit', the scorer's top-k otherwise
+            at_uniform = {g.name: curves[g.name].kept(uniform[g.name]) for g in ir.groups if uniform[g.name] < g.width}
+            costs = loss_scaled_costs(curves, uniform, loss_probe(at_uniform) if at_uniform else {})
+        else:
+            # error: relative to the layer's output energy; fisher: already an estimate of the loss increase
+            relative = allocation != "fisher"
+            costs = {name: {c.width - i: float(c.errors[i]) / (max(c.energy, 1e-300) if relative else 1.0)
+                            for i in range(len(c.errors))} for name, c in curves.items()}
         target = sum(g.width - round(sparsity * g.width) for g in ir.groups)
         widths = allocate(costs, {g.name: g.width for g in ir.groups}, target, multiple=multiple, min_width=min_width)
-    kept = {}
-    for g in ir.groups:
-        if selection == "refit":
-            kept[g.name] = curves[g.name].kept(widths[g.name])
-        else:
-            kept[g.name] = _top(scores[g.name], widths[g.name])
-    return kept, curves
+    return {g.name: curves[g.name].kept(widths[g.name]) if selection == "refit" else _top(scores[g.name], widths[g.name])
+            for g in ir.groups}
 
 
 def loss_scaled_costs(curves: Mapping[str, Curve], probe_width: Mapping[str, int],

@@ -35,21 +35,20 @@ from torch.utils import _pytree as pytree
 from llmrank.ir.errors import CalibrationError, ConfigError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
-from llmrank.passes.allocate import error_select
+from llmrank.passes.allocate import removal_curves
 from llmrank.passes.analyze import analyze, group_regions
-from llmrank.passes import budget
+from llmrank.passes.choose import Budget, budget, choose, needs_curves
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.gradients import FirstOrder, first_order
-from llmrank.passes.headcut import head_notes, select_heads
 from llmrank.passes.headscore import variance_linears
 from llmrank.passes import program as P
+from llmrank.passes import routes
 from llmrank.passes.probe import group_loss_increases, probe_sequences
 from llmrank.passes.sensitivity import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.score import GRADIENT_SCORERS, WEIGHT_ONLY_SCORERS, Scores, score
-from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, outputs
 
@@ -105,6 +104,7 @@ class PruneState:
     stats: CalibrationStats | None = None
     first_order: FirstOrder | None = None
     scores: Scores | None = None
+    budget: Budget | None = None
     kept: dict[str, torch.Tensor] | None = None
     refits: dict[str, Refit] | None = None
     slim: nn.Module | None = None
@@ -281,11 +281,7 @@ class Analyze(Pass):
 
 
 def _check_heads(state: PruneState, ir: ModelIR) -> None:
-    """Head pruning needs head groups, and the module route (a program's graph hard-codes
-    the head counts in its reshapes)."""
-    if state.from_program:
-        raise ConfigError("head_sparsity needs an nn.Module: the program route rewrites only FFN widths; prune the "
-                          "module (llmrank.prune) or use head_sparsity 0")
+    """Head pruning needs head groups (the route was checked before: ``routes.py``)."""
     if not ir.head_groups:
         reasons = {k: v for k, v in ir.blocked.items() if k.startswith("heads:")}
         raise UnsupportedModelError(f"{ir.model_class} has no attention heads llmrank can cut"
@@ -397,14 +393,15 @@ def _as_scores(value: Any, ir: ModelIR) -> Scores:
 
 
 class Select(Pass):
-    """ir + scores -> kept channel indices per group; notes say where rounding moved the target."""
+    """ir + scores -> kept channel indices per group and kept heads (``choose.py``, the same
+    functions the block route calls); notes say where rounding moved the target."""
 
     needs = ("ir", "scores")
     makes = ("kept",)
 
     def requires(self, state: PruneState) -> None:
         super().requires(state)
-        if state.config.allocation != "uniform" or state.config.selection != "score":
+        if needs_curves(state.config):
             missing = [f for f in ("model", "stats") if getattr(state, f) is None]
             if missing:
                 raise PassError(f"Select with allocation {state.config.allocation!r} / selection {state.config.selection!r} "
@@ -412,36 +409,23 @@ class Select(Pass):
 
     def call(self, state: PruneState) -> PassResult:
         c = state.config
-        sparsity, head_sparsity, heads, notes = c.sparsity, c.head_sparsity, None, []
-        if c.target_params is not None:
-            total = sum(p.numel() for p in state.model.parameters())
-            sparsity, head_sparsity, heads = budget.plan(state.ir, state.scores.heads, total, c.target_params, c.head_share)
-            notes.append(f"target_params {c.target_params:g} (head_share {c.head_share:g}): sparsity {sparsity:.4g}, "
-                         f"head_sparsity {head_sparsity:.3g}")
-        if c.allocation == "uniform" and c.selection == "score":
-            kept = select(state.ir, state.scores.groups, sparsity, pruner=c.pruner, multiple=c.multiple, min_width=c.min_width)
-        else:
-            kept, _ = error_select(state.model, state.ir, state.scores.groups, state.stats.moments, sparsity,
-                                   allocation=c.allocation, selection=c.selection, multiple=c.multiple, min_width=c.min_width,
-                                   ridge=c.ridge, centred=c.compensation == "lstsq+bias", row_weights=state.stats.sensitivity,
-                                   loss_probe=self._loss_probe(state) if c.allocation == "loss" else None)
-        if c.mode != "mask-paper":
-            notes += clamp_notes(state.ir, kept, sparsity, multiple=c.multiple, min_width=c.min_width)
-        if heads is None and c.head_sparsity > 0:
-            heads = select_heads(state.ir, state.scores.heads, head_sparsity)
-            notes += head_notes(state.ir, heads, head_sparsity)
-        kept.update(heads or {})
+        plan = budget(c, state.ir, state.scores.heads, sum(p.numel() for p in state.model.parameters()))
+        curves = None
+        if needs_curves(c):
+            curves = removal_curves(state.model, state.ir, state.scores.groups, state.stats.moments, plan.sparsity,
+                                    allocation=c.allocation, selection=c.selection, multiple=c.multiple,
+                                    min_width=c.min_width, ridge=c.ridge, centred=c.compensation == "lstsq+bias",
+                                    row_weights=state.stats.sensitivity)
+        choice = choose(c, state.ir, state.scores.groups, state.scores.heads, plan, curves=curves,
+                        loss_probe=self._loss_probe(state) if c.allocation == "loss" else None)
+        notes = list(plan.notes) + choice.notes
         for note in notes:
             log.warning(note)
-        return PassResult(state.update(kept=kept, notes=state.notes + tuple(notes)), True)
-
+        return PassResult(state.update(kept=choice.kept, budget=plan, notes=state.notes + tuple(notes)), True)
 
     @staticmethod
     def _loss_probe(state: PruneState):
         """kept per group -> each group's measured loss increase when cut alone (allocation 'loss')."""
-        if state.from_program:
-            raise ConfigError("allocation 'loss' runs the model's forward with hooks on an nn.Module; on an ExportedProgram "
-                              "use allocation 'error'")
         c = state.config
         sequences = probe_sequences(list(state.batches or state.refit_batches or ()), c.probe_samples)
         return lambda kept: group_loss_increases(state.model, state.ir, kept, state.stats.moments, sequences,
@@ -459,9 +443,6 @@ class Compensate(Pass):
         if c.compensation == "none":
             return PassResult(state.update(refits={}), False)
         if c.refit_inputs != "dense":
-            if state.from_program:
-                raise ConfigError(f"refit_inputs {c.refit_inputs!r} walks the decoder blocks of an nn.Module; an ExportedProgram has none: "
-                                  "use refit_inputs 'dense'")
             batches = state.refit_batches if state.refit_batches is not None else state.batches
             refits = plan_sequential_refit(state.model, state.ir, state.kept, list(batches), method=c.compensation,
                                            ridge=c.ridge, target="self" if c.refit_inputs == "pruned-self" else "dense",
@@ -696,6 +677,7 @@ class Pipeline:
         if fields:
             state = state.update(**{k: tuple(v) if k in ("batches", "refit_batches", "example_inputs") and v is not None else v
                                     for k, v in fields.items()})
+        routes.check(state.config, routes.PROGRAM if state.from_program else routes.IN_MEMORY)
         return self(state).state
 
     def __repr__(self) -> str:

@@ -439,16 +439,13 @@ def test_families_whose_heads_stay_whole_say_why(family):
     assert not ir.head_groups and len(reasons) == 2 and all(reasons.values()), ir.blocked
 
 
-def test_routes_that_cut_neurons_only_refuse_heads():
+def test_the_program_route_refuses_heads_before_tracing():
     from llmrank.passes.config import PruneConfig
-    from llmrank.passes.layerwise import check_config
     from llmrank.passes.program import prune_program
 
-    with pytest.raises(ConfigError, match="head_sparsity"):
-        check_config(PruneConfig(head_sparsity=0.5))
     model = build("llama")
     ep = llmrank.trace(model).program
-    with pytest.raises(ConfigError, match="head_sparsity needs an nn.Module"):
+    with pytest.raises(ConfigError, match="head_sparsity needs attention heads .* exported program route"):
         prune_program(ep, [(ids(),)], config=PruneConfig(head_sparsity=0.5, scorer="l1"))
 
 
