@@ -71,17 +71,39 @@ class Checkpoint:
         return out
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the checkpoint's floating tensors (the first one found)."""
+        """The dtype that holds most of the checkpoint's floating-point elements (a checkpoint may
+        mix them, e.g. fp32 blocks with an fp16 embedding: the first tensor does not speak for all)."""
+        counts: dict[torch.dtype, int] = {}
+        for dtype, numel in self._floating().values():
+            counts[dtype] = counts.get(dtype, 0) + numel
+        return max(counts, key=lambda d: (counts[d], d.itemsize)) if counts else torch.float32
+
+    def dtypes(self) -> set[torch.dtype]:
+        """Every floating dtype the checkpoint stores."""
+        return {dtype for dtype, _ in self._floating().values()}
+
+    def dtype_of(self, key: str, default: torch.dtype) -> torch.dtype:
+        """The dtype ``key`` is stored in (``default`` for a tensor the checkpoint does not have)."""
+        found = self._floating().get(key)
+        return found[0] if found is not None else default
+
+    def _floating(self) -> dict[str, tuple[torch.dtype, int]]:
+        """key -> (dtype, element count) of every floating tensor, read from the shard headers once."""
+        cached = getattr(self, "_floating_cache", None)
+        if cached is not None:
+            return cached
         from safetensors import safe_open
 
+        out: dict[str, tuple[torch.dtype, int]] = {}
         for path in self.files:
             with safe_open(str(path), framework="pt") as f:
                 for k in f.keys():
                     t = f.get_slice(k)
                     dtype = _DTYPES.get(t.get_dtype())
-                    if dtype is not None and dtype.is_floating_point:
-                        return dtype
-        return torch.float32
+                    if dtype is not None:
+                        out[k] = (dtype, math.prod(t.get_shape()))
+        self._floating_cache = out
+        return out
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

@@ -48,7 +48,12 @@ from torch import nn
 from llmrank.ir.errors import ConfigError, InputError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import example_tokens, trace
+from llmrank.passes import routes
+from llmrank.passes.allocate import Curve, removal_curves
 from llmrank.passes.analyze import analyze, residual_writers
+from llmrank.passes.choose import Budget, budget, choose, is_local, needs_curves
+from llmrank.passes.headcut import head_notes
+from llmrank.passes.headscore import variance_linears
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
 from llmrank.passes.capture import Holder, Recorder, Replay, Stop, layers_path, split_call
 from llmrank.passes.checkpoint import Checkpoint, ShardWriter, finish_checkpoint
@@ -58,7 +63,7 @@ from llmrank.passes.hidden import HiddenStates
 from llmrank.passes.onload import buffers_to_own, materialise, materialise_own, skeleton, to_meta
 from llmrank.passes.pipeline import OutputCheck
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
-from llmrank.passes.select import clamp_notes, effective_sparsity, select
+from llmrank.passes.select import clamp_notes, effective_sparsity
 from llmrank.passes.shrink import mask, shrink
 from llmrank.passes.verify import Verification
 
@@ -143,28 +148,25 @@ def _rss_now() -> int:
         return peak_rss_bytes()
 
 
+@dataclass(frozen=True)
+class Walk:
+    """What one walk over the blocks does: score them (norms, scores, the upstream carry), record
+    each group's removal curve at ``curves_at``, and/or rewrite them (refit, shrink, verify, write)
+    with the whole-model choice ``kept`` or, when None, a choice made per block under ``plan``."""
+
+    score: bool = False
+    curves_at: float | None = None
+    rewrite: bool = False
+    plan: Budget | None = None
+    kept: dict[str, torch.Tensor] | None = None
+
+
 # ---------------------------------------------------------------------- the job
 
 
-def check_config(config: PruneConfig) -> None:
-    """What block-by-block pruning supports of PruneConfig (fails before anything is read)."""
-    if config.mode != "shrink":
-        raise ConfigError(f"block-by-block pruning writes shrunk checkpoints: mode {config.mode!r} is not supported; use mode 'shrink'")
-    if config.scorer == "hits":
-        raise ConfigError("scorer 'hits' reads the next block's weights, so it cannot run block by block; choose another scorer "
-                          "or prune in memory")
-    if config.scorer in ("taylor", "taylor-element"):
-        raise ConfigError(f"scorer {config.scorer!r} needs the gradient of the whole model's loss, a backward pass through every "
-                          "block at once, which block-by-block pruning exists to avoid; prune in memory or choose another scorer")
-    if config.allocation != "uniform" or config.selection != "score" or config.refit_inputs != "dense":
-        raise ConfigError(f"allocation {config.allocation!r} / selection {config.selection!r} / refit_inputs "
-                          f"{config.refit_inputs!r} are not implemented block by block yet: use allocation 'uniform', "
-                          "selection 'score' and refit_inputs 'dense', or prune in memory")
-    if config.inplace:
-        raise ConfigError("inplace has no meaning block by block (the checkpoint on disk is never changed)")
-    if config.heads:
-        raise ConfigError("block-by-block pruning cuts FFN neurons only: head_sparsity needs the in-memory route "
-                          "(drop --layerwise) or head_sparsity 0")
+def check_config(config: PruneConfig, *, why: str = "") -> None:
+    """What the block route cannot honour, refused before anything is read (``routes.BLOCKS``)."""
+    routes.check(config, routes.BLOCKS, why=why)
 
 
 def prune_layerwise(
@@ -204,6 +206,10 @@ def prune_layerwise(
     device = torch.device(device)
     ckpt_dtype = ckpt.dtype()
     dtype = dtype or ckpt_dtype
+    stored = sorted(str(d).replace("torch.", "") for d in ckpt.dtypes())
+    dtype_notes = (f"the checkpoint mixes {' and '.join(stored)} tensors: the blocks are computed in "
+                   f"{str(dtype).replace('torch.', '')} (most of its weights) and every tensor is written back in the "
+                   "dtype it was stored in",) if len(stored) > 1 else ()
     batches = tuple(as_batches(calibration_ids, batch_size=config.batch_size)) if calibration_ids is not None else ()
     refit = tuple(as_batches(refit_ids, batch_size=config.batch_size)) if refit_ids is not None else None
     if config.needs_calibration and not batches and not refit:
@@ -219,20 +225,27 @@ def prune_layerwise(
     params_before = sum(p.numel() for p in model.parameters())
     token_batches = [step.batch for step in plan.steps] + [_sample_ids(model, batches)]
     run = _Run(config, ckpt, model, plan, token_batches, device, dtype, hidden_budget_bytes, progress)
+    run.dtype_notes = dtype_notes
     with (atomic_path(Path(out_dir), force=force) if out_dir is not None else nullcontext(None)) as tmp:
         if tmp is not None:
             tmp.mkdir(parents=True)
             run.writer, run.out_dtype = ShardWriter(tmp, max_shard_size), ckpt_dtype
         try:
             run.capture()
-            if config.pruner == "global":
-                run.walk(score_only=True)
-                kept = select(run.all_ir(), run.scores.groups, config.sparsity, pruner="global", multiple=config.multiple,
-                              min_width=config.min_width)
-                run.capture()  # the second walk starts again from the embeddings
-                run.walk(kept=kept)
-            else:
-                run.walk()
+            if is_local(config):  # each block's kept sets depend on that block alone: one walk
+                run.walk(Walk(score=True, rewrite=True, plan=Budget(config.sparsity, config.head_sparsity)))
+            else:  # the choice spans blocks: score them all, choose as the in-memory Select does, then rewrite
+                early = needs_curves(config) and config.allocation != "uniform" and config.target_params is None
+                run.walk(Walk(score=True, curves_at=config.sparsity if early else None))
+                cut = budget(config, run.all_ir(), run.scores.heads, params_before)
+                whole = config.pruner == "global" or config.allocation != "uniform"
+                if whole and needs_curves(config) and not early:
+                    run.capture()
+                    run.walk(Walk(curves_at=cut.sparsity))
+                kept = choose(config, run.all_ir(), run.scores.groups, run.scores.heads, cut, curves=run.curves,
+                              notes=False).kept if whole else None
+                run.capture()  # the next walk starts again from the embeddings
+                run.walk(Walk(rewrite=True, plan=cut, kept=kept))
             output_check = run.check_outputs()
         finally:
             run.close()
@@ -244,7 +257,12 @@ def prune_layerwise(
             finish_checkpoint(tmp, run.writer, ckpt, model, f"{run.path}.", run.out_dtype,
                               _checkpoint_metadata(ckpt, config, widths, metadata or {}))
             run.timings["write"] = run.timings.get("write", 0.0) + time.perf_counter() - tick
-    notes = tuple(clamp_notes(ir, kept, config.sparsity, multiple=config.multiple, min_width=config.min_width))
+    cut = run.cut
+    groups = {g.name: kept[g.name] for g in ir.groups}
+    notes = cut.notes + run.dtype_notes + tuple(clamp_notes(ir, groups, cut.sparsity, multiple=config.multiple,
+                                                            min_width=config.min_width))
+    if cut.heads is None and cut.head_sparsity > 0:
+        notes += tuple(head_notes(ir, {hg.name: kept[hg.name] for hg in ir.head_groups}, cut.head_sparsity))
     for note in notes:
         log.warning(note)
     params_after = sum(p.numel() for p in model.parameters())
@@ -297,6 +315,9 @@ class _Run:
         self.writer: ShardWriter | None = None
         self.out_dtype = dtype
         self.sample_logits: torch.Tensor | None = None
+        self.curves: dict[str, Curve] = {}
+        self.dtype_notes: tuple[str, ...] = ()
+        self.cut = Budget(config.sparsity, config.head_sparsity)
 
     # -- the frame -------------------------------------------------------------------------
 
@@ -358,7 +379,8 @@ class _Run:
             linears.update(ir.linears)
             feeds.update(ir.feeds)
             blocked.update(ir.blocked)
-        return ModelIR(type(self.model).__name__, linears, [g for ir in self.irs for g in ir.groups], feeds, blocked)
+        return ModelIR(type(self.model).__name__, linears, [g for ir in self.irs for g in ir.groups], feeds, blocked,
+                       [hg for ir in self.irs for hg in ir.head_groups])
 
     def _time(self, record: BlockRecord, phase: str, since: float) -> float:
         now = time.perf_counter()
@@ -371,24 +393,24 @@ class _Run:
 
     # -- the walk --------------------------------------------------------------------------
 
-    def walk(self, *, score_only: bool = False, kept: dict[str, torch.Tensor] | None = None) -> None:
-        """One pass over the blocks in depth order.
-
-        ``score_only``: norms and scores (the global pruner's first walk). ``kept`` given: the
-        selection is made (the global pruner's second walk): moments, refit, shrink, write.
-        Otherwise everything in one walk (the local pruner).
-        """
+    def walk(self, walk: Walk) -> None:
+        """One pass over the blocks in depth order, doing what ``walk`` asks of each block."""
         from tqdm.auto import tqdm
 
         c = self.config
         upstream = Upstream()
-        steps = [(k, Step(s.batch, s.norms and kept is None, s.moments and not score_only)) for k, s in enumerate(self.plan.steps)]
+        moments = walk.curves_at is not None or (walk.rewrite and c.compensation != "none") or \
+            (walk.rewrite and needs_curves(c) and walk.kept is None)
+        steps = [(k, Step(s.batch, s.norms and walk.score, s.moments and moments)) for k, s in enumerate(self.plan.steps)]
         steps = [(k, s) for k, s in steps if s.norms or s.moments]  # a batch no statistic needs is not propagated
+        if walk.plan is not None:
+            self.cut = walk.plan
         for i in tqdm(range(self.n_layers), desc="blocks", unit="block", disable=not self.progress):
             record = self.records[i]
             tick = time.perf_counter()
             block = self.model.get_submodule(self.path)[i]
             materialise(block, f"{self.path}.{i}.", self.ckpt, self.device, self.dtype)
+            check_block_weights(block, f"{self.path}.{i}.")
             block.eval()
             tick = self._time(record, "load", tick)
             tensors, spec, constants = split_call(*self.calls[0][i])
@@ -402,26 +424,42 @@ class _Run:
             ir = self.irs[i]
             stats = self._statistics(holder, ir, i, steps, record)
             tick = time.perf_counter()
-            if kept is None:
-                block_scores = score(holder, ir, stats.norms, c.scoring, upstream=upstream)
+            if walk.score:
+                block_scores = score(holder, ir, stats.norms, c.scoring, upstream=upstream,
+                                     head_scorer=c.head_scoring if c.heads else None, variances=stats.variances)
                 upstream = upstream.after(ir, stats.norms, block_scores, self.writers[i])
                 for g in ir.groups:
                     self.scores.groups[g.name] = block_scores.groups[g.name].cpu()
                     self.scores.outputs[g.name] = block_scores.outputs[g.name].cpu()
+                for hg in ir.head_groups:
+                    if hg.name in block_scores.heads:
+                        self.scores.heads[hg.name] = block_scores.heads[hg.name].cpu()
                 tick = self._time(record, "score", tick)
-            if not score_only:
-                self._rewrite(holder, ir, i, stats, kept, record)
+            if walk.curves_at is not None:
+                self.curves.update(self._curves(holder, ir, stats, walk.curves_at))
+                tick = self._time(record, "curves", tick)
+            if walk.rewrite:
+                self._rewrite(holder, ir, i, stats, walk, record)
             to_meta(block)
             record.rss_bytes = _rss_now()
 
+    def _curves(self, holder: Holder, ir: ModelIR, stats: CalibrationStats, sparsity: float) -> dict[str, Curve]:
+        c = self.config
+        return removal_curves(holder, ir, self.scores.groups, stats.moments, sparsity, allocation=c.allocation,
+                              selection=c.selection, multiple=c.multiple, min_width=c.min_width, ridge=c.ridge,
+                              centred=c.compensation == "lstsq+bias")
+
     def _statistics(self, holder: Holder, ir: ModelIR, i: int, steps: list[tuple[int, Step]], record: BlockRecord) -> CalibrationStats:
-        """This block's norms and moments on the calibration hidden states (the Calibrate pass's
-        Accumulator), replacing each batch's hidden states by the DENSE block's outputs."""
+        """This block's norms, moments and head variances on the calibration hidden states (the
+        Calibrate pass's Accumulator), replacing each batch's hidden states by the DENSE block's outputs."""
+        c = self.config
         tick = time.perf_counter()
         wants_norms = any(s.norms for _, s in steps)
         wants_moments = any(s.moments for _, s in steps)
-        acc = Accumulator(ir.calibration_linears() if wants_norms else (), consumer_linears(ir) if wants_moments else (),
-                          second_moment=self.config.second_moment)
+        acc = Accumulator(ir.calibration_linears() if wants_norms else (),
+                          consumer_linears(ir, heads=c.heads) if wants_moments else (),
+                          second_moment=c.second_moment,
+                          variance_linears=variance_linears(ir) if wants_norms and c.needs_variances else ())
         handles = [holder.get_submodule(name).register_forward_hook(_hook(acc, name)) for name in sorted(acc.watched)]
         try:
             with torch.no_grad():
@@ -429,6 +467,7 @@ class _Run:
                     x = self.hidden.get(k)
                     with acc.batch(step, int(math.prod(x.shape[:-1]))):
                         y = holder(x, *self._args(k, i))
+                    check_finite_activations(y, i, k, self.dtype)
                     self.hidden.put(k, y)
         finally:
             for h in handles:
@@ -441,15 +480,17 @@ class _Run:
         self._time(record, "calibrate", tick)
         return stats
 
-    def _rewrite(self, holder: Holder, ir: ModelIR, i: int, stats: CalibrationStats, kept: dict[str, torch.Tensor] | None,
-                 record: BlockRecord) -> None:
-        """Select (local), refit, shrink in place, check against the masked dense block, write."""
+    def _rewrite(self, holder: Holder, ir: ModelIR, i: int, stats: CalibrationStats, walk: Walk, record: BlockRecord) -> None:
+        """Choose (when the choice is local to the block), refit, shrink in place, check against the
+        masked dense block, write."""
         c = self.config
         tick = time.perf_counter()
-        if kept is None:
-            block_kept = select(ir, self.scores.groups, c.sparsity, pruner="local", multiple=c.multiple, min_width=c.min_width)
+        names = [g.name for g in ir.groups] + [hg.name for hg in ir.head_groups]
+        if walk.kept is not None:
+            block_kept = {name: walk.kept[name] for name in names if name in walk.kept}
         else:
-            block_kept = {g.name: kept[g.name] for g in ir.groups}
+            curves = self._curves(holder, ir, stats, walk.plan.sparsity) if needs_curves(c) else None
+            block_kept = choose(c, ir, self.scores.groups, self.scores.heads, walk.plan, curves=curves, notes=False).kept
         self.kept.update(block_kept)
         refits = plan_refit(holder, ir, block_kept, stats.moments, method=c.compensation, ridge=c.ridge) if c.compensation != "none" else {}
         tick = self._time(record, "select+refit", tick)
@@ -473,7 +514,7 @@ class _Run:
         if self.writer is not None:
             prefix = f"{self.path}.{i}."
             for name, t in holder.block.state_dict().items():
-                self.writer.add(prefix + name, t.to(self.out_dtype))
+                self.writer.add(prefix + name, t.to(self.ckpt.dtype_of(prefix + name, self.out_dtype)))
             self.writer.end_block()
             self._time(record, "write", tick)
 
@@ -522,6 +563,24 @@ class _Run:
         self.sample_logits = final.to(self.dtype).cpu()
         self.timings["check_outputs"] = time.perf_counter() - tick
         return OutputCheck(True, relative, None)
+
+
+def check_block_weights(block: nn.Module, prefix: str) -> None:
+    """NaN/Inf weights are named as the in-memory route names them (``pipeline.check_weights``)."""
+    bad = [prefix + name for name, p in block.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise InputError(f"the model has NaN/Inf weights in {bad[:3]}{' ...' if len(bad) > 3 else ''}; fix or reload the "
+                         "checkpoint before pruning")
+
+
+def check_finite_activations(y: torch.Tensor, block: int, batch: int, dtype: torch.dtype) -> None:
+    """A block whose output overflows would poison every statistic after it: stop there, and say why."""
+    if torch.isfinite(y).all():
+        return
+    hint = (f" {str(dtype).replace('torch.', '')} overflows on this model's activations: compute in float32 or bfloat16 "
+            "(prune_layerwise(..., dtype=torch.float32))" if dtype == torch.float16 else
+            " check the checkpoint's weights and the calibration text")
+    raise InputError(f"block {block} produces NaN/Inf hidden states on calibration batch {batch}:{hint}")
 
 
 def _checkpoint_metadata(ckpt: Checkpoint, config: PruneConfig, widths: dict[str, tuple[int, int]],
