@@ -249,7 +249,9 @@ def prune_layerwise(
             output_check = run.check_outputs()
         finally:
             run.close()
-        ir, kept = run.all_ir(), run.kept
+        ir = run.all_ir()
+        kept = {g.name: run.kept[g.name] for g in ir.groups} | {hg.name: run.kept[hg.name] for hg in ir.head_groups
+                                                                 if hg.name in run.kept}  # the in-memory order
         widths = {g.name: (g.width, len(kept[g.name])) for g in ir.groups}
         if tmp is not None:
             tick = time.perf_counter()

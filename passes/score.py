@@ -99,6 +99,7 @@ class Upstream:
         """This plus what ``ir``'s slice passes on: the parts of ``writers`` (its Linears that
         write into the slice's output, in graph order) and its last group's exit score."""
         written = {g.consumers[0].linear: scores.outputs[g.name] for g in ir.groups if g.name in scores.outputs}
+        written |= {hg.o.linear: scores.outputs[hg.name] for hg in ir.head_groups if hg.name in scores.outputs}
         a_out = norms.a_out if norms is not None else {}
         parts = tuple(written[w] if w in written else S.normalize(a_out[w]) for w in writers if w in written or w in a_out)
         last = scores.outputs.get(ir.groups[-1].name, self.chain) if ir.groups else self.chain
@@ -141,8 +142,12 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
         head_config = replace(config, scorer=head_scorer, representation="dataflow") if head_scorer in ("wpr", "mpr") else None
         if head_config is not None and norms is None:
             raise CalibrationError(f"head scorer {head_scorer!r} needs calibration data")
-        if head_config == config and upstream is None and ir.groups:
-            return _dataflow(model, ir, norms, config, Upstream(), heads=True)
+        if head_config == config and ir.groups:  # one graph: the heads' exits feed the FFNs after them
+            return _dataflow(model, ir, norms, config, upstream or Upstream(), heads=True)
+        if head_config is not None and upstream is not None:
+            raise ConfigError(f"head scorer {head_scorer!r} beside scorer {config.scorer!r}/{config.representation!r} scores "
+                              "heads on a second graph of the whole model, which cannot be scored slice by slice; use "
+                              "head_scorer 'auto' (the neuron scorer's graph), 'activation' or 'fluctuation'")
         result = score(model, ir, norms, config, upstream=upstream, first_order=first_order)
         if head_config is not None:
             result.heads = _dataflow(model, ir, norms, head_config, Upstream(), heads=True).heads
@@ -257,6 +262,7 @@ def _dataflow(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: Sco
             out.groups[item.name], out.outputs[item.name] = mid, exit_
         else:
             out.heads[item.name] = S.normalize(mid.view(item.heads, item.head_dim).sum(1))
+            out.outputs[item.name] = exit_  # what the block passes on to the next (Upstream.after)
         written[down.linear] = exit_
     return out
 

@@ -68,6 +68,14 @@ CONFIGS = {
     "activation-chained": dict(scorer="activation", representation="chained"),
     "l1-isolated": dict(scorer="l1", representation="isolated"),
     "random-dataflow-bias": dict(scorer="random", compensation="lstsq+bias"),
+    # options that couple blocks or read more than the FFN (the block route runs them as the in-memory Select does)
+    "target-params": dict(target_params=0.8, compensation="lstsq"),
+    "target-params-heads": dict(target_params=0.8, head_share=0.5, compensation="lstsq"),
+    "heads": dict(head_sparsity=0.5, compensation="lstsq"),
+    "heads-fluctuation": dict(head_sparsity=0.5, head_scorer="fluctuation"),
+    "selection-refit": dict(selection="refit", compensation="lstsq"),
+    "allocation-error": dict(allocation="error", compensation="lstsq"),
+    "allocation-error-target": dict(allocation="error", target_params=0.85, compensation="lstsq+bias"),
 }
 
 
@@ -75,7 +83,11 @@ def _same_kept(ref, got) -> None:
     assert list(ref.kept) == list(got.kept)
     for name in ref.kept:
         assert torch.equal(ref.kept[name], got.kept[name]), name
-        assert torch.equal(ref.scores.groups[name].to(torch.float64), got.scores.groups[name].to(torch.float64)), name
+        if name in ref.scores.groups:
+            assert torch.equal(ref.scores.groups[name].to(torch.float64), got.scores.groups[name].to(torch.float64)), name
+    assert list(ref.scores.heads) == list(got.scores.heads)
+    for name, s in ref.scores.heads.items():
+        assert torch.equal(s.to(torch.float64), got.scores.heads[name].to(torch.float64)), name
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -93,7 +105,8 @@ def _close(ref: torch.Tensor, got: torch.Tensor) -> None:
 CASES = ([("llama", name) for name in CONFIGS]
          + [(family, name) for family in ("qwen2", "gemma3")
             for name in ("wpr-dataflow", "wpr-dataflow-lstsq", "mpr-dataflow-global-lstsq", "wpr-chained")]
-         + [("mistral", "wpr-dataflow-lstsq")])
+         + [("mistral", "wpr-dataflow-lstsq")]
+         + [(family, name) for family in ("qwen2", "gemma3") for name in ("target-params-heads", "allocation-error")])
 
 
 @pytest.mark.parametrize("family,name", CASES)
@@ -112,7 +125,8 @@ def test_same_kept_sets_as_in_memory(checkpoints, ids, family, name):
 
 
 @pytest.mark.parametrize("family,name", [("llama", "wpr-dataflow-lstsq"), ("qwen2", "wpr-dataflow-global"),
-                                         ("gemma3", "wpr-dataflow-lstsq"), ("llama", "random-dataflow-bias")])
+                                         ("gemma3", "wpr-dataflow-lstsq"), ("llama", "random-dataflow-bias"),
+                                         ("llama", "target-params-heads"), ("qwen2", "heads"), ("gemma3", "target-params-heads")])
 def test_written_checkpoint_reloads_to_the_in_memory_slim_model(checkpoints, ids, tmp_path, family, name):
     model, folder = checkpoints[family]
     config = PruneConfig(**CONFIGS[name])
@@ -126,7 +140,9 @@ def test_written_checkpoint_reloads_to_the_in_memory_slim_model(checkpoints, ids
     reloaded = llmrank.load(out)
     probe = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
     _close(_logits(ref.model, probe), _logits(reloaded, probe))
-    if ref.uniform_width is not None and "bias" not in name:  # stock loading works too
+    info = json.loads((out / "config.json").read_text())["llmrank"]
+    assert ("layer_heads" in info) == bool(ref.heads)  # per-layer head counts are recorded for llmrank.load
+    if info.get("loader") != "llmrank.load" and "bias" not in name:  # stock loading works too
         stock = T.AutoModelForCausalLM.from_pretrained(out).eval()
         _close(_logits(ref.model, probe), _logits(stock, probe))
 
