@@ -161,7 +161,8 @@ def result_of(state: PruneState, params_before: int) -> PruneResult:
         params_after=count_parameters(state.slim), timings=state.timings, verification=state.verification,
         config={**config.to_dict(), "effective_sparsity": effective_sparsity(ir, kept) if config.mode != "mask-paper" else config.sparsity,
                 "compensation_tokens": refit_tokens, "calibration_batches": norms.batches if norms else 0,
-                "calibration_tokens": norms.tokens if norms else 0},
+                "calibration_tokens": norms.tokens if norms else 0,
+                "applied": state.budget.to_dict() if state.budget is not None else None},
         output_check=state.output_check, notes=state.notes,
         heads=heads_kept(ir, kept) if config.heads else {},
     )

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from llmrank.api import PruneResult, prune
 from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
 from llmrank.ir.errors import ConfigError
+from llmrank.passes import routes
 from llmrank.passes.config import CLI_DEFAULTS, PruneConfig
 from llmrank.report import plot_prune
 
@@ -100,15 +101,9 @@ class PruneJob:
             raise ConfigError(f"--max-memory must be a positive size such as 16GB, got {self.max_memory!r}")
         check_device(self.device)
         if self.heal_options is not None:
-            if self.layerwise:
-                raise ConfigError("--heal-tokens/--heal-minutes distil from the dense model in memory: drop --layerwise")
             if self.config.mode != "shrink":
                 raise ConfigError(f"a heal trains the shrunk model: --mode {self.config.mode} is not supported with --heal-tokens")
             self.heal_options.check()
-        if self.layerwise:
-            from llmrank.passes.layerwise import check_config
-
-            check_config(self.config)
         check_writable(Path(self.out), self.force)
         from llmrank.models import check_seq_len, read_config
 
@@ -203,6 +198,15 @@ def choose_route(job: PruneJob) -> tuple[bool, str, Path | None]:
     return False, f"in memory ({need / 1e9:.3g} GB needed, {budget / 1e9:.3g} GB budget)", folder
 
 
+def check_route(job: PruneJob, layerwise: bool, why: str) -> None:
+    """Every option against the route that will run it, before any weight is read (``passes/routes.py``)."""
+    route = routes.BLOCKS if layerwise else routes.IN_MEMORY
+    routes.check(job.config, route, heal=job.heal_options is not None, why="" if job.layerwise else why)
+    if not layerwise and torch.device(job.device).type != "cpu":
+        raise ConfigError(f"--device {job.device} runs the block-by-block route only; the in-memory prune runs on the CPU: "
+                          "add --layerwise to prune on the device, or drop --device")
+
+
 def load(model: str, *, progress: bool = True):
     """(model, tokenizer, source folder or None) for a built-in name, folder or hub id."""
     from llmrank.models import load_model, resolve_model_dir
@@ -221,12 +225,12 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
 
     job.check()
     out, config = Path(job.out), job.config
-    if loaded is None:
-        layerwise, why, folder = choose_route(job)
-        if layerwise:
-            return run_prune_layerwise(job, folder, why)
-    elif job.layerwise:
+    if loaded is not None and job.layerwise:
         raise ConfigError("--layerwise streams the checkpoint from its folder: it cannot take an already loaded model")
+    layerwise, why, folder = choose_route(job) if loaded is None else (False, "in memory (a loaded model)", None)
+    check_route(job, layerwise, why)
+    if layerwise:
+        return run_prune_layerwise(job, folder, why)
     clock = time.perf_counter()
     model, tokenizer, folder = loaded or load(job.model, progress=job.progress)
     refuse_input_overlap(out, folder)
@@ -272,7 +276,8 @@ def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str,
         "job": job_dict,
         "route": "in memory",
         **result.to_dict(),
-        "requested_sparsity": job.config.sparsity,
+        "requested_sparsity": None if job.config.target_params is not None else job.config.sparsity,
+        "requested_target_params": job.config.target_params,
         "effective_sparsity": result.config.get("effective_sparsity"),
         "timings_s": {"load": load_s, **result.timings},
         "artifacts": {},

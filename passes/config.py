@@ -132,6 +132,14 @@ class PruneConfig:
         if self.target_params is not None and (self.mode == "mask-paper" or self.pruner != "local"):
             raise ConfigError("target_params plans the cut for the local pruner in mode 'shrink' or 'mask': use pruner 'local' "
                               "and another mode than 'mask-paper'")
+        if self.target_params is not None:
+            given = [f"{name} {getattr(self, name):g}" for name in ("sparsity", "head_sparsity")
+                     if getattr(self, name) != _default(name)]
+            if given:
+                raise ConfigError(f"target_params derives sparsity and head_sparsity from the parameter count; {' and '.join(given)} "
+                                  "would be ignored: drop them (head_share splits the cut between heads and neurons)")
+        elif self.head_share != _default("head_share"):
+            raise ConfigError("head_share splits the cut of target_params: give target_params too, or use head_sparsity")
         if self.heads and self.mode == "mask-paper":
             raise ConfigError("mode 'mask-paper' reproduces the authors' FFN row masks only: use mode 'shrink' or 'mask' with head_sparsity")
         if self.heads and self.head_scoring in ("taylor", "taylor-element"):
@@ -200,6 +208,10 @@ class PruneConfig:
     def from_options(cls, config: PruneConfig | None = None, **options: Any) -> PruneConfig:
         """``config`` (or the defaults) with ``options`` applied: how every facade builds one."""
         return (config or cls()).with_(**options) if options else (config or cls())
+
+
+def _default(name: str) -> Any:
+    return next(f.default for f in fields(PruneConfig) if f.name == name)
 
 
 def option_names() -> list[str]:
