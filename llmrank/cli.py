@@ -276,6 +276,24 @@ def _hint(exc: Exception) -> str:
     return "see the message above; rerun with --debug to see where it came from"
 
 
+#: The modules ONNX export and its check import (torch.onnx's exporter needs onnx and onnxscript).
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def require_onnx(what: str, instead: str) -> None:
+    """Refuse an ONNX export before any model is read when the 'onnx' extra is missing: the
+    import would otherwise fail only after minutes of pruning or healing."""
+    import importlib.util
+
+    from llmrank.ir.errors import ConfigError
+
+    missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        error = ConfigError(f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed")
+        error.hint = f"pip install 'llmrank[onnx]', or {instead}"
+        raise error
+
+
 def _say(args: argparse.Namespace, text: str) -> None:
     if not args.quiet and not args.json:
         print(text)
@@ -291,6 +309,8 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.workflow import PruneJob, parse_size, run_prune
 
     config = prune_config(args).with_(verify=not args.no_verify)
+    if args.onnx is not False or args.quantize:
+        require_onnx("ONNX export (on by default)", "pass --no-onnx for the HF checkpoint only")
     job = PruneJob(
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
@@ -333,6 +353,9 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.healcmd import HealJob, HealOptions, run_heal
+
+    if args.onnx:
+        require_onnx("the healed model's ONNX export (on by default)", "pass --no-onnx for the HF checkpoint only")
 
     options = HealOptions(tokens=args.tokens, minutes=args.minutes, lr=args.lr, lora_rank=args.lora_rank, train=args.train,
                           targets=args.targets, batch_size=args.batch_size, schedule=args.schedule,
@@ -412,6 +435,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         built = export_genai(args.checkpoint, args.out, precision=args.genai, device=args.genai_device, force=args.force)
         _say(args, f"wrote {built.path} ({built.bytes / 2**20:.1f} MiB, onnxruntime-genai {built.precision})")
         return built.to_dict()
+    require_onnx("export", "use --genai (needs 'llmrank[genai]')")
     from llmrank.exporters.atomic import check_writable
     from llmrank.exporters.onnx import onnx_target
 

@@ -335,3 +335,17 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_prune_without_the_onnx_extra_is_refused_before_loading(ws, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    out = ws["root"] / "no-onnx-extra"
+    argv = prune_argv(ws["model"], out, ws["calib"])
+    argv.remove("--no-onnx")
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert "onnxscript" in err and "pip install 'llmrank[onnx]'" in err and "--no-onnx" in err
+    assert not out.exists()
