@@ -158,6 +158,24 @@ def _remove(path: Path) -> None:
             pass
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give every file under ``path`` the mode a plain ``open`` would (0644 under umask 022):
+    safetensors and mkstemp create 0600 files, which other users of a shared output folder
+    (or a server reading it) cannot read. Executable bits are kept."""
+    mode = 0o666 & ~_umask()
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        current = f.stat().st_mode & 0o777
+        if current != (current | mode):
+            os.chmod(f, current | mode)
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename tmp onto final. A directory cannot be renamed over a non-empty one, so an
     existing directory is first renamed aside and deleted only after the swap succeeded."""
@@ -191,6 +209,7 @@ def atomic_path(final: Path | str, force: bool | int = False) -> Iterator[Path]:
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to the temporary path for {final}")
         check_writable(final, force)  # someone may have created it meanwhile
+        honour_umask(tmp)
         _move_into_place(tmp, final)
     except BaseException:
         _remove(tmp)
@@ -225,6 +244,7 @@ def atomic_files(finals: Sequence[Path | str], force: bool | int = False) -> Ite
             raise RuntimeError(f"nothing was written for {finals[-1]}")
         for f in finals:
             check_writable(f, force)
+        honour_umask(staging)
         for f in finals:
             written = staging / f.name
             if written.exists():

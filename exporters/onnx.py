@@ -382,15 +382,16 @@ def export_onnx(
     meta.update(_as_strings(metadata or {}))
 
     agreement: tuple[float, float] | None = None
-    with atomic_files([data_path, path], force=force) as staging:
+    with atomic_files([data_path, path], force=force) as staging, known_export_noise_hidden(), \
+            _steps(f"ONNX export of {type(model).__name__}") as step:
         start = time.perf_counter()
-        with _eval_mode(exported), warnings.catch_warnings():
-            # torch.onnx notes that Dims sharing a name are merged: expected, not actionable.
-            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        step("torch.export and conversion (about a minute for 100M+ parameters)")
+        with _eval_mode(exported):
             program = _export_program(exported, with_past, opset)
         if lossy:
             del exported  # the check runs against the caller's model; the program holds the fp16 weights
         target = staging / path.name
+        step("optimizing and saving" if optimize else "saving")
         if optimize:
             raw = staging / "unoptimized.onnx"
             program.save(str(raw), external_data=external_data)
@@ -403,6 +404,7 @@ def export_onnx(
         export_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
+        step("checking onnxruntime against PyTorch")
         diffs = validate_onnx(reference, target, validate_shapes, with_past=with_past, atol=None if lossy else atol, rtol=rtol)
         if lossy:
             agreement = logit_agreement(reference, target)
@@ -425,6 +427,58 @@ def export_onnx(
         relative_error=agreement[0] if agreement else None,
         top1_agreement=agreement[1] if agreement else None,
     )
+
+
+#: Loggers that print the same lines on every export: torch.onnx's registry lists the torchvision
+#: ops it skips (torchvision is not a dependency), and transformers notes a renamed argument
+#: that the traced forward still passes.
+_NOISY_LOGGERS = ("torch.onnx._internal.exporter._registration", "transformers.utils.generic")
+#: Warnings torch.export and transformers raise on every export: known, and not the user's to act on.
+_NOISY_WARNINGS = (".*axis name.*will not be used.*", ".*LeafSpec.*", ".*`past_key_values` is deprecated.*",
+                   ".*torchvision.*")
+
+
+@contextlib.contextmanager
+def known_export_noise_hidden() -> Iterator[None]:
+    """Hide the export's known, repeated warnings and log lines during the export only; any
+    other warning still shows, and the loggers' levels are restored afterwards."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        for message in _NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _steps(what: str) -> Iterator[Any]:
+    """A progress bar over the export's steps (a minute without output looks like a hang);
+    ``--quiet`` disables it with every other tqdm bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3, desc=what, unit="step", leave=False, bar_format="{desc} ({n}/{total} steps, {elapsed})")
+    started = False
+
+    def step(name: str) -> None:
+        nonlocal started
+        if started:
+            bar.update(1)
+        started = True
+        bar.set_description_str(f"{what}: {name}")
+
+    try:
+        yield step
+        bar.update(bar.total - bar.n)
+    finally:
+        bar.close()
 
 
 def _check_fp16(error: float, agreement: float) -> None:

@@ -1,6 +1,7 @@
 """The ``llmrank`` command: prune, heal, inspect, export, generate, eval, sweep.
 
-Errors print one line and a hint and exit non-zero; ``--debug`` shows the traceback.
+Errors print their message (bounded) and a hint for their cause and exit non-zero; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, a hint, exit code
         if args.debug:
             raise
-        print(f"llmrank {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        print(f"hint: {_hint(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"llmrank {args.command}: error: {error_text(exc)}", file=sys.stderr)
+        hint = _hint(exc)
+        print(f"hint: {hint}" + ("" if "--debug" in hint else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return exit_code(exc)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True, default=str))
@@ -200,21 +202,96 @@ def exit_code(exc: Exception) -> int:
     return EXIT_USAGE if isinstance(exc, (ValueError, FileExistsError, FileNotFoundError)) else EXIT_FAILED
 
 
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+#: An error message is printed whole up to these bounds: a state_dict mismatch lists its shapes
+#: on the lines after the first, and a thousand-line message helps nobody.
+MAX_ERROR_LINES, MAX_ERROR_CHARS = 12, 2000
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message``, every line of it up to MAX_ERROR_LINES / MAX_ERROR_CHARS (the rest counted)."""
+    lines = [line.rstrip().replace("\t", "  ") for line in str(exc).strip().splitlines() if line.strip()]
+    shown: list[str] = []
+    size = 0
+    for line in lines[:MAX_ERROR_LINES]:
+        if size + len(line) > MAX_ERROR_CHARS:
+            line = line[: max(MAX_ERROR_CHARS - size, 80)] + " ..."
+            shown.append(line)
+            break
+        shown.append(line)
+        size += len(line)
+    left = len(lines) - len(shown)
+    if left > 0:
+        shown.append(f"... ({left} more line(s); --debug shows the whole message)")
+    return f"{type(exc).__name__}: " + "\n  ".join(shown)
+
+
+#: Import names of optional dependencies -> the extra that installs them.
+OPTIONAL_MODULES = {
+    "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "onnxruntime_genai": "genai", "onnx_ir": "genai",
+    "peft": "heal", "matplotlib": "plot", "lm_eval": "lmeval", "gensim": "models", "torch_pruning": "bench",
+}
+
+
+def missing_extra(exc: BaseException) -> str | None:
+    """The extra that installs the module an ImportError names (None when it names none we know)."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if name in OPTIONAL_MODULES:
+        return OPTIONAL_MODULES[name]
+    text = str(exc)
+    for module, extra in OPTIONAL_MODULES.items():
+        if f"'{module}'" in text or f"install {module}" in text:
+            return extra
+    return None
 
 
 def _hint(exc: Exception) -> str:
-    if getattr(exc, "hint", None):  # errors that know their fix carry it (data, models, atomic)
+    """What to do about ``exc``, by its cause; errors that know their fix carry it as ``hint``."""
+    from llmrank.ir.errors import ConfigError, ExportError, InputError, VerificationError
+
+    if getattr(exc, "hint", None):
         return str(exc.hint)
+    if isinstance(exc, ImportError):
+        extra = missing_extra(exc)
+        if extra:
+            return f"install the optional dependency: pip install 'llmrank[{extra}]'"
+        return "a required package is missing or broken: reinstall llmrank (see README, Install)"
     if isinstance(exc, FileExistsError):
         return "choose a new --out folder or pass --force"
-    if isinstance(exc, FileNotFoundError):
+    if isinstance(exc, PermissionError):
+        return "check the permissions of the path named in the message"
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return "check the path named in the message"
-    if isinstance(exc, ValueError):
+    if isinstance(exc, MemoryError):
+        return "the model does not fit: pass --layerwise or a smaller --max-memory, --samples or --seq-len"
+    if isinstance(exc, ConfigError):
         return "check the option values with --help"
-    return "see the message above"
+    if isinstance(exc, InputError):
+        return "the model, data or file named in the message cannot be used as it is: fix or replace it"
+    if isinstance(exc, (VerificationError, ExportError)):
+        return "nothing was written; this is a bug unless the model computes non-finite values: please report it"
+    if isinstance(exc, OSError):
+        return "the file system refused an operation on the path named in the message"
+    if isinstance(exc, ValueError):
+        return "a value read from the model, the data or an option is out of range; the message names it"
+    return "see the message above; rerun with --debug to see where it came from"
+
+
+#: The modules ONNX export and its check import (torch.onnx's exporter needs onnx and onnxscript).
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def require_onnx(what: str, instead: str) -> None:
+    """Refuse an ONNX export before any model is read when the 'onnx' extra is missing: the
+    import would otherwise fail only after minutes of pruning or healing."""
+    import importlib.util
+
+    from llmrank.ir.errors import ConfigError
+
+    missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        error = ConfigError(f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed")
+        error.hint = f"pip install 'llmrank[onnx]', or {instead}"
+        raise error
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -222,10 +299,18 @@ def _say(args: argparse.Namespace, text: str) -> None:
         print(text)
 
 
+def _note(text: str) -> None:
+    """A note is something to act on (a skipped export, a moved sparsity): on stderr, even with
+    --quiet or --json, which hide the tables only."""
+    print(f"note: {text}", file=sys.stderr)
+
+
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.workflow import PruneJob, parse_size, run_prune
 
     config = prune_config(args).with_(verify=not args.no_verify)
+    if args.onnx is not False or args.quantize:
+        require_onnx("ONNX export (on by default)", "pass --no-onnx for the HF checkpoint only")
     job = PruneJob(
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
@@ -239,7 +324,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     report = run_prune(job)
     _say(args, summary_table(report))
     for note in report.get("notes") or []:
-        _say(args, f"note: {note}")
+        _note(note)
     _say(args, f"\nwritten: {args.out}/ ({', '.join(sorted(report['artifacts']))}, report.json)")
     return report
 
@@ -268,6 +353,9 @@ def summary_table(report: dict[str, Any]) -> str:
 
 def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.healcmd import HealJob, HealOptions, run_heal
+
+    if args.onnx:
+        require_onnx("the healed model's ONNX export (on by default)", "pass --no-onnx for the HF checkpoint only")
 
     options = HealOptions(tokens=args.tokens, minutes=args.minutes, lr=args.lr, lora_rank=args.lora_rank, train=args.train,
                           targets=args.targets, batch_size=args.batch_size, schedule=args.schedule,
@@ -339,8 +427,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.exporters.onnx import export_onnx
     from llmrank.workflow import ONNX_ATOL, ONNX_RTOL
 
-    if not (args.checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{args.checkpoint} is not a HF checkpoint folder (no config.json)")
+    args.checkpoint = checkpoint_folder(args.checkpoint)
     if args.genai:
         from llmrank.exporters.genai import check_options, export_genai
 
@@ -348,6 +435,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         built = export_genai(args.checkpoint, args.out, precision=args.genai, device=args.genai_device, force=args.force)
         _say(args, f"wrote {built.path} ({built.bytes / 2**20:.1f} MiB, onnxruntime-genai {built.precision})")
         return built.to_dict()
+    require_onnx("export", "use --genai (needs 'llmrank[genai]')")
     from llmrank.exporters.atomic import check_writable
     from llmrank.exporters.onnx import onnx_target
 
@@ -386,19 +474,36 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return {"path": str(q.path), "bytes": q.bytes, "with_past": res.with_past, "int8": q.to_dict()}
 
 
+def checkpoint_folder(checkpoint: Path) -> Path:
+    """The folder ``export`` reads: an existing HF folder, or a built-in name (as prune and
+    inspect accept it), converted on first use."""
+    from llmrank.models import BUILTIN_MODELS, resolve_model_dir
+
+    if not checkpoint.exists() and str(checkpoint) in BUILTIN_MODELS:
+        return resolve_model_dir(str(checkpoint))
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a HF checkpoint folder (no config.json) nor a built-in model "
+                                f"name ({', '.join(sorted(BUILTIN_MODELS))})")
+    return checkpoint
+
+
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     from llmrank.ir.errors import ConfigError
+    from llmrank.models import tokenizer_from_folder
 
+    if args.genai is not None and not (args.genai / "genai_config.json").is_file():
+        what = "does not exist" if not args.genai.exists() else "has no genai_config.json"
+        raise ConfigError(f"--genai {args.genai} {what}: give the genai/ folder of a prune or export --genai")
+    if args.onnx is not None and not args.onnx.is_file():
+        raise ConfigError(f"--onnx {args.onnx} is not a file: give the .onnx file of a prune or export")
     folder = args.tokenizer or args.genai
     if folder is None:
         raise ConfigError("--onnx needs --tokenizer (the hf/ folder of the prune output, or a built-in name)")
     if not Path(folder).is_dir():
         from llmrank.models import resolve_model_dir
 
-        folder = resolve_model_dir(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        folder = resolve_model_dir(str(folder))
+    tokenizer = tokenizer_from_folder(Path(folder))
     ids = tokenizer(args.prompt, return_tensors=None)["input_ids"]
     if args.genai:
         from llmrank.exporters.genai import generate_genai

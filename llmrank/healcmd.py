@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from llmrank.heal import SCHEDULES, TRAIN_MODES, HealResult, heal, require_peft
-from llmrank.ir.errors import ConfigError
+from llmrank.ir.errors import ConfigError, InputError
 
 TARGETS = ("pruned", "all")
 
@@ -142,6 +142,33 @@ class HealJob:
         check_writable(Path(self.out), self.force)
 
 
+#: Text both tokenizers encode: words, digits, punctuation, case and non-ASCII, so tokenizers
+#: that agree on a vocabulary's size but not its ids differ here.
+TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog 1234567890, naïve café; Zürich! <b>x</b> \n\tend."
+
+
+def check_same_tokenizer(student: Any, teacher: Any, slim: Path | str, teacher_name: str) -> None:
+    """Distillation matches logits token id by token id: refuse a teacher whose tokenizer gives
+    the ids other meanings, even when its vocabulary has the same size."""
+    def vocab(tok: Any) -> dict[str, int] | None:
+        try:
+            return dict(tok.get_vocab())
+        except (AttributeError, NotImplementedError):
+            return None
+
+    vs, vt = vocab(student), vocab(teacher)
+    if vs is not None and vt is not None and vs != vt:
+        differ = sorted(k for k in vs.keys() | vt.keys() if vs.get(k) != vt.get(k))
+        raise InputError(f"the teacher {teacher_name}'s tokenizer is not the one of {slim}: {len(differ)} of their "
+                         f"{max(len(vs), len(vt))} tokens differ (e.g. {differ[0]!r}: id {vs.get(differ[0])} vs "
+                         f"{vt.get(differ[0])}); heal a pruned model with the dense model it was pruned from")
+    ids_s, ids_t = student(TOKENIZER_PROBE)["input_ids"], teacher(TOKENIZER_PROBE)["input_ids"]
+    if list(ids_s) != list(ids_t):
+        raise InputError(f"the teacher {teacher_name}'s tokenizer encodes text differently from the one of {slim} "
+                         f"({list(ids_t)[:8]} vs {list(ids_s)[:8]} on the same words); heal a pruned model with the "
+                         "dense model it was pruned from")
+
+
 def run_heal(job: HealJob) -> dict[str, Any]:
     """Load, heal, write hf/ (+ onnx/), heal.png and report.json atomically; returns the report."""
     from llmrank import __version__
@@ -152,8 +179,9 @@ def run_heal(job: HealJob) -> dict[str, Any]:
 
     job.check()
     clock = time.perf_counter()
-    slim = load_hf(job.slim)
     tokenizer = load_tokenizer(str(job.slim))
+    check_same_tokenizer(tokenizer, load_tokenizer(job.teacher), job.slim, job.teacher)  # before any weights are read
+    slim = load_hf(job.slim)
     dense, _, _ = load(job.teacher, progress=job.progress)
     load_s = time.perf_counter() - clock
     result, part = heal_slim(slim, dense, tokenizer, job.options, progress=job.progress)

@@ -26,13 +26,27 @@ from llmrank.ir.errors import ConfigError, InputError
 
 __all__ = ["BUILTIN_MODELS", "builtin_names", "resolve_model_dir", "load_model", "load_tokenizer", "convert_gguf",
            "read_config_json", "read_config", "max_positions", "check_seq_len", "ModelConfigError", "ModelNotFoundError",
-           "SeqLenError"]
+           "SeqLenError", "MissingTokenizerError", "ModelIndexError", "check_tokenizer_files", "tokenizer_from_folder",
+           "check_safetensors_index"]
 
 
 class ModelConfigError(InputError):
     """A model folder's config.json cannot be read; the message names the file."""
 
     hint = "fix config.json or save the model again with save_pretrained"
+
+
+class MissingTokenizerError(InputError):
+    """A model folder holds weights but no tokenizer files: calibration and evaluation need one."""
+
+    hint = ("save the tokenizer of the model it came from into the folder (tokenizer.save_pretrained(FOLDER), or copy "
+            "its tokenizer.json and tokenizer_config.json)")
+
+
+class ModelIndexError(InputError):
+    """A sharded checkpoint's model.safetensors.index.json is broken; the message names the file."""
+
+    hint = "save the model again with save_pretrained, or fix the index file named above"
 
 
 class ModelNotFoundError(InputError, FileNotFoundError):
@@ -248,6 +262,7 @@ def resolve_model_dir(name: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        check_safetensors_index(path)  # header reads only: a broken index is named before any route is chosen
         return path
     if path.is_file() and path.suffix == ".gguf":
         stat = path.stat()
@@ -429,12 +444,37 @@ def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+#: Files of which a folder needs at least one for AutoTokenizer to build a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """Refuse a model folder without tokenizer files before its weights are read: transformers'
+    own error for it is a long ValueError about converting slow tokenizers."""
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise MissingTokenizerError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): "
+                                    "llmrank tokenises calibration and evaluation text with the model's own tokenizer")
+
+
+def tokenizer_from_folder(folder: Path):
+    """The folder's tokenizer; a folder whose tokenizer files cannot be read says so by name."""
+    from transformers import AutoTokenizer
+
+    check_tokenizer_files(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError, KeyError) as exc:
+        raise MissingTokenizerError(f"{folder} has tokenizer files but transformers cannot build a tokenizer from them: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+
+
 def load_tokenizer(name_or_path: str):
     """Only the tokenizer (no weights loaded): for tokenising calibration/eval text cheaply."""
     from transformers import AutoTokenizer
 
     if name_or_path in BUILTIN_MODELS or Path(name_or_path).expanduser().exists() or _looks_like_path(name_or_path):
-        return AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path), local_files_only=True)
+        return tokenizer_from_folder(resolve_model_dir(name_or_path))
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
@@ -458,26 +498,28 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
                         else _natural_task(folder))
         safe = True if any(folder.glob("*.safetensors")) else None
         config = read_config_json(folder)
+        check_tokenizer_files(folder)  # before minutes of loading weights
         cls = _auto_class(task, config.get("architectures") or [], config.get("model_type"))
         model = cls.from_pretrained(folder, dtype=torch.float32, local_files_only=True, use_safetensors=safe)
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        return _finish(model, dtype), tok
+        return _finish(model, dtype), tokenizer_from_folder(folder)
     if _looks_like_path(name_or_path):
         raise ModelNotFoundError(_missing_folder(path))
     if name_or_path.count("/") != 1:
         raise ModelNotFoundError(f"{name_or_path!r} is not a built-in model, an existing local path, or a hub "
                                  f"id (org/name). Built-in models: {_builtin_help()}")
     cls = _auto_class(task or "causal-lm")
-    try:  # already in the local hub cache?
-        model = cls.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
-        return _finish(model, dtype), tok
-    except Exception:  # noqa: BLE001 - not cached: try the hub below
-        pass
+    if _in_hub_cache(name_or_path):
+        try:
+            model = cls.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+            return _finish(model, dtype), tok
+        except Exception:  # noqa: BLE001 - cached only in part: try the hub below
+            pass
     advice = f"Use a local model folder or a built-in name: {_builtin_help()}"
     endpoint = _hub_endpoint()
     if not _reachable(endpoint):  # fail in seconds instead of a minute of retries
-        raise RuntimeError(f"could not load {name_or_path!r}: no model hub reachable at {endpoint}. {advice}")
+        raise ModelNotFoundError(f"no local folder {path} exists (in {Path.cwd()}), and {name_or_path!r} cannot be "
+                                 f"looked up as a hub id: no model hub is reachable at {endpoint}")
     try:
         model = cls.from_pretrained(name_or_path, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -485,6 +527,62 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
         raise RuntimeError(f"could not load {name_or_path!r} from the model hub at {endpoint}: "
                            f"{type(exc).__name__}: {exc}\n{advice}") from exc
     return _finish(model, dtype), tok
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local hub cache holds the repo's config.json (checked without the network:
+    transformers' local_files_only load still asks the hub for adapter files, with retries)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - not a valid repo id
+        return False
+
+
+def check_safetensors_index(folder: Path) -> None:
+    """A sharded checkpoint's index names each tensor's shard: refuse a broken one by name
+    (json's and safetensors' own errors name neither the file nor the shard)."""
+    import json
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if not index.exists():
+        shards = sorted(Path(folder).glob("model-*-of-*.safetensors"))
+        if shards and not (Path(folder) / "model.safetensors").is_file():
+            raise ModelIndexError(f"{folder} holds {len(shards)} safetensors shard(s) ({shards[0].name}, ...) but no "
+                                  f"{index.name} saying which tensor is in which")
+        return
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelIndexError(f"{index} is not valid JSON ({exc}); it maps each tensor to its shard") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelIndexError(f"{index} has no \"weight_map\" object (tensor name -> shard file)")
+    bad = sorted({str(v) for v in weight_map.values() if not isinstance(v, str) or not (Path(folder) / v).is_file()})
+    if bad:
+        raise ModelIndexError(f"{index} names shard file(s) that {folder} does not hold: {', '.join(bad[:3])}")
+    _check_shard_keys(index, weight_map)
+
+
+def _check_shard_keys(index: Path, weight_map: dict[str, str]) -> None:
+    """Every tensor is in the shard the index names (reads the shards' headers only)."""
+    from safetensors import safe_open
+
+    by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, set()).add(key)
+    for shard, keys in sorted(by_shard.items()):
+        try:
+            with safe_open(str(index.parent / shard), framework="pt") as f:
+                held = set(f.keys())
+        except Exception as exc:  # noqa: BLE001 - safetensors' error does not name the file
+            raise ModelIndexError(f"{index.parent / shard} (a shard {index.name} names) is not a readable safetensors "
+                                  f"file: {exc}") from None
+        absent = sorted(keys - held)
+        if absent:
+            raise ModelIndexError(f"{index} maps {absent[0]}{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''} to "
+                                  f"{shard}, which does not hold it")
 
 
 def _hub_endpoint() -> str:

@@ -20,11 +20,11 @@ def find_tokenizer_dir(onnx_path: Path) -> Path | None:
 
 
 def load_tokenizer(name_or_folder: str | Path):
-    from transformers import AutoTokenizer
-
     path = Path(name_or_folder).expanduser()
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        from llmrank.models import tokenizer_from_folder
+
+        return tokenizer_from_folder(path)
     from llmrank.models import load_tokenizer as load_named
 
     return load_named(str(name_or_folder))

@@ -113,20 +113,36 @@ class PruneJob:
 
 
 def parse_size(text: str | int) -> int:
-    """Bytes from ``16GB``, ``16G``, ``500MiB``, ``1e9`` (decimal units; KiB/MiB/GiB binary)."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
-             "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    """Bytes from ``16GB``, ``16G``, ``500MiB``, ``1e9`` (decimal units; KiB/MiB/GiB binary).
+
+    nan, inf and overflowing numbers are option errors like any other typo; a size below one
+    byte names the likely slip (a bare ``0.5`` meant as GB); a budget under 64 MB is allowed
+    but warned about, since no model runs in it (at least one block is always held).
+    """
+    import logging
+    import math
+
+    small = 64 * 10**6
     raw = str(text).strip().upper().replace(" ", "")
     number = raw.rstrip("KMGTIB")
     unit = raw[len(number):]
+    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12,
+             "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     try:
         value = float(number) * units[unit]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):
         raise ConfigError(f"--max-memory must be a size such as 16GB, 500MiB or 1e9 (bytes), got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"--max-memory must be a finite size such as 16GB, got {text!r}")
+    if value <= 0:
+        raise ConfigError(f"--max-memory must be a positive size such as 16GB, got {text!r}")
     if value < 1:
-        raise ConfigError(f"--max-memory must be positive, got {text!r}")
+        slip = f": a number without a unit counts bytes; did you mean {number}GB?" if not unit else ""
+        raise ConfigError(f"--max-memory {text!r} is less than one byte{slip}")
+    if value < small:
+        logging.getLogger("llmrank").warning(
+            "--max-memory %s is %s bytes: a run holds at least one decoder block and its calibration hidden states, so "
+            "it will use more than that (give a unit: 16GB, 500MiB)", text, f"{int(value):,}")
     return int(value)
 
 

@@ -34,13 +34,10 @@ class Checkpoint:
         if not (self.folder / "config.json").is_file():
             raise InputError(f"{self.folder} has no config.json: not a Hugging Face model folder")
         index = self.folder / INDEX_NAME
-        if index.is_file():
-            self.weight_map: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        if index.exists():
+            self.weight_map: dict[str, str] = _read_index(index)
         elif (self.folder / "model.safetensors").is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.folder / "model.safetensors"), framework="pt") as f:
-                self.weight_map = {k: "model.safetensors" for k in f.keys()}
+            self.weight_map = {k: "model.safetensors" for k in _shard_keys(self.folder / "model.safetensors")}
         else:
             raise InputError(f"{self.folder} has no model.safetensors or {INDEX_NAME}: block-by-block pruning reads "
                              "safetensors checkpoints only (save the model with save_pretrained(safe_serialization=True))")
@@ -65,9 +62,20 @@ class Checkpoint:
             by_file.setdefault(self.weight_map[k], []).append(k)
         out: dict[str, torch.Tensor] = {}
         for name, names in by_file.items():
-            with safe_open(str(self.folder / name), framework="pt") as f:
-                for k in names:
-                    out[k] = f.get_tensor(k)
+            path = self.folder / name
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    held = set(f.keys())
+                    absent = [k for k in names if k not in held]
+                    if absent:
+                        raise InputError(f"{self.folder / INDEX_NAME} maps {absent[0]} to {name}, which does not hold it: "
+                                         "fix the index or save the model again with save_pretrained")
+                    for k in names:
+                        out[k] = f.get_tensor(k)
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - safetensors' own error names no file
+                raise InputError(f"{path} cannot be read as safetensors ({type(exc).__name__}: {exc})") from None
         return out
 
     def dtype(self) -> torch.dtype:
@@ -104,6 +112,33 @@ class Checkpoint:
                         out[k] = (dtype, math.prod(t.get_shape()))
         self._floating_cache = out
         return out
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map, each shard checked to exist; every fault names the file."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{index} cannot be read as JSON ({type(exc).__name__}: {exc}): save the model again "
+                         "with save_pretrained") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index} has no \"weight_map\" object (tensor name -> shard file): save the model again "
+                         "with save_pretrained")
+    missing = sorted({v for v in weight_map.values() if not (index.parent / v).is_file()})
+    if missing:
+        raise InputError(f"{index} names shard file(s) that {index.parent} does not hold: {', '.join(missing[:3])}")
+    return dict(weight_map)
+
+
+def _shard_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error names no file
+        raise InputError(f"{path} cannot be read as safetensors ({type(exc).__name__}: {exc})") from None
 
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

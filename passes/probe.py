@@ -12,6 +12,7 @@ dense model's. One forward pass per group; nothing is stored but the numbers.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Iterator
@@ -91,4 +92,9 @@ def probe_sequences(batches: Sequence[torch.Tensor], count: int) -> torch.Tensor
     rows = [b for b in batches if isinstance(b, torch.Tensor) and b.dim() == 2 and not b.is_floating_point()]
     if not rows:
         raise CalibrationError("allocation 'loss' measures the next-token loss: it needs calibration token ids [N, L]")
-    return torch.cat(rows)[:count]
+    sequences = torch.cat(rows)
+    if len(sequences) < count:
+        logging.getLogger(__name__).warning(
+            "probe_samples %d: only %d calibration sequence(s) exist, so each group's loss probe reads %d "
+            "(raise --samples for more)", count, len(sequences), len(sequences))
+    return sequences[:count]

@@ -85,8 +85,10 @@ def clamp_notes(ir: ModelIR, kept: dict[str, torch.Tensor], sparsity: float, *, 
     if floored and sparsity > 0:
         notes.append(f"min_width {min_width} is at least the width of {len(floored)} group(s) (e.g. {floored[0]}): they keep every channel")
     effective = effective_sparsity(ir, kept)
-    granularity = max((multiple / g.width for g in ir.groups), default=0.0)
-    if abs(effective - sparsity) > max(0.01, granularity / 2 + 1e-9):
+    # Any move past a hundredth is noted, however coarse --multiple makes the steps: a multiple
+    # of half a group's width turns 0.3 into 0.5, which is the user's to know.
+    if abs(effective - sparsity) > 0.01:
+        why = f"multiple {multiple} rounds each kept width to a multiple of {multiple}" if multiple > 1 else "rounding"
         notes.append(f"asked for sparsity {sparsity:g}, removed {effective:.3g} of the channels "
-                     f"(multiple {multiple}, min_width {min_width})")
+                     f"({why}; min_width {min_width})")
     return notes

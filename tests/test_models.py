@@ -46,8 +46,9 @@ def test_smollm2_perplexity_on_wiki_eval_is_plausible(smollm2):
 def test_unknown_name_and_unreachable_hub_errors_are_clear():
     with pytest.raises(FileNotFoundError, match="smollm2-135m"):
         models.load_model("no-such-model")
-    with pytest.raises(RuntimeError, match="built-in"):
+    with pytest.raises(FileNotFoundError, match="no local folder .* no model hub is reachable") as info:
         models.load_model("no-such-org-xyz/no-such-model-xyz")
+    assert "smollm2-135m" in info.value.hint  # the built-in names, as the way out
 
 
 def test_local_folder_loads_in_eval_mode(tmp_path):
