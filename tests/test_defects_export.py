@@ -78,3 +78,149 @@ def test_a_checkpoint_that_cannot_be_written_says_why_on_one_line(tmp_path, monk
     with pytest.raises(ExportError, match="first line the useful second line"):
         save_hf(model, None, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------------- item 7: what onnxruntime-genai's builder takes
+
+
+def _save_dense(folder, model, tok):
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.onnx
+def test_gemma3_with_transformers5_rope_builds_and_matches_pytorch(tmp_path):
+    """transformers 5 nests Gemma-3's rope per layer type; the builder read it flat (KeyError 'rope_type')."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    from test_genai import byte_tokenizer
+
+    from llmrank.exporters.genai import export_genai, genai_logits_fn
+
+    tok = byte_tokenizer()
+    cfg = T.Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                             max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    assert set(cfg.rope_parameters) == {"full_attention", "sliding_attention"}
+    torch.manual_seed(0)
+    model = T.Gemma3ForCausalLM(cfg).eval()
+    src = _save_dense(tmp_path / "hf", model, tok)
+    res = export_genai(src, tmp_path / "genai", precision="fp32")
+    assert res.check.passed and res.check.greedy_equal
+    # independently: 40 positions, past the sliding window of 8, where the local rope theta matters
+    ids = torch.randint(3, len(tok), (2, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(genai_logits_fn(res.path)(ids), want, atol=1e-4, rtol=0)
+    assert json.loads((src / "config.json").read_text())["rope_parameters"] == cfg.to_dict()["rope_parameters"]  # untouched
+
+
+def test_genai_refuses_what_its_builder_cannot_take_before_any_work(tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    from llmrank.exporters.genai import check_model
+    from llmrank.ir.errors import ConfigError
+
+    gpt2 = T.GPT2Config(n_embd=64, n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ConfigError, match="does not build GPT2LMHeadModel.*drop --genai"):
+        check_model(gpt2, "cpu")
+    narrow = T.LlamaConfig(hidden_size=32, num_attention_heads=4, architectures=["LlamaForCausalLM"])  # head_dim 8
+    with pytest.raises(ConfigError, match="head_dim 8 is not a multiple of 16"):
+        check_model(narrow, "cpu")
+    check_model(T.LlamaConfig(hidden_size=64, num_attention_heads=4, architectures=["LlamaForCausalLM"]), "cpu")
+    gemma3 = T.Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                architectures=["Gemma3ForCausalLM"])
+    check_model(gemma3, "cpu")
+
+
+def test_prune_genai_on_a_model_the_builder_cannot_take_exits_2_before_loading(tmp_path, capsys):
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    from test_cli import make_tokenizer
+
+    from llmrank.cli import main
+
+    folder = tmp_path / "gpt2"
+    T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"not weights")  # refused from config.json alone: never read
+    out = tmp_path / "out"
+    assert main(["prune", str(folder), "--out", str(out), "--genai", "int4", "--seq-len", "32", "--quiet"]) == 2
+    assert "does not build GPT2LMHeadModel" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.onnx
+def test_a_failed_genai_build_keeps_hf_and_onnx_and_says_so(tmp_path, capsys):
+    """A head cut to 3 of 4 heads (64 % 3 != 0) leaves counts the builder's config cannot hold:
+    genai/ fails after hf/ and onnx/ were written, and those stay."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir")
+    import random
+
+    from test_cli import WORDS, save_tiny_llama
+
+    from llmrank.cli import main
+    from llmrank.exporters.hf import load_hf
+
+    model_dir = save_tiny_llama(tmp_path / "tiny", hidden_size=64, num_key_value_heads=4)  # head_dim 16, MHA
+    text = tmp_path / "calib.txt"
+    rng = random.Random(0)
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(100)))
+    out = tmp_path / "out"
+    code = main(["prune", str(model_dir), "--sparsity", "0.25", "--head-sparsity", "0.25", "--samples", "2", "--seq-len", "16",
+                 "--calib", str(text), "--out", str(out), "--genai", "fp32", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 5, err
+    assert "genai/ was not built" in err and "llmrank export" in err
+    report = json.loads((out / "report.json").read_text())
+    assert "layer_heads" in report["failed"]["genai"]["error"]
+    assert {"hf", "onnx"} <= set(report["artifacts"]) and "genai" not in report["artifacts"]
+    assert (out / report["artifacts"]["onnx"]["path"]).is_file() and not (out / "genai").exists()
+    assert load_hf(out / "hf").model.layers[0].self_attn.q_proj.out_features == 3 * 16
+    assert not list(tmp_path.glob(".out*"))  # no temporary folder left beside it
+
+
+# ---------------------------------------------------------------------- item 4: the report of a healed prune
+
+
+def _relative_error(model: torch.nn.Module, dense: torch.nn.Module, x: torch.Tensor) -> float:
+    got, ref = outputs(model.eval(), (x,)).double(), outputs(dense.eval(), (x,)).double()
+    return float((got - ref).norm() / ref.norm())
+
+
+def test_prune_heal_reports_the_healed_model_and_labels_the_checks_before_it(tmp_path):
+    import random
+
+    from test_cli import WORDS, save_tiny_llama
+
+    from llmrank.cli import main
+    from llmrank.data import calibration_tokens
+    from llmrank.exporters.hf import load_hf
+    from llmrank.models import load_tokenizer
+
+    model_dir = save_tiny_llama(tmp_path / "tiny", initializer_range=0.1)
+    text = tmp_path / "calib.txt"
+    rng = random.Random(0)
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " ." for _ in range(600)))
+    common = ["--sparsity", "0.5", "--samples", "4", "--seq-len", "32", "--calib", str(text), "--no-onnx", "--quiet"]
+    assert main(["prune", str(model_dir), "--out", str(tmp_path / "plain"), *common]) == 0
+    assert main(["prune", str(model_dir), "--out", str(tmp_path / "healed"), "--heal-tokens", "256", "--heal-lr", "1e-3",
+                 *common]) == 0
+    report = json.loads((tmp_path / "healed" / "report.json").read_text())
+
+    # the pipeline's sample: the first two calibration sequences (seed 0), at most 64 tokens
+    x = calibration_tokens(load_tokenizer(str(model_dir)), str(text), n=4, seq_len=32, seed=0)[:2, :64]
+    dense = T.AutoModelForCausalLM.from_pretrained(model_dir)
+    healed = _relative_error(load_hf(tmp_path / "healed" / "hf"), dense, x)
+    cut = _relative_error(load_hf(tmp_path / "plain" / "hf"), dense, x)
+    assert abs(healed - cut) > 1e-3  # the heal moved the outputs: the two checks must differ
+
+    check = report["output_check"]
+    assert check["finite"] is True and check["relative_error"] == pytest.approx(healed, rel=1e-4)
+    before = report["before_heal"]
+    assert before["output_check"]["relative_error"] == pytest.approx(cut, rel=1e-4)
+    assert check["relative_error_before_heal"] == before["output_check"]["relative_error"]
+    assert before["verification"]["ok"] is True and report["verification"] is None
+    assert any("before_heal" in note for note in report["notes"])
