@@ -615,11 +615,22 @@ def _eos_ids(folder: str | Path) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
-def _prefill_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+def _window(folder: str | Path) -> int:
+    """The sliding window of a folder's local layers (0: none).
+
+    With the builder's default window-sized KV cache (Gemma-3), onnxruntime's attention refuses
+    a generator whose max_length is below the window ("KV cache capacity (20) must be at least
+    local_window_size (512)"), so every generator here asks for at least this length.
+    """
+    window = (_genai_config(folder)["model"].get("decoder") or {}).get("sliding_window") or {}
+    return int(window.get("window_size") or 0)
+
+
+def _prefill_logits(model: Any, ids: np.ndarray, min_length: int = 0) -> np.ndarray:
     """float32 logits [B, T, V] of one prefill (the builder's graph returns every position)."""
     og = _og()
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=int(ids.shape[1]), batch_size=int(ids.shape[0]))
+    params.set_search_options(max_length=max(int(ids.shape[1]), min_length), batch_size=int(ids.shape[0]))
     generator = og.Generator(model, params)
     generator.append_tokens(ids.astype(np.int32))
     logits = np.asarray(generator.get_output("logits"))
@@ -636,12 +647,13 @@ def genai_logits_fn(folder: str | Path, *, threads: int | None = None, device: s
     kernels). The model is loaded once; `threads`: onnxruntime intra-op threads.
     """
     model = load_genai(folder, threads=threads, device=device)
+    window = _window(folder)
 
     def fn(input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.detach().cpu().numpy()
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"expected token ids [batch, seq>0], got shape {tuple(ids.shape)}")
-        return torch.from_numpy(_prefill_logits(model, ids))
+        return torch.from_numpy(_prefill_logits(model, ids, window))
 
     return fn
 
@@ -673,7 +685,7 @@ def generate_genai(
     if max_new_tokens < 1:
         return []
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    params.set_search_options(max_length=max(len(ids) + max_new_tokens, _window(folder)), do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray([ids], dtype=np.int32))
     new: list[int] = []
@@ -765,7 +777,7 @@ def validate_genai(
     diffs, refs, kls, agree = [], [], [], []
     greedy_equal, ties = True, 0
     for ids in prompts:
-        got = torch.from_numpy(_prefill_logits(model, np.asarray([ids])))[0]
+        got = torch.from_numpy(_prefill_logits(model, np.asarray([ids]), _window(folder)))[0]
         ref = _torch_logits(reference, ids)
         diffs.append((got - ref).abs().max())
         refs.append(ref.abs().max())

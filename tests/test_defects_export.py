@@ -96,11 +96,11 @@ def test_gemma3_with_transformers5_rope_builds_and_matches_pytorch(tmp_path):
     pytest.importorskip("onnx_ir")
     from test_genai import byte_tokenizer
 
-    from llmrank.exporters.genai import export_genai, genai_logits_fn
+    from llmrank.exporters.genai import export_genai, genai_logits_fn, generate_genai
 
     tok = byte_tokenizer()
     cfg = T.Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                             num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=64,
                              max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     assert set(cfg.rope_parameters) == {"full_attention", "sliding_attention"}
     torch.manual_seed(0)
@@ -108,11 +108,16 @@ def test_gemma3_with_transformers5_rope_builds_and_matches_pytorch(tmp_path):
     src = _save_dense(tmp_path / "hf", model, tok)
     res = export_genai(src, tmp_path / "genai", precision="fp32")
     assert res.check.passed and res.check.greedy_equal
-    # independently: 40 positions, past the sliding window of 8, where the local rope theta matters
-    ids = torch.randint(3, len(tok), (2, 40), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        want = model(input_ids=ids, use_cache=False).logits
-    assert torch.allclose(genai_logits_fn(res.path)(ids), want, atol=1e-4, rtol=0)
+    # independently: 100 positions, past the sliding window of 64, where the local rope theta matters,
+    # and 40, fewer than the window (the window-sized KV cache refused a max_length below it)
+    fn = genai_logits_fn(res.path)
+    for n in (100, 40):
+        ids = torch.randint(3, len(tok), (2, n), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+        assert torch.allclose(fn(ids), want, atol=1e-4, rtol=0), n
+    assert generate_genai(res.path, [5, 6, 7], 4) == model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4,
+                                                                      do_sample=False)[0, 3:].tolist()
     assert json.loads((src / "config.json").read_text())["rope_parameters"] == cfg.to_dict()["rope_parameters"]  # untouched
 
 
