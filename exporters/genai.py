@@ -622,8 +622,10 @@ def _window(folder: str | Path) -> int:
     a generator whose max_length is below the window ("KV cache capacity (20) must be at least
     local_window_size (512)"), so every generator here asks for at least this length.
     """
-    window = (_genai_config(folder)["model"].get("decoder") or {}).get("sliding_window") or {}
-    return int(window.get("window_size") or 0)
+    model = _genai_config(folder)["model"]
+    window = int(((model.get("decoder") or {}).get("sliding_window") or {}).get("window_size") or 0)
+    context = int(model.get("context_length") or window)
+    return min(window, context)  # a window past the context (Mistral's 4096 of 512) caps at the context
 
 
 def _prefill_logits(model: Any, ids: np.ndarray, min_length: int = 0) -> np.ndarray:
