@@ -214,6 +214,20 @@ def _check_per_layer_supported(folder: Path) -> str:
     return arch
 
 
+def _check_buildable(src: Path, device: str) -> None:
+    """Refuse, before building, a checkpoint the builder would fail on or build wrongly."""
+    config = json.loads((src / "config.json").read_text())
+    if (config.get("llmrank") or {}).get("layer_heads"):
+        raise NotImplementedError(
+            "onnxruntime-genai's builder reads one query/KV head count from config.json, and this checkpoint's attention "
+            "layers keep counts it does not hold (per-layer counts, or counts transformers' config refuses, listed under "
+            "llmrank.layer_heads): export plain ONNX with export_onnx, or cut heads so that every layer keeps the same "
+            "count and it divides hidden_size")
+    problem = model_problem(config, device)
+    if problem is not None:
+        raise NotImplementedError(f"{problem}; export plain ONNX with export_onnx instead")
+
+
 def _per_layer_class(builder: Any, architecture: str, weights: nn.Module) -> type:
     """The builder's class for `architecture`, extended to take `weights` from memory."""
     name = _PER_LAYER_BUILDERS[architecture]
@@ -265,12 +279,34 @@ def _create_per_layer(builder: Any, weights: nn.Module, src: Path, out: Path, pr
     onnx_model.save_processing(hf_name, extra_kwargs, str(out))
 
 
+def _flat_rope(config: Any) -> None:
+    """Give the builder the rope fields it reads, on a config that nests them per layer type.
+
+    transformers 5 writes Gemma-3's rope as ``rope_parameters = {"full_attention": {...},
+    "sliding_attention": {...}}``; onnxruntime-genai 0.18's Gemma3 builder reads the flat
+    transformers-4 form (``rope_parameters["rope_type"]``, ``rope_theta`` and
+    ``rope_local_base_freq`` for the sliding layers) and fails with KeyError 'rope_type'. This
+    writes that form on the builder's in-memory copy of the config (the checkpoint is untouched);
+    the check against PyTorch after the build proves the caches it makes.
+    """
+    rope = getattr(config, "rope_parameters", None)
+    nested = isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values())
+    if not nested or "full_attention" not in rope:
+        return
+    full, sliding = dict(rope["full_attention"]), rope.get("sliding_attention")
+    config.rope_parameters = full
+    config.rope_theta = full.get("rope_theta", 10000.0)
+    if sliding is not None:
+        config.rope_local_base_freq = sliding.get("rope_theta", config.rope_theta)
+
+
 def _run_builder(src: Path, out: Path, precision: str, device: str, cache: Path, weights: nn.Module | None,
                  extra_options: Mapping[str, Any]) -> None:
     builder = _builder()
     pairs = [f"{k}={v}" for k, v in extra_options.items()]
     # A local folder as input_path and no model name: the builder reads only that folder.
     options = builder.parse_extra_options(None, str(src), str(out), precision, device, str(cache), pairs)
+    _flat_rope(options["hf_details"]["hf_config"])
     if weights is None:
         builder.create_model(None, str(src), str(out), precision, device, str(cache), **options)
     else:
@@ -388,6 +424,66 @@ def _reference(model_or_folder: nn.Module | str | Path, src: Path) -> Iterator[n
         module.train(training)
 
 
+#: onnxruntime's CPU GroupQueryAttention kernel, the attention the builder emits for CPU graphs,
+#: refuses other head sizes at the first run ("head_size shall be a multiple of 16", 0.18).
+CPU_HEAD_MULTIPLE = 16
+
+
+def builder_architectures() -> set[str]:
+    """The config.architectures names the installed builder's create_model dispatches on
+    (read from its source, so a newer builder's list is used as it is); empty if unreadable."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(_builder().create_model)
+    except (OSError, TypeError):  # pragma: no cover - no source shipped
+        return set()
+    return set(re.findall(r'architectures\[0\]\s*==\s*"(\w+)"', source))
+
+
+def _field(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
+
+
+def model_problem(config: Any, device: str, *, architecture: str | None = None) -> str | None:
+    """Why the builder cannot make a working folder of a model with this config (None: it can).
+
+    Read from the config alone (no weights), so ``llmrank prune --genai`` refuses before the
+    prune instead of after it. ``config``: a transformers config or a config.json dict.
+    """
+    archs = _field(config, "architectures") or ([architecture] if architecture else [])
+    known = builder_architectures()
+    if archs and known and archs[0] not in known:
+        return (f"onnxruntime-genai {_version()}'s model builder does not build {archs[0]} (it builds "
+                f"{', '.join(sorted(a for a in known if a.endswith('CausalLM')))}, ...)")
+    text = config.get("text_config") or config if isinstance(config, Mapping) else _text(config)
+    head_dim = _field(text, "head_dim")
+    hidden, heads = _field(text, "hidden_size"), _field(text, "num_attention_heads")
+    if not isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int) and heads:
+        head_dim = hidden // heads
+    if device == "cpu" and isinstance(head_dim, int) and head_dim % CPU_HEAD_MULTIPLE:
+        return (f"head_dim {head_dim} is not a multiple of {CPU_HEAD_MULTIPLE}, which onnxruntime's CPU "
+                "GroupQueryAttention (the attention the builder emits) requires")
+    return None
+
+
+def _text(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
+def check_model(config: Any, device: str, *, architecture: str | None = None, flag: str = "--genai") -> None:
+    """ConfigError when :func:`model_problem` finds one, with the way out; needs the extra."""
+    try:
+        _builder()
+    except ImportError as exc:
+        raise ConfigError(f"{flag} needs onnxruntime-genai: {INSTALL_HINT}") from exc
+    problem = model_problem(config, device, architecture=architecture)
+    if problem is not None:
+        raise ConfigError(f"{flag}: {problem}; drop {flag} and deploy the ONNX export (onnx/) instead")
+
+
 def check_options(precision: str, device: str) -> None:
     """Refuse a precision/device pair before any work (the CLI calls this before loading)."""
     if precision not in PRECISIONS:
@@ -441,6 +537,7 @@ def _export(model_or_folder: nn.Module | str | Path, out_dir: str | Path, *, pre
     with tempfile.TemporaryDirectory(prefix="llmrank-genai-") as scratch:
         work = Path(scratch)
         src = _source_folder(model_or_folder, tokenizer, work)
+        _check_buildable(src, device)
         widths = _checkpoint_widths(src)
         per_layer = len(set(widths.values())) > 1
         _check_per_layer_supported(src) if per_layer else _architecture(src)
@@ -518,11 +615,24 @@ def _eos_ids(folder: str | Path) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
-def _prefill_logits(model: Any, ids: np.ndarray) -> np.ndarray:
+def _window(folder: str | Path) -> int:
+    """The sliding window of a folder's local layers (0: none).
+
+    With the builder's default window-sized KV cache (Gemma-3), onnxruntime's attention refuses
+    a generator whose max_length is below the window ("KV cache capacity (20) must be at least
+    local_window_size (512)"), so every generator here asks for at least this length.
+    """
+    model = _genai_config(folder)["model"]
+    window = int(((model.get("decoder") or {}).get("sliding_window") or {}).get("window_size") or 0)
+    context = int(model.get("context_length") or window)
+    return min(window, context)  # a window past the context (Mistral's 4096 of 512) caps at the context
+
+
+def _prefill_logits(model: Any, ids: np.ndarray, min_length: int = 0) -> np.ndarray:
     """float32 logits [B, T, V] of one prefill (the builder's graph returns every position)."""
     og = _og()
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=int(ids.shape[1]), batch_size=int(ids.shape[0]))
+    params.set_search_options(max_length=max(int(ids.shape[1]), min_length), batch_size=int(ids.shape[0]))
     generator = og.Generator(model, params)
     generator.append_tokens(ids.astype(np.int32))
     logits = np.asarray(generator.get_output("logits"))
@@ -539,12 +649,13 @@ def genai_logits_fn(folder: str | Path, *, threads: int | None = None, device: s
     kernels). The model is loaded once; `threads`: onnxruntime intra-op threads.
     """
     model = load_genai(folder, threads=threads, device=device)
+    window = _window(folder)
 
     def fn(input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.detach().cpu().numpy()
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"expected token ids [batch, seq>0], got shape {tuple(ids.shape)}")
-        return torch.from_numpy(_prefill_logits(model, ids))
+        return torch.from_numpy(_prefill_logits(model, ids, window))
 
     return fn
 
@@ -576,7 +687,7 @@ def generate_genai(
     if max_new_tokens < 1:
         return []
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    params.set_search_options(max_length=max(len(ids) + max_new_tokens, _window(folder)), do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray([ids], dtype=np.int32))
     new: list[int] = []
@@ -668,7 +779,7 @@ def validate_genai(
     diffs, refs, kls, agree = [], [], [], []
     greedy_equal, ties = True, 0
     for ids in prompts:
-        got = torch.from_numpy(_prefill_logits(model, np.asarray([ids])))[0]
+        got = torch.from_numpy(_prefill_logits(model, np.asarray([ids]), _window(folder)))[0]
         ref = _torch_logits(reference, ids)
         diffs.append((got - ref).abs().max())
         refs.append(ref.abs().max())

@@ -17,9 +17,12 @@ it only reads the shapes the model already has.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from pathlib import Path
@@ -156,6 +159,7 @@ def _config_for_save(model: nn.Module, metadata: Mapping[str, Any]) -> tuple[Any
     width_field = _width_field(text)
     if uniform and width_field is not None:
         setattr(text, width_field, next(iter(widths.values())))
+    _valid_head_counts(config, text)
     undeclared, zeros = _declare_biases(model, config)
     info: dict[str, Any] = {"metadata": {k: str(v) for k, v in metadata.items()}}
     if widths and not uniform:
@@ -170,6 +174,43 @@ def _config_for_save(model: nn.Module, metadata: Mapping[str, Any]) -> tuple[Any
         info["loader"] = "llmrank.load"
     config.llmrank = info
     return config, widths, uniform, undeclared, zeros
+
+
+def _validates(config: Any) -> bool:
+    """Whether transformers accepts `config` (its strict validators run on save and on load)."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return True
+    try:
+        validate()
+    except Exception:  # noqa: BLE001 - any validator's complaint means the file would not load
+        return False
+    return True
+
+
+def _valid_head_counts(config: Any, text: Any) -> None:
+    """Head counts that transformers' validators accept, when the cut ones are refused.
+
+    A head cut can leave counts that do not divide ``hidden_size`` (3 of 4 heads of width 640),
+    which Llama/Qwen2/Gemma3 configs refuse on save and on load even with an explicit
+    ``head_dim``. The config then keeps the nearest count that validates, the attention is
+    built from the explicit ``head_dim`` and every layer's real counts go under
+    ``config.llmrank["layer_heads"]`` (``_per_layer_heads`` sees them differ), which
+    ``llmrank.load`` applies.
+    """
+    heads, kv = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    if _validates(config) or not all(isinstance(v, int) for v in (heads, hidden)) \
+            or not isinstance(getattr(text, "head_dim", None), int):
+        return
+    kv = kv if isinstance(kv, int) else heads
+    divisors = sorted((d for d in range(1, hidden + 1) if hidden % d == 0), key=lambda d: (d < heads, abs(d - heads)))
+    for count in divisors:
+        for kv_count in dict.fromkeys((kv, math.gcd(count, kv), count)):
+            text.num_attention_heads, text.num_key_value_heads = count, kv_count
+            if _validates(config):
+                return
+    text.num_attention_heads, text.num_key_value_heads = heads, kv  # nothing validates: save reports why
 
 
 def _per_layer_heads(model: nn.Module, text: Any) -> dict[str, list[int]]:
@@ -223,14 +264,29 @@ def save_hf(
     config, widths, uniform, undeclared, zeros = _config_for_save(model, metadata or {})
     state = {**model.state_dict(), **zeros} if zeros else None
     with atomic_path(out_dir, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state)
-        config.save_pretrained(tmp)  # overwrite config.json with the shrunk-shape description
+        try:
+            with _config_of(model, config):  # save_pretrained validates and writes the live config
+                model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state)
+            config.save_pretrained(tmp)  # config.json: the shrunk-shape description
+        except Exception as exc:  # transformers' validation errors span lines; the CLI prints one
+            raise ExportError(f"cannot write the checkpoint {out_dir}: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     files = sorted(p.name for p in out_dir.iterdir())
     stock = (not widths or (uniform and _width_field(_text_config(config)) is not None)) and not undeclared
     stock = stock and "layer_heads" not in config.llmrank
     return SaveResult(out_dir, uniform, widths, files, time.perf_counter() - start, stock, undeclared)
+
+
+@contextlib.contextmanager
+def _config_of(model: nn.Module, config: Any) -> Iterator[None]:
+    """`model.config` is `config` inside the block (the live one is put back after)."""
+    live = model.config
+    model.config = config
+    try:
+        yield
+    finally:
+        model.config = live
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

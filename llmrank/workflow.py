@@ -110,6 +110,10 @@ class PruneJob:
         config = read_config(self.model)  # config.json only, no weights (None: not local yet)
         if config is not None:
             check_seq_len(config, self.seq_len)
+            if self.genai is not None:
+                from llmrank.exporters.genai import check_model
+
+                check_model(config, self.genai_device)
 
 
 def parse_size(text: str | int) -> int:
@@ -254,6 +258,10 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
         from llmrank.models import check_seq_len
 
         check_seq_len(model.config, job.seq_len)
+        if job.genai is not None:  # a built-in not yet converted had no config.json to check before the load
+            from llmrank.exporters.genai import check_model
+
+            check_model(model.config, job.genai_device, architecture=type(model).__name__)
     load_s = time.perf_counter() - clock
 
     calib = calibration_tokens(tokenizer, job.calib, n=job.samples, seq_len=job.seq_len, seed=config.seed)
@@ -267,8 +275,10 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
 
         healed, heal_part = heal_slim(result.model, model, tokenizer, job.heal_options, progress=job.progress,
                                       targets=group_linears(result.ir))
-        result.model = healed.model  # what is exported; the verification above is of the model before the heal
+        result.model = healed.model  # what is exported: the pipeline's checks were of the model before the heal
     report = build_report(job, result, load_s)
+    if heal_part is not None:
+        relabel_after_heal(report, model, result.model, verification_sample(calib, config))
     with atomic_path(out, force=job.force) as tmp:
         tmp.mkdir(parents=True)
         if heal_part is not None:
@@ -277,9 +287,65 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
             report["heal"] = heal_part
             report["timings_s"]["heal"] = heal_part["wall_seconds"]
             write_heal_plot(tmp, heal_part, f"{job.model}: heal after {config.scorer}, sparsity {config.sparsity}", report)
-        write_artifacts(tmp, job, result, tokenizer, report)
+        failed = write_artifacts(tmp, job, result, tokenizer, report)
+    if failed is not None:  # the folder is in place with what did work; the run still fails
+        raise failed_artifact_error(out, job, report, failed)
     # paths in the report point at the final folder
     return json.loads((out / "report.json").read_text())
+
+
+def verification_sample(calib: torch.Tensor, config: PruneConfig) -> tuple:
+    """The inputs the pipeline verified and checked the outputs on (its first calibration batch, cut short)."""
+    from llmrank.api import as_batches
+    from llmrank.passes.pipeline import PruneState
+
+    return PruneState(config=config, batches=tuple(as_batches(calib, batch_size=config.batch_size))).verification_inputs()
+
+
+def relabel_after_heal(report: dict[str, Any], dense: torch.nn.Module, healed: torch.nn.Module, sample: tuple) -> None:
+    """report["output_check"] of the healed model (what hf/ and onnx/ hold); the pipeline's
+    verification and output check, both of the model before the heal, move to report["before_heal"].
+
+    The shrunk == masked verification has no counterpart after a heal (the heal changes the
+    weights), so report["verification"] becomes None.
+    """
+    from llmrank.ir.errors import VerificationError
+    from llmrank.passes.verify import outputs
+
+    before = {"verification": report.get("verification"), "output_check": report.get("output_check")}
+    training = healed.training
+    healed.eval()
+    try:
+        got, ref = outputs(healed, sample).double(), outputs(dense, sample).double()
+    finally:
+        healed.train(training)
+    finite = bool(torch.isfinite(got).all())
+    if not finite:
+        raise VerificationError("the healed model produces NaN/Inf outputs on the verification sample: lower --heal-lr, "
+                                "or drop --heal-bf16")
+    relative = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+    before_rel = (before["output_check"] or {}).get("relative_error")
+    report["output_check"] = {"finite": finite, "relative_error": relative, "relative_error_without_refit": None,
+                              "relative_error_before_heal": before_rel, "of": "the healed model"}
+    report["verification"] = None
+    report["before_heal"] = before
+    report.setdefault("notes", []).append(
+        "output_check is of the healed model that hf/ and onnx/ hold; verification (shrunk == masked dense) and the "
+        "output check of the model before the heal are under before_heal")
+
+
+def failed_artifact_error(out: Path, job: PruneJob, report: dict[str, Any], failed: BaseException) -> Exception:
+    """The error a run ends with when an artefact failed after others were written and kept."""
+    from llmrank.ir.errors import ExportError
+
+    first = (str(failed).strip().splitlines() or [""])[0]
+    kept = ", ".join(sorted(report["artifacts"])) or "nothing else"
+    error = ExportError(f"genai/ was not built ({type(failed).__name__}: {first}); {out}/ holds the rest ({kept}) "
+                        f"and report.json records the error under failed.genai")
+    if "hf" in report["artifacts"]:
+        error.hint = (f"fix the cause, then build it from the checkpoint: llmrank export {out / 'hf'} --genai {job.genai} "
+                      f"--genai-device {job.genai_device} --out {out / 'genai'}")
+    return error
 
 
 def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str, Any]:
@@ -319,8 +385,12 @@ def _write_scores_and_plot(folder: Path, job: PruneJob, result: Any, report: dic
         report["artifacts"]["plot"] = "plot.png"
 
 
-def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer, report: dict[str, Any]) -> None:
-    """scores.safetensors, plot.png, hf/, model.onnx and report.json inside ``folder``."""
+def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer, report: dict[str, Any]) -> Exception | None:
+    """scores.safetensors, plot.png, hf/, model.onnx, genai/ and report.json inside ``folder``.
+
+    genai/ comes last and its failure does not discard the others: it is recorded in the
+    report (``failed``) and returned, for the caller to fail the run after keeping the folder.
+    """
     from llmrank.exporters.hf import check_reload, save_hf
 
     c = job.config
@@ -333,12 +403,14 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
         report["artifacts"]["hf"] = {"path": "hf", "uniform": saved.uniform, "stock_loadable": saved.stock_loadable,
                                      "loader": "transformers" if saved.stock_loadable else "llmrank.load",
                                      "reload_max_abs_diff": diff}
-    if job.genai:
-        write_genai(folder, job, folder / "hf" if "hf" in report["artifacts"] else result.model, tokenizer, report)
     if job.onnx:
         report["artifacts"]["onnx"] = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
         write_int8(folder, job, result.model, report)
+    failed = None
+    if job.genai:
+        failed = try_genai(folder, job, folder / "hf" if "hf" in report["artifacts"] else result.model, tokenizer, report)
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return failed
 
 
 def write_genai(folder: Path, job: PruneJob, source, tokenizer, report: dict[str, Any]) -> None:
@@ -347,6 +419,17 @@ def write_genai(folder: Path, job: PruneJob, source, tokenizer, report: dict[str
 
     built = export_genai(source, folder / "genai", precision=job.genai, device=job.genai_device, tokenizer=tokenizer)
     report["artifacts"]["genai"] = {**built.to_dict(), "path": "genai"}
+
+
+def try_genai(folder: Path, job: PruneJob, source, tokenizer, report: dict[str, Any]) -> Exception | None:
+    """write_genai, with a failure recorded in the report and returned instead of raised."""
+    try:
+        write_genai(folder, job, source, tokenizer, report)
+    except Exception as exc:  # noqa: BLE001 - any failure of the builder or its check: keep what was written
+        report.setdefault("failed", {})["genai"] = {"precision": job.genai, "device": job.genai_device,
+                                                    "error": f"{type(exc).__name__}: {exc}"}
+        return exc
+    return None
 
 
 def write_int8(folder: Path, job: PruneJob, model, report: dict[str, Any]) -> None:
