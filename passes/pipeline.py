@@ -44,7 +44,7 @@ from llmrank.passes.config import PruneConfig
 from llmrank.passes.gradients import FirstOrder, first_order
 from llmrank.passes.headcut import head_notes, select_heads
 from llmrank.passes.headscore import variance_linears
-from llmrank.passes import program as P
+from llmrank.passes import exported as P
 from llmrank.passes.probe import group_loss_increases, probe_sequences
 from llmrank.passes.sensitivity import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
