@@ -333,7 +333,7 @@ def error_select(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Tenso
         raise ConfigError(f"allocation must be one of {ALLOCATIONS} and selection one of {SELECTIONS}")
     weighted = allocation == "fisher"
     if weighted and not row_weights:
-        raise InputError("allocation 'fisher' needs the loss's output sensitivities (stats.sensitivity from Calibrate)")
+        raise InputError("allocation 'fisher' needs the loss's output sensitivities (stats.sensitivity from the Gradients pass)")
     if allocation == "loss" and loss_probe is None:
         raise InputError("allocation 'loss' needs a loss_probe (kept channels per group -> measured loss increase)")
     uniform = {g.name: round_width(g.width - round(sparsity * g.width), g.width, multiple, min_width) for g in ir.groups}

@@ -41,14 +41,13 @@ from llmrank.passes import budget
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.gradients import FirstOrder, first_order
+from llmrank.passes.gradients import FirstOrder, backward_walk, first_order_kind
 from llmrank.passes.headcut import head_notes, select_heads
 from llmrank.passes.headscore import variance_linears
 from llmrank.passes import exported as P
 from llmrank.passes.probe import group_loss_increases, probe_sequences
-from llmrank.passes.sensitivity import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
-from llmrank.passes.score import GRADIENT_SCORERS, WEIGHT_ONLY_SCORERS, Scores, score
+from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.select import clamp_notes, select
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, outputs
@@ -317,11 +316,6 @@ class Calibrate(Pass):
             stats = collect(state.model, plan, acc, progress=state.progress)
         if wants_norms and stats.norms is None:
             raise CalibrationError("calibration data is empty: give at least one batch of token ids")
-        if config.allocation == "fisher":
-            if state.from_program:
-                raise ConfigError("allocation 'fisher' back-propagates through an nn.Module's loss; on an ExportedProgram use "
-                                  "allocation 'error'")
-            stats.sensitivity = output_sensitivity(state.model, consumer_linears(ir), list(batches or state.refit_batches))
         return PassResult(state.update(stats=stats), True)
 
 
@@ -333,21 +327,39 @@ def require_calibration(config: PruneConfig, batches: Sequence[Any], refit_batch
 
 
 class Gradients(Pass):
-    """model + ir + batches -> first_order: sum w * dL/dw per group channel, for the taylor
-    scorer only (a backward pass per calibration sequence); other scorers skip it."""
+    """model + ir + batches -> the loss gradients, in one backward walk (``passes/gradients.py``):
+    ``first_order`` (w * dL/dw per group channel) for the taylor scorers, ``stats.sensitivity``
+    (the squared dL/dy per consumer output) for allocation 'fisher'. Other configs skip it, and
+    so does what the state already holds."""
 
     needs = ("model", "ir")
 
     def call(self, state: PruneState) -> PassResult:
-        if state.config.scorer not in GRADIENT_SCORERS or state.first_order is not None:
+        c = state.config
+        kind = first_order_kind(c.scorer)
+        have = state.first_order
+        taylor = kind is not None and (have is None or getattr(have, "kind", None) not in (None, kind))
+        fisher = c.allocation == "fisher" and not (state.stats is not None and state.stats.sensitivity)
+        if not taylor and not fisher:
             return PassResult(state, False)
         if state.from_program:
-            raise ConfigError(f"scorer {state.config.scorer!r} needs the loss of a causal LM (an nn.Module with logits); an exported "
-                              "program is not one: prune the nn.Module, or choose another scorer")
-        require_calibration(state.config, state.batches, None)
-        grads = first_order(state.model, state.ir, state.batches, progress=state.progress,
-                            elementwise=state.config.scorer == "taylor-element")
-        return PassResult(state.update(first_order=grads), True)
+            raise ConfigError(f"scorer {c.scorer!r} needs the loss of a causal LM (an nn.Module with logits); an exported "
+                              "program is not one: prune the nn.Module, or choose another scorer" if taylor else
+                              "allocation 'fisher' back-propagates through an nn.Module's loss; on an ExportedProgram use "
+                              "allocation 'error'")
+        if fisher and state.stats is None:
+            raise PassError("Gradients with allocation 'fisher' adds to the calibration statistics: run Calibrate before it")
+        if taylor:
+            require_calibration(c, state.batches, None)
+        batches = state.batches if taylor else state.batches or state.refit_batches or ()
+        walk = backward_walk(state.model, list(batches), ir=state.ir, first_order=kind if taylor else None,
+                             sensitivity=consumer_linears(state.ir) if fisher else (), progress=state.progress)
+        changes: dict[str, Any] = {}
+        if taylor:
+            changes["first_order"] = walk.first_order
+        if fisher:
+            changes["stats"] = replace(state.stats, sensitivity=walk.sensitivity)
+        return PassResult(state.update(**changes), True)
 
 
 class Score(Pass):
