@@ -278,7 +278,6 @@ def calibrate(
     *,
     linears: Iterable[str] | None = None,
     progress: bool = True,
-    total: int | None = None,  # noqa: ARG001 - kept for callers of earlier releases
 ) -> ActivationNorms:
     """The scoring norms of ``linears`` (default: every Linear of ``ir``) on ``batches``."""
     names = list(linears) if linears is not None else list(ir.linears)

@@ -1,7 +1,7 @@
 """The one pruning pipeline: a pass contract, a runner, and the passes in order.
 
 Every route runs these passes: ``llmrank.prune`` (an nn.Module), ``prune_program`` (a
-torch.export program), the sweep (the first three passes once, the rest per cell) and any
+torch.export program), the sweep (the first four passes once, the rest per cell) and any
 pipeline a user assembles. A pass maps a frozen :class:`PruneState` to
 ``PassResult(new_state, modified)``; it reads its options from ``state.config`` (one
 :class:`~llmrank.passes.config.PruneConfig`) and never from anywhere else.
@@ -14,7 +14,7 @@ The contract, after torch.fx's pass infra and onnx-ir's ``_pass_infra``:
 - the runner logs each pass, records ``(name, modified, seconds)`` in ``state.history`` and,
   when a pass fails, names it and the passes that ran before it in the error.
 
-    trace -> analyze -> calibrate -> gradients (taylor only) -> score -> select -> compensate -> shrink -> check outputs -> verify
+    trace -> analyze -> calibrate -> gradients (taylor, fisher) -> score -> select -> compensate -> shrink -> check outputs -> verify
 """
 
 from __future__ import annotations
@@ -511,9 +511,6 @@ class Shrink(Pass):
         program = P.reexport(slim, args, shapes, kwargs=kwargs)
         return PassResult(state.update(slim=slim, slim_program=program, rewrites=tuple(rewrites)), True)
 
-
-#: The rewrite pass under the name of what it does in every mode.
-Rewrite = Shrink
 
 
 class Verify(Pass):
