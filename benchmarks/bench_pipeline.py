@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
     batches = as_batches(calib, batch_size=args.batch_size)
     start = time.perf_counter()
-    norms = llmrank.calibrate(model, ir, batches, linears=ir.calibration_linears(), progress=True, total=len(batches))
+    norms = llmrank.calibrate(model, ir, batches, linears=ir.calibration_linears(), progress=True)
     t["calibrate_s"] = time.perf_counter() - start
 
     per_scorer = {}

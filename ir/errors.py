@@ -70,6 +70,3 @@ class ExportError(LLMRankError, RuntimeError):
 
     exit_code = 5
 
-
-#: Kept for code written against earlier releases: ``PruneError`` was the API's ValueError.
-PruneError = InputError

@@ -7,7 +7,7 @@ one, and the pipeline they form (``Pipeline``, ``PruneState``).
 from llmrank.api import PruneResult, count_parameters, prune
 from llmrank.exporters.hf import load_hf as load
 from llmrank.ir.errors import (
-    CalibrationError, ConfigError, ExportError, InputError, LLMRankError, PassError, PruneError, TraceError,
+    CalibrationError, ConfigError, ExportError, InputError, LLMRankError, PassError, TraceError,
     UnsupportedModelError, VerificationError,
 )
 from llmrank.ir.graph import ChannelGroup, LinearInfo, ModelIR, Port, Slot
@@ -23,13 +23,11 @@ from llmrank.passes.select import select
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, verify
 
-PipelineState = PruneState  # the earlier name
-
 __version__ = "0.2.0"
 
 __all__ = [
     "ActivationNorms", "CalibrationError", "ChannelGroup", "ConfigError", "ExportError", "InputError", "LLMRankError",
-    "LayerwiseResult", "LinearInfo", "ModelIR", "PassError", "Pipeline", "PipelineState", "Port", "ProgramResult", "PruneConfig", "PruneError",
+    "LayerwiseResult", "LinearInfo", "ModelIR", "PassError", "Pipeline", "Port", "ProgramResult", "PruneConfig",
     "PruneResult", "PruneState", "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "UnsupportedModelError",
     "Verification", "VerificationError", "analyze", "calibrate", "count_parameters", "load", "mask", "mask_paper", "prune",
     "prune_layerwise", "prune_program", "score", "select", "shrink", "trace", "verify",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmrank.ir.errors import CalibrationError, InputError, PruneError
+from llmrank.ir.errors import CalibrationError, InputError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced
 from llmrank.passes.config import PruneConfig
@@ -25,7 +25,7 @@ from llmrank.passes.select import effective_sparsity
 from llmrank.passes.headcut import heads_kept
 from llmrank.passes.verify import Verification
 
-__all__ = ["PruneError", "PruneResult", "as_batches", "count_parameters", "prune"]
+__all__ = ["PruneResult", "as_batches", "count_parameters", "prune"]
 
 
 @dataclass

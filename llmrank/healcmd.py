@@ -175,7 +175,7 @@ def run_heal(job: HealJob) -> dict[str, Any]:
     from llmrank.exporters.atomic import atomic_path
     from llmrank.exporters.hf import check_reload, load_hf, save_hf
     from llmrank.models import load_tokenizer
-    from llmrank.workflow import export_onnx_artifact, load
+    from llmrank.jobparts import export_onnx_artifact, load
 
     job.check()
     clock = time.perf_counter()

@@ -314,7 +314,7 @@ def _shared_config(base: Any, configs: Sequence[Any]) -> Any:
     scorer = next((c.scorer for c in configs if c.scorer not in WEIGHT_ONLY_SCORERS), configs[0].scorer)
     refits = [c.compensation for c in configs if c.compensation != "none"]
     compensation = next((c for c in refits if c.startswith("lstsq")), refits[0] if refits else "none")
-    fisher = any(c.allocation == "fisher" for c in configs)  # the loss sensitivities are gathered once too
+    fisher = any(c.allocation == "fisher" for c in configs)  # the loss sensitivities are gathered once too (Gradients)
     return base.with_(scorer=scorer, compensation=compensation, allocation="fisher" if fisher else "uniform")
 
 
@@ -422,7 +422,7 @@ def run_sweep(
             refit_batches=tuple(as_batches(compensation_calibration, batch_size=batch_size)) if compensation_calibration is not None else None,
             progress=progress,
         )
-        shared = Pipeline([Trace(), Analyze(), Calibrate()]).run(shared)
+        shared = Pipeline([Trace(), Analyze(), Calibrate(), Gradients()]).run(shared)  # a cell reuses the gradients it shares
         shared_timings = {f"{name.lower()}_s": seconds for name, seconds in shared.timings.items()}
         per_cell = Pipeline([Gradients(), Score(), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
 

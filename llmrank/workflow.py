@@ -22,17 +22,10 @@ from safetensors.torch import save_file
 from llmrank.api import PruneResult, prune
 from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
 from llmrank.ir.errors import ConfigError
+from llmrank.jobparts import ONNX_ATOL, ONNX_RTOL, export_onnx_artifact, load  # noqa: F401 - this module's names too
 from llmrank.passes import routes
 from llmrank.passes.config import CLI_DEFAULTS, PruneConfig
 from llmrank.report import plot_prune
-
-
-# fp32 logits of real models (|logit| ~ 20-40) differ between onnxruntime and PyTorch kernels by
-# ~1e-4 (measured 1.6e-4 on dense SmolLM2); tiny test models stay far below this.
-ONNX_ATOL = 1e-3
-# ... plus this fraction of the largest |logit| of the case: a model with large logits (a
-# heavily pruned one, or a bigger vocabulary) has proportionally larger rounding differences.
-ONNX_RTOL = 1e-4
 
 
 @dataclass
@@ -225,18 +218,6 @@ def check_route(job: PruneJob, layerwise: bool, why: str) -> None:
     if not layerwise and torch.device(job.device).type != "cpu":
         raise ConfigError(f"--device {job.device} runs the block-by-block route only; the in-memory prune runs on the CPU: "
                           "add --layerwise to prune on the device, or drop --device")
-
-
-def load(model: str, *, progress: bool = True):
-    """(model, tokenizer, source folder or None) for a built-in name, folder or hub id."""
-    from llmrank.models import load_model, resolve_model_dir
-
-    loaded, tokenizer = load_model(model)
-    try:
-        folder = resolve_model_dir(model)
-    except Exception:  # noqa: BLE001 - a hub id has no local folder to protect
-        folder = None
-    return loaded, tokenizer, folder
 
 
 def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
@@ -523,14 +504,3 @@ def _check_layerwise_reload(slim, result, config: PruneConfig) -> float:
         raise ReloadMismatchError(f"the written checkpoint's logits differ from the block-by-block run's by {diff:.3g} "
                                   f"(bound {bound:.3g}); please report this")
     return diff
-
-
-def export_onnx_artifact(model, path: Path, job: PruneJob, metadata: dict[str, Any]) -> dict[str, Any]:
-    from llmrank.exporters.onnx import export_onnx
-
-    res = export_onnx(model, path, with_past=job.kv_cache, metadata=metadata, optimize=job.optimize, force=job.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
-    rel = Path(path.parent.name) / path.name
-    return {
-        "path": str(rel), "bytes": res.total_bytes, "with_past": res.with_past,
-        "max_abs_diff": res.max_abs_diff, "export_s": res.export_seconds, "validate_s": res.validate_seconds,
-    }

@@ -355,7 +355,7 @@ def removal_curves(model: nn.Module, ir: ModelIR, scores: Mapping[str, torch.Ten
     _check_choice(allocation, selection)
     weighted = allocation == "fisher"
     if weighted and not row_weights:
-        raise InputError("allocation 'fisher' needs the loss's output sensitivities (stats.sensitivity from Calibrate)")
+        raise InputError("allocation 'fisher' needs the loss's output sensitivities (stats.sensitivity from the Gradients pass)")
     uniform = _uniform_widths(ir, sparsity, multiple, min_width)
     curves: dict[str, Curve] = {}
     for g in ir.groups:

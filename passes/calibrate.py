@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from llmrank.ir.errors import CalibrationError, InputError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import accepts_cache, is_hf_model
+from llmrank.passes.hooks import forward_hooks
 from llmrank.passes.ops import linear_data_input
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class CalibrationStats:
     norms: ActivationNorms | None = None
     moments: dict[str, InputStats] = field(default_factory=dict)
     refit_tokens: int = 0
-    sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)  # E[(dL/dy)^2] per consumer output (sensitivity.py)
+    sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)  # E[(dL/dy)^2] per consumer output (the Gradients pass)
     variances: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -258,17 +259,14 @@ class _Watch:
 def collect(model: nn.Module, plan: Plan, acc: Accumulator, *, progress: bool = False) -> CalibrationStats:
     """Run the plan's batches through ``model`` (eval mode, no_grad) with forward hooks."""
     watch = _Watch(acc)
-    handles = [model.get_submodule(name).register_forward_hook(watch.hook(name)) for name in sorted(acc.watched)]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_hooks(model, {name: watch.hook(name) for name in sorted(acc.watched)}):
             for step in tqdm(plan.steps, desc="calibrating", unit="batch", disable=not progress):
                 with acc.batch(step, tokens_in(step.batch)):
                     watch.run(model, step.batch)
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return acc.result()
 
@@ -280,7 +278,6 @@ def calibrate(
     *,
     linears: Iterable[str] | None = None,
     progress: bool = True,
-    total: int | None = None,  # noqa: ARG001 - kept for callers of earlier releases
 ) -> ActivationNorms:
     """The scoring norms of ``linears`` (default: every Linear of ``ir``) on ``batches``."""
     names = list(linears) if linears is not None else list(ir.linears)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from llmrank.ir.errors import InputError
+from llmrank.passes.slimconfig import config_for_save
 
 INDEX_NAME = "model.safetensors.index.json"
 #: Files copied next to the slim weights when the source folder has them.
@@ -214,13 +215,11 @@ class ShardWriter:
 def finish_checkpoint(folder: Path, writer: ShardWriter, ckpt: Checkpoint, model: nn.Module, layer_prefix: str,
                       out_dtype: torch.dtype, metadata: dict[str, Any]) -> None:
     """The tensors outside the blocks (``layer_prefix``; copied as they are), the index, a config
-    describing the slim widths of ``model`` (``exporters/hf.py`` conventions, with ``metadata``)
+    describing the slim widths of ``model`` (``slimconfig`` conventions, with ``metadata``)
     and the tokenizer files."""
-    from llmrank.exporters.hf import _config_for_save
-
     for key in sorted(k for k in ckpt.weight_map if not k.startswith(layer_prefix)):
         writer.add(key, ckpt.read([key])[key])
-    saved_config, _, _, _, zeros = _config_for_save(model, metadata)
+    saved_config, _, _, _, zeros = config_for_save(model, metadata)
     for key, z in zeros.items():  # biases the config's switch now declares: zeros, so stock loading builds the same model
         writer.add(key, torch.zeros(z.shape, dtype=out_dtype))
     writer.close()

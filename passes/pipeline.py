@@ -1,7 +1,7 @@
 """The one pruning pipeline: a pass contract, a runner, and the passes in order.
 
 Every route runs these passes: ``llmrank.prune`` (an nn.Module), ``prune_program`` (a
-torch.export program), the sweep (the first three passes once, the rest per cell) and any
+torch.export program), the sweep (the first four passes once, the rest per cell) and any
 pipeline a user assembles. A pass maps a frozen :class:`PruneState` to
 ``PassResult(new_state, modified)``; it reads its options from ``state.config`` (one
 :class:`~llmrank.passes.config.PruneConfig`) and never from anywhere else.
@@ -14,7 +14,7 @@ The contract, after torch.fx's pass infra and onnx-ir's ``_pass_infra``:
 - the runner logs each pass, records ``(name, modified, seconds)`` in ``state.history`` and,
   when a pass fails, names it and the passes that ran before it in the error.
 
-    trace -> analyze -> calibrate -> gradients (taylor only) -> score -> select -> compensate -> shrink -> check outputs -> verify
+    trace -> analyze -> calibrate -> gradients (taylor, fisher) -> score -> select -> compensate -> shrink -> check outputs -> verify
 """
 
 from __future__ import annotations
@@ -41,14 +41,13 @@ from llmrank.passes.choose import Budget, budget, choose, needs_curves
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, collect, collect_program
 from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.gradients import FirstOrder, first_order
+from llmrank.passes.gradients import FirstOrder, backward_walk, first_order_kind
 from llmrank.passes.headscore import variance_linears
-from llmrank.passes import program as P
+from llmrank.passes import exported as P
 from llmrank.passes import routes
 from llmrank.passes.probe import group_loss_increases, probe_sequences
-from llmrank.passes.sensitivity import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
-from llmrank.passes.score import GRADIENT_SCORERS, WEIGHT_ONLY_SCORERS, Scores, score
+from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import Verification, outputs
 
@@ -313,11 +312,6 @@ class Calibrate(Pass):
             stats = collect(state.model, plan, acc, progress=state.progress)
         if wants_norms and stats.norms is None:
             raise CalibrationError("calibration data is empty: give at least one batch of token ids")
-        if config.allocation == "fisher":
-            if state.from_program:
-                raise ConfigError("allocation 'fisher' back-propagates through an nn.Module's loss; on an ExportedProgram use "
-                                  "allocation 'error'")
-            stats.sensitivity = output_sensitivity(state.model, consumer_linears(ir), list(batches or state.refit_batches))
         return PassResult(state.update(stats=stats), True)
 
 
@@ -329,21 +323,34 @@ def require_calibration(config: PruneConfig, batches: Sequence[Any], refit_batch
 
 
 class Gradients(Pass):
-    """model + ir + batches -> first_order: sum w * dL/dw per group channel, for the taylor
-    scorer only (a backward pass per calibration sequence); other scorers skip it."""
+    """model + ir + batches -> the loss gradients, in one backward walk (``passes/gradients.py``):
+    ``first_order`` (w * dL/dw per group channel) for the taylor scorers, ``stats.sensitivity``
+    (the squared dL/dy per consumer output) for allocation 'fisher'. Other configs skip it, and
+    so does what the state already holds."""
 
     needs = ("model", "ir")
 
     def call(self, state: PruneState) -> PassResult:
-        if state.config.scorer not in GRADIENT_SCORERS or state.first_order is not None:
+        c = state.config
+        kind = first_order_kind(c.scorer)
+        have = state.first_order
+        taylor = kind is not None and (have is None or getattr(have, "kind", None) not in (None, kind))
+        fisher = c.allocation == "fisher" and not (state.stats is not None and state.stats.sensitivity)
+        if not taylor and not fisher:
             return PassResult(state, False)
-        if state.from_program:
-            raise ConfigError(f"scorer {state.config.scorer!r} needs the loss of a causal LM (an nn.Module with logits); an exported "
-                              "program is not one: prune the nn.Module, or choose another scorer")
-        require_calibration(state.config, state.batches, None)
-        grads = first_order(state.model, state.ir, state.batches, progress=state.progress,
-                            elementwise=state.config.scorer == "taylor-element")
-        return PassResult(state.update(first_order=grads), True)
+        if fisher and state.stats is None:
+            raise PassError("Gradients with allocation 'fisher' adds to the calibration statistics: run Calibrate before it")
+        if taylor:
+            require_calibration(c, state.batches, None)
+        batches = state.batches if taylor else state.batches or state.refit_batches or ()
+        walk = backward_walk(state.model, list(batches), ir=state.ir, first_order=kind if taylor else None,
+                             sensitivity=consumer_linears(state.ir) if fisher else (), progress=state.progress)
+        changes: dict[str, Any] = {}
+        if taylor:
+            changes["first_order"] = walk.first_order
+        if fisher:
+            changes["stats"] = replace(state.stats, sensitivity=walk.sensitivity)
+        return PassResult(state.update(**changes), True)
 
 
 class Score(Pass):
@@ -480,9 +487,6 @@ class Shrink(Pass):
         program = P.reexport(slim, args, shapes, kwargs=kwargs)
         return PassResult(state.update(slim=slim, slim_program=program, rewrites=tuple(rewrites)), True)
 
-
-#: The rewrite pass under the name of what it does in every mode.
-Rewrite = Shrink
 
 
 class Verify(Pass):
@@ -632,6 +636,7 @@ class Pipeline:
         return cls([Trace(), Analyze(), Calibrate(), Gradients(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
 
     def __call__(self, state: PruneState) -> PassResult:
+        routes.check(state.config, routes.PROGRAM if state.from_program else routes.IN_MEMORY)  # before any pass runs
         modified, ran = False, [r.name for r in state.history]
         for p in self.passes:
             name = getattr(p, "name", type(p).__name__)
@@ -677,7 +682,6 @@ class Pipeline:
         if fields:
             state = state.update(**{k: tuple(v) if k in ("batches", "refit_batches", "example_inputs") and v is not None else v
                                     for k, v in fields.items()})
-        routes.check(state.config, routes.PROGRAM if state.from_program else routes.IN_MEMORY)
         return self(state).state
 
     def __repr__(self) -> str:

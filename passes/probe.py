@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -26,30 +25,29 @@ from llmrank.ir.errors import CalibrationError, UnsupportedModelError
 from llmrank.ir.graph import ModelIR
 from llmrank.passes.calibrate import InputStats
 from llmrank.passes.compensate import Refit, plan_refit
+from llmrank.passes.hooks import forward_hooks
+from llmrank.passes.lmloss import lm_logits, next_token_loss
 
 
 def mean_next_token_loss(model: nn.Module, sequences: torch.Tensor) -> float:
     """Mean cross-entropy of each next token over ``sequences`` (token ids [N, L]), in fp64: the
     probe subtracts two of these and the differences are ~1e-4 of the loss, below fp32's
-    rounding of a mean (so not gradients.causal_lm_loss, which is fp32)."""
+    rounding of a mean (the gradients' loss is fp32)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in sequences.split(1):
-            out = model(input_ids=ids, use_cache=False)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).double(), ids[:, 1:].flatten(), reduction="sum"))
+            logits = lm_logits(model, ids, needed_by="allocation 'loss'")
+            total += float(next_token_loss(logits, ids, reduction="sum", dtype=torch.float64))
             count += ids.shape[1] - 1
     return total / count
 
 
-@contextmanager
-def refits_swapped_in(model: nn.Module, ir: ModelIR, refits: Mapping[str, Refit]) -> Iterator[None]:
-    """Inside the block, each refitted consumer computes its output from the kept input columns
+def refits_swapped_in(model: nn.Module, ir: ModelIR, refits: Mapping[str, Refit]) -> AbstractContextManager[None]:
+    """A context in which each refitted consumer computes its output from the kept input columns
     with the refitted weight: the cut model's function, without touching a parameter."""
 
-    def hook_for(refit: Refit):
+    def swap_for(refit: Refit):
         info = ir.linears[refit.linear]
-        module = model.get_submodule(info.name)
         bias = refit.bias if refit.bias is not None else (model.get_parameter(info.bias).detach() if info.bias else None)
 
         def swap(_m: nn.Module, args: tuple, _out: torch.Tensor) -> torch.Tensor:
@@ -57,14 +55,9 @@ def refits_swapped_in(model: nn.Module, ir: ModelIR, refits: Mapping[str, Refit]
             w = refit.weight.to(x.dtype)
             return F.linear(x[..., refit.columns], w, None if bias is None else bias.to(x.dtype))
 
-        return module.register_forward_hook(swap)
+        return swap
 
-    handles = [hook_for(r) for r in refits.values()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return forward_hooks(model, {ir.linears[r.linear].name: swap_for(r) for r in refits.values()})
 
 
 def group_loss_increases(model: nn.Module, ir: ModelIR, kept: Mapping[str, torch.Tensor],

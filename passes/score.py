@@ -37,10 +37,20 @@ from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
 from llmrank.passes.gradients import FirstOrder, group_parts
 
-SCORERS = ("wpr", "mpr", "hits", "l1", "lp", "activation", "wanda", "random", "taylor", "taylor-element")
-GRADIENT_SCORERS = ("taylor", "taylor-element")  # need the Gradients pass (the whole model's loss)
+_WEIGHTS: frozenset[str] = frozenset()
+_ACTIVATIONS = frozenset({"activations"})
+_GRADIENTS = frozenset({"activations", "gradients"})
+#: Every built-in scorer and what it reads besides the weights: "activations" (the calibration
+#: norms of the Calibrate pass), "gradients" (the Gradients pass: the whole model's loss). The
+#: name lists below are read from this one table.
+SCORER_NEEDS: dict[str, frozenset[str]] = {
+    "wpr": _ACTIVATIONS, "mpr": _ACTIVATIONS, "hits": _ACTIVATIONS, "l1": _WEIGHTS, "lp": _WEIGHTS,
+    "activation": _ACTIVATIONS, "wanda": _ACTIVATIONS, "random": _WEIGHTS, "taylor": _GRADIENTS, "taylor-element": _GRADIENTS,
+}
+SCORERS = tuple(SCORER_NEEDS)
+GRADIENT_SCORERS = tuple(name for name, needs in SCORER_NEEDS.items() if "gradients" in needs)
 REPRESENTATIONS = ("isolated", "chained", "dataflow")
-WEIGHT_ONLY_SCORERS = ("l1", "lp", "random")  # need no calibration data
+WEIGHT_ONLY_SCORERS = tuple(name for name, needs in SCORER_NEEDS.items() if not needs)  # need no calibration data
 
 
 @dataclass(frozen=True)

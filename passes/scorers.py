@@ -142,5 +142,3 @@ def _check_unit(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
-
-_lowest = lowest  # the name earlier releases used

@@ -32,6 +32,7 @@ from llmrank.ir.graph import ModelIR
 from llmrank.passes.calibrate import check_token_ids, symmetric_gram
 from llmrank.passes.capture import Recorder, Stop, layers_path  # how the block-by-block route finds and records its blocks
 from llmrank.passes.compensate import Refit, apply_refit, kept_columns, ridge_solve
+from llmrank.passes.hooks import forward_hooks
 from llmrank.passes.shrink import mask
 
 SEQUENTIAL_METHODS = ("lstsq", "lstsq+bias")
@@ -137,12 +138,8 @@ def _inputs(model: nn.Module, names: Sequence[str], sink: dict[str, dict[str, to
             sink["to"][name] = args[0]
         return record
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
+    with forward_hooks(model, {n: hook(n) for n in names}):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def sequential_moments(dense: nn.Module, names: Sequence[str], block: str, hidden_dense: Sequence[torch.Tensor],

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import llmrank
-from llmrank import CalibrationError, ConfigError, PruneError, TraceError
+from llmrank import CalibrationError, ConfigError, InputError, TraceError
 from llmrank.passes.select import select
 
 X = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def test_non_finite_weights(traced_mlp, bad):
     model = mlp()
     with torch.no_grad():
         model[2].weight[1, 3] = bad
-    with pytest.raises(PruneError, match="NaN/Inf") as info:
+    with pytest.raises(InputError, match="NaN/Inf") as info:
         prune_mlp(traced_mlp, model=model)
     assert "2.weight" in str(info.value)
     assert isinstance(info.value, ValueError)
@@ -132,7 +132,7 @@ def test_calibration_errors_are_value_errors():
 
 
 def test_text_calibration_needs_a_tokenizer(tiny_llama):
-    with pytest.raises(PruneError, match="tokenizer"):
+    with pytest.raises(InputError, match="tokenizer"):
         llmrank.prune(tiny_llama.model, "some text", traced=tiny_llama.traced, progress=False)
 
 
@@ -154,7 +154,7 @@ def test_calibration_that_is_not_token_ids(tiny_llama, calibration, message):
     (nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)), torch.randn(4, 8)),
 ])
 def test_no_prunable_group(model, example):
-    with pytest.raises(PruneError, match="no prunable channel group"):
+    with pytest.raises(InputError, match="no prunable channel group"):
         llmrank.prune(model, None, scorer="l1", example_inputs=(example,), progress=False)
 
 

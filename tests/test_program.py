@@ -19,9 +19,9 @@ from torch.export import Dim
 from llmrank.ir.trace import TensorOutput
 from llmrank.passes.analyze import analyze
 from llmrank.passes.calibrate import calibrate
-from llmrank.passes.manager import (
-    Analyze, Calibrate, FunctionPass, Pipeline, PipelineError, PipelineState, Score, Select, Shrink, Trace, Verify,
-    calibrated_linears,
+from llmrank.ir.errors import PassError
+from llmrank.passes.pipeline import (
+    Analyze, Calibrate, FunctionPass, Pipeline, PruneState, Score, Select, Shrink, Trace, Verify,
 )
 from llmrank.passes.program import (
     ProgramError, ProgramResult, calibrate_program, mask_program, outputs_diff, program_dynamic_shapes, program_traced,
@@ -301,11 +301,11 @@ def down_input_norm(model, ir, norms):
 def test_pipeline_with_custom_scorer_matches_direct_calls(tiny_llama):
     batches = list(tiny_llama.calib.split(4))
     ir = analyze(tiny_llama.traced)
-    norms = calibrate(tiny_llama.model, ir, batches, linears=calibrated_linears(ir), progress=False)
+    norms = calibrate(tiny_llama.model, ir, batches, linears=ir.calibration_linears(), progress=False)
     expected = select(ir, down_input_norm(tiny_llama.model, ir, norms).groups, 0.3, multiple=8)
 
     pipeline = Pipeline([Analyze(), Calibrate(), Score(down_input_norm), Select(), Shrink(), Verify()])
-    state = pipeline.run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced), PruneConfig(sparsity=0.3, multiple=8),
+    state = pipeline.run(PruneState(model=tiny_llama.model, traced=tiny_llama.traced), PruneConfig(sparsity=0.3, multiple=8),
                          batches=batches, example_inputs=(batches[0][:2],))
     assert state.kept.keys() == expected.keys()
     for name in expected:
@@ -321,7 +321,7 @@ def test_pipeline_builtin_scorer_matches_prune(tiny_llama):
     batches = list(tiny_llama.calib.split(4))
     config = PruneConfig(scorer="wpr", representation="dataflow", gamma=0.5)
     state = Pipeline([Analyze(), Calibrate(), Score(), Select()]).run(
-        PipelineState(model=tiny_llama.model, traced=tiny_llama.traced), config, batches=batches)
+        PruneState(model=tiny_llama.model, traced=tiny_llama.traced), config, batches=batches)
     ref = llmrank.prune(tiny_llama.model, tiny_llama.calib, config=config, progress=False, traced=tiny_llama.traced, verify=False)
     for name in ref.kept:
         assert torch.equal(state.kept[name], ref.kept[name])
@@ -363,14 +363,14 @@ def test_every_route_produces_the_cli_default_model(tiny_llama):
 
 
 def test_pipeline_errors_name_the_pass_and_what_ran(tiny_llama):
-    with pytest.raises(PipelineError, match="Analyze"):
-        Pipeline([Score()]).run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced, config=PruneConfig(scorer="l1")))
+    with pytest.raises(PassError, match="Analyze"):
+        Pipeline([Score()]).run(PruneState(model=tiny_llama.model, traced=tiny_llama.traced, config=PruneConfig(scorer="l1")))
     wrong = Pipeline([Analyze(), Calibrate(), Score(lambda model, ir, norms: {g.name: torch.ones(3) for g in ir.groups})])
     with pytest.raises(llmrank_errors.InputError, match=r"pass Score\[<lambda>\] failed \(after Analyze, Calibrate\).*width"):
-        wrong.run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced), batches=list(tiny_llama.calib.split(4)))
+        wrong.run(PruneState(model=tiny_llama.model, traced=tiny_llama.traced), batches=list(tiny_llama.calib.split(4)))
     seen = []
     state = Pipeline([Analyze(), FunctionPass(lambda s: seen.append(len(s.ir.groups)), name="count")]).run(
-        PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
+        PruneState(model=tiny_llama.model, traced=tiny_llama.traced))
     assert seen == [len(tiny_llama.ir.groups)] and (state.history[-1].name, state.history[-1].modified) == ("count", False)
     with pytest.raises(TypeError):
         Score("wpr")
@@ -386,16 +386,16 @@ def test_a_functional_pass_that_mutates_is_caught(tiny_llama):
         with torch.no_grad():
             state.model.get_submodule("model.layers.0.mlp.down_proj").weight = torch.nn.Parameter(torch.zeros(32, 64))
 
-    with pytest.raises(PipelineError, match="declared functional"):
-        Pipeline([FunctionPass(sneaky, name="sneaky")]).run(PipelineState(model=model))
-    Pipeline([FunctionPass(sneaky, name="allowed", in_place=True)]).run(PipelineState(model=copy.deepcopy(tiny_llama.model)))
+    with pytest.raises(PassError, match="declared functional"):
+        Pipeline([FunctionPass(sneaky, name="sneaky")]).run(PruneState(model=model))
+    Pipeline([FunctionPass(sneaky, name="allowed", in_place=True)]).run(PruneState(model=copy.deepcopy(tiny_llama.model)))
 
 
 def test_unexpected_errors_are_wrapped_with_the_pass_name(tiny_llama):
     def broken(state):
         raise KeyError("boom")
 
-    with pytest.raises(PipelineError, match=r"pass broken failed \(after Analyze\): KeyError") as info:
-        Pipeline([Analyze(), FunctionPass(broken, name="broken")]).run(PipelineState(model=tiny_llama.model, traced=tiny_llama.traced))
+    with pytest.raises(PassError, match=r"pass broken failed \(after Analyze\): KeyError") as info:
+        Pipeline([Analyze(), FunctionPass(broken, name="broken")]).run(PruneState(model=tiny_llama.model, traced=tiny_llama.traced))
     assert info.value.pass_name == "broken" and info.value.passes_before == ("Analyze",)
     assert isinstance(info.value.__cause__, KeyError)

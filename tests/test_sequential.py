@@ -14,7 +14,7 @@ import llmrank
 from llmrank.ir.errors import ConfigError
 from llmrank.passes.compensate import collect_input_stats, plan_refit
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.sensitivity import output_sensitivity
+from llmrank.passes.gradients import output_sensitivity
 from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.shrink import mask
 
