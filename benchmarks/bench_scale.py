@@ -112,7 +112,8 @@ def child(args: argparse.Namespace) -> None:
 
     import llmrank
     from llmrank.passes.config import PruneConfig
-    from llmrank.passes.layerwise import peak_rss_bytes, prune_layerwise
+    from llmrank.layerwise import prune_layerwise
+    from llmrank.passes.blocks.driver import peak_rss_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -77,8 +77,8 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | None = None, *, dy
     Dynamic batch and sequence dims are requested for token inputs so that the graph is the
     one a deployment would run; for other modules dim 0 is made dynamic when possible.
     """
-    was_training = model.training
-    model.eval()
+    modes = {module: module.training for module in model.modules()}  # restored one by one: train(True) would
+    model.eval()                                                        # switch on dropout a caller had off
     try:
         if is_hf_model(model) and example_inputs is None:
             wrapped, prefix = TensorOutput(model), WRAPPER_PREFIX
@@ -94,7 +94,8 @@ def trace(model: nn.Module, example_inputs: tuple[Any, ...] | None = None, *, dy
             shapes = _batch_dynamic_shapes(inputs) if dynamic else None
         return Traced(_export(wrapped, inputs, shapes, model), model, prefix)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def _max_positions(model: nn.Module) -> int:

@@ -15,7 +15,7 @@ from llmrank.ir.trace import Traced, trace
 from llmrank.passes.analyze import analyze
 from llmrank.passes.calibrate import ActivationNorms, calibrate
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.layerwise import LayerwiseResult, prune_layerwise
+from llmrank.layerwise import LayerwiseResult, prune_layerwise
 from llmrank.passes.pipeline import Pipeline, PruneState
 from llmrank.passes.program import ProgramResult, prune_program
 from llmrank.passes.score import ScoreConfig, Scores, score

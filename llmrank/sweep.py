@@ -368,7 +368,7 @@ def run_sweep(
     """
     from llmrank.api import as_batches, count_parameters
     from llmrank.passes.config import PruneConfig
-    from llmrank.passes.pipeline import Analyze, Calibrate, CheckOutputs, Compensate, Gradients, Pipeline, PruneState, Score, Select, Shrink, Trace, Verify
+    from llmrank.passes.pipeline import Pipeline, PruneState
 
     base = PruneConfig(pruner=pruner, multiple=multiple, min_width=min_width, ridge=ridge, seed=seed, batch_size=batch_size)
     cell_configs = {c.key: cell_config(base, c) for c in cells}  # every cell's options, checked before any work
@@ -422,9 +422,9 @@ def run_sweep(
             refit_batches=tuple(as_batches(compensation_calibration, batch_size=batch_size)) if compensation_calibration is not None else None,
             progress=progress,
         )
-        shared = Pipeline([Trace(), Analyze(), Calibrate(), Gradients()]).run(shared)  # a cell reuses the gradients it shares
+        data, per_cell = Pipeline.stages()
+        shared = data.run(shared)  # a cell reuses the gradients it shares
         shared_timings = {f"{name.lower()}_s": seconds for name, seconds in shared.timings.items()}
-        per_cell = Pipeline([Gradients(), Score(), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
 
         bar = tqdm(pending, desc="sweep", unit="cell", disable=not progress)
         for cell in bar:

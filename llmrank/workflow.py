@@ -2,7 +2,7 @@
 
 It loads, calibrates, prunes (llmrank.prune) and hands the slim model to the exporters; it
 never scores or shrinks on its own. A checkpoint that does not fit the memory budget (or
-``--layerwise``) goes block by block instead (``llmrank.passes.layerwise``), which writes the
+``--layerwise``) goes block by block instead (``llmrank.passes.blocks.driver``), which writes the
 slim checkpoint as it goes; ``--max-memory`` and ``--device`` are execution options of the job,
 not pruning options, so they live here and not in PruneConfig. All outputs go into one folder that is built under a
 temporary name and renamed into place at the end, so a failed run leaves nothing behind.
@@ -184,7 +184,7 @@ def choose_route(job: PruneJob) -> tuple[bool, str, Path | None]:
     a local safetensors checkpoint is pruned block by block instead.
     """
     from llmrank.models import resolve_model_dir
-    from llmrank.passes.checkpoint import Checkpoint, fp32_size
+    from llmrank.passes.blocks.checkpoint import Checkpoint, fp32_size
 
     try:
         folder = resolve_model_dir(job.model)
@@ -424,13 +424,13 @@ def write_int8(folder: Path, job: PruneJob, model, report: dict[str, Any]) -> No
 
 
 def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]:
-    """The job block by block (``llmrank.passes.layerwise``): the slim checkpoint is written as it
+    """The job block by block (``llmrank.passes.blocks.driver``): the slim checkpoint is written as it
     is built; ONNX is exported from it only when it fits the memory budget."""
     from llmrank.data import calibration_tokens
     from llmrank.exporters.hf import load_hf
     from llmrank.models import check_seq_len, load_tokenizer, read_config
-    from llmrank.passes.checkpoint import fp32_size
-    from llmrank.passes.layerwise import prune_layerwise
+    from llmrank.passes.blocks.checkpoint import fp32_size
+    from llmrank.layerwise import prune_layerwise
 
     out, config = Path(job.out), job.config
     refuse_input_overlap(out, folder)
@@ -446,6 +446,7 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
         refit = calibration_tokens(tokenizer, job.calib, n=job.compensation_samples, seq_len=job.seq_len, seed=config.seed)
     budget = job.max_memory if job.max_memory is not None else available_memory()
     notes: list[str] = []
+    genai_failure = None
     with atomic_path(out, force=job.force) as tmp:
         tmp.mkdir(parents=True)
         hf_dir = tmp / "hf"
@@ -462,17 +463,18 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
         exports = [flag for flag, asked in (("ONNX", job.onnx), ("--genai", job.genai)) if asked]
         if exports and slim_need > budget:
             notes.append(f"{' and '.join(exports)} skipped: the slim checkpoint needs about {slim_need / 1e9:.3g} GB in fp32 to "
-                         f"export, more than the {budget / 1e9:.3g} GB budget; run `llmrank export {out / 'hf'}` on a larger machine")
+                         f"export, more than the {budget / 1e9:.3g} GB budget; run `llmrank export {out / 'hf'} --out "
+                         f"{out / 'onnx'}` on a larger machine")
         elif exports:
             slim = load_hf(hf_dir)  # in the checkpoint's dtype: the computation the run's sample logits came from
             report["artifacts"]["hf"]["reload_max_abs_diff"] = _check_layerwise_reload(slim, result, config)
-            if job.genai:
-                write_genai(tmp, job, hf_dir, tokenizer, report)
             if job.onnx:
                 report["artifacts"]["onnx"] = export_onnx_artifact(slim.float(), tmp / "onnx" / "model.onnx", job,
                                                                    _metadata(job, result.widths))
                 write_int8(tmp, job, slim.float(), report)
             del slim
+            if job.genai:  # last: a failed build keeps what was written
+                genai_failure = try_genai(tmp, job, hf_dir, tokenizer, report)
         if not job.hf:
             import shutil
 
@@ -480,6 +482,8 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
             del report["artifacts"]["hf"]
         report["notes"] += notes
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    if genai_failure is not None:
+        raise failed_artifact_error(out, job, report, genai_failure) from genai_failure
     return json.loads((out / "report.json").read_text())
 
 

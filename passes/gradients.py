@@ -22,7 +22,7 @@ back as it was (requires_grad flags, .grad, train/eval mode, weights).
 When both are asked, each sequence runs forward once and back twice (each loss as it always
 was, so either result is the one it would be alone).
 
-The block-by-block route (``llmrank.passes.layerwise``) cannot run this: the loss needs the
+The block-by-block route (``llmrank.passes.blocks.driver``) cannot run this: the loss needs the
 whole model's logits, and a backward through every block at once is exactly what it avoids.
 """
 

@@ -49,7 +49,7 @@ from llmrank.passes.probe import group_loss_increases, probe_sequences
 from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.shrink import mask, mask_paper, shrink
-from llmrank.passes.verify import Verification, outputs
+from llmrank.passes.verify import OutputCheck, Verification, outputs
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,6 @@ class PassRecord:
     name: str
     modified: bool
     seconds: float
-
-
-@dataclass(frozen=True)
-class OutputCheck:
-    """The final model's outputs on the verification sample, against the dense model's.
-
-    ``relative_error`` is ||final - dense|| / ||dense||; ``relative_error_without_refit`` the
-    same for the cut model before compensation (None when there was no refit), so a report
-    shows what the refit did.
-    """
-
-    finite: bool
-    relative_error: float
-    relative_error_without_refit: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -633,7 +616,17 @@ class Pipeline:
     @classmethod
     def default(cls, *, scorer: ScorerFn | None = None) -> Pipeline:
         """The passes every route runs, in order (a plug-in ``scorer`` replaces the built-in ones)."""
-        return cls([Trace(), Analyze(), Calibrate(), Gradients(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()])
+        data, decide = cls.stages(scorer=scorer)
+        return cls(data.passes + decide.passes[1:])  # the decision stage's Gradients only re-checks the data stage's
+
+    @classmethod
+    def stages(cls, *, scorer: ScorerFn | None = None) -> tuple[Pipeline, Pipeline]:
+        """The one supported split of ``default()``: the data stage (Trace .. Gradients: the model and
+        its calibration data, run once) and the decision stage (Score .. Verify: one configuration's
+        choice and rewrite). The sweep runs the data stage once and the decision stage per cell; the
+        decision stage's Gradients computes only what the cell needs and the data stage lacked."""
+        return (cls([Trace(), Analyze(), Calibrate(), Gradients()]),
+                cls([Gradients(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()]))
 
     def __call__(self, state: PruneState) -> PassResult:
         routes.check(state.config, routes.PROGRAM if state.from_program else routes.IN_MEMORY)  # before any pass runs

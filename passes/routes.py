@@ -52,7 +52,7 @@ BLOCKS = Route("block by block", whole_model_loss=False, heads=True, next_block_
                masks=False, inplace=False, second_head_graph=False,
                way_out="prune in memory instead (drop --layerwise, or raise --max-memory on a machine that has it)")
 PROGRAM = Route("exported program", whole_model_loss=False, heads=False, next_block_weights=True, decoder_blocks=False,
-                masks=True, inplace=False, second_head_graph=True,
+                masks=False, inplace=False, second_head_graph=True,
                 way_out="prune the nn.Module with llmrank.prune, which has the whole model")
 ROUTES = {r.name: r for r in (IN_MEMORY, BLOCKS, PROGRAM)}
 

@@ -92,7 +92,7 @@ class Scores:
 @dataclass(frozen=True)
 class Upstream:
     """What the groups before a slice of a model passed on, so a model can be scored one slice
-    (decoder block) at a time with the scores of scoring it whole (``llmrank.passes.layerwise``).
+    (decoder block) at a time with the scores of scoring it whole (``llmrank.passes.blocks.driver``).
 
     ``residual``: the dataflow view's parts written into the residual stream by earlier slices,
     in graph order (a group consumer's propagated exit score, any other writer's normalised

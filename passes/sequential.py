@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from llmrank.ir.errors import ConfigError, InputError, UnsupportedModelError
 from llmrank.ir.graph import ModelIR
 from llmrank.passes.calibrate import check_token_ids, symmetric_gram
-from llmrank.passes.capture import Recorder, Stop, layers_path  # how the block-by-block route finds and records its blocks
+from llmrank.passes.blocks.capture import Recorder, Stop, layers_path  # how the block-by-block route finds and records its blocks
 from llmrank.passes.compensate import Refit, apply_refit, kept_columns, ridge_solve
 from llmrank.passes.hooks import forward_hooks
 from llmrank.passes.shrink import mask
@@ -80,6 +80,26 @@ def solve_cross(w: torch.Tensor, s: CrossStats, keep: torch.Tensor, offset: int,
     w_new = ridge_solve(p, c.T @ w.T, ridge).T
     shift = w @ mu_d - w_new @ mu_p if method == "lstsq+bias" else None
     return cols, w_new, shift
+
+
+def solve_refits(dense: nn.Module, ir: ModelIR, groups: Sequence[Any], kept: dict[str, torch.Tensor],
+                 stats: dict[str, CrossStats], *, method: str, ridge: float, target: str) -> dict[str, Refit]:
+    """The refit of every consumer of ``groups`` from its cross moments (``dense`` holds the dense
+    weights; the in-memory walk below and the block route both call this)."""
+    refits = {}
+    for g in groups:
+        for port in g.consumers:
+            info = ir.linears[port.linear]
+            w = dense.get_parameter(info.weight).detach().to(torch.float64)
+            w = w.t() if info.kind == "conv1d" else w
+            cols, w_new, shift = solve_cross(w, stats[info.name], kept[g.name].to(torch.long), port.offset, g.width,
+                                             method=method, ridge=ridge, target=target)
+            bias = None
+            if shift is not None:
+                old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
+                bias = old + shift
+            refits[info.name] = Refit(info.name, cols, w_new, bias)
+    return refits
 
 
 # ---------------------------------------------------------------------- the walk
@@ -221,19 +241,7 @@ def plan_sequential_refit(
                 if groups:
                     names = sorted({port.linear for g in groups for port in g.consumers})
                     stats, hidden_next = sequential_moments(dense, names, block, hidden_d, hidden_p, calls)
-                    block_refits = {}
-                    for g in groups:
-                        for port in g.consumers:
-                            info = ir.linears[port.linear]
-                            w = dense.get_parameter(info.weight).detach().to(torch.float64)
-                            w = w.t() if info.kind == "conv1d" else w
-                            cols, w_new, shift = solve_cross(w, stats[info.name], kept[g.name].to(torch.long), port.offset,
-                                                             g.width, method=method, ridge=ridge, target=target)
-                            bias = None
-                            if shift is not None:
-                                old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
-                                bias = old + shift
-                            block_refits[info.name] = Refit(info.name, cols, w_new, bias)
+                    block_refits = solve_refits(dense, ir, groups, kept, stats, method=method, ridge=ridge, target=target)
                     apply_refit(pruned, ir, block_refits, shrunk=False)
                     refits.update(block_refits)
                 else:

@@ -2,7 +2,7 @@
 
 A pruned model keeps the dense model's config object, which still describes the dense shapes.
 Both writers of a slim checkpoint, the in-memory one (``llmrank.exporters.hf.save_hf``) and the
-block-by-block one (``llmrank.passes.checkpoint``), describe the shapes with the same rules:
+block-by-block one (``llmrank.passes.blocks.checkpoint``), describe the shapes with the same rules:
 a width every layer shares goes into the family's width field, per-layer widths and head counts
 under ``config.llmrank`` (read back by ``llmrank.load``), and a bias the refit added turns on
 the family's bias switch where it has one. Nothing here writes a file.

@@ -63,3 +63,20 @@ def verify(
     """
     reference = outputs(mask(original, ir, kept, refits=refits), inputs)
     return Verification.compare(reference, outputs(shrunk, inputs), inputs, atol=atol, rtol=rtol)
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """The final model's outputs on the verification sample, against the dense model's.
+
+    ``relative_error`` is ||final - dense|| / ||dense||; ``relative_error_without_refit`` the
+    same for the cut model before compensation (None when there was no refit), so a report
+    shows what the refit did.
+    """
+
+    finite: bool
+    relative_error: float
+    relative_error_without_refit: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

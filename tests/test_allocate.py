@@ -17,7 +17,7 @@ from llmrank.exporters.hf import load_hf, save_hf
 from llmrank.ir.errors import ConfigError
 from llmrank.passes.allocate import Consumer, allocate, allowed_widths, refit_error, removal_curve
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.layerwise import check_config
+from llmrank.passes.blocks.driver import check_config
 
 RIDGE = 1e-3
 

@@ -220,7 +220,7 @@ def test_broken_index_is_named(sharded, ws, capsys, how, route):
 @pytest.mark.parametrize("how", ["json", "no-map"])
 def test_checkpoint_names_the_broken_index(sharded, how):
     from llmrank.ir.errors import InputError
-    from llmrank.passes.checkpoint import Checkpoint
+    from llmrank.passes.blocks.checkpoint import Checkpoint
 
     expect = break_index(sharded, how)
     with pytest.raises(InputError, match=expect) as info:
@@ -230,7 +230,7 @@ def test_checkpoint_names_the_broken_index(sharded, how):
 
 def test_checkpoint_read_names_the_shard_that_lacks_a_tensor(sharded):
     from llmrank.ir.errors import InputError
-    from llmrank.passes.checkpoint import Checkpoint
+    from llmrank.passes.blocks.checkpoint import Checkpoint
 
     index = json.loads((sharded / INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))

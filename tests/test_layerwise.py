@@ -17,9 +17,9 @@ import transformers as T
 import llmrank
 from llmrank.ir.errors import ConfigError, InputError
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.checkpoint import Checkpoint
-from llmrank.passes.hidden import HiddenStates
-from llmrank.passes.layerwise import prune_layerwise
+from llmrank.passes.blocks.checkpoint import Checkpoint
+from llmrank.passes.blocks.hidden import HiddenStates
+from llmrank.layerwise import prune_layerwise
 
 V = 128
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=V,
@@ -32,6 +32,8 @@ def _build(family: str) -> torch.nn.Module:
         model = T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **COMMON))
     elif family == "mistral":
         model = T.MistralForCausalLM(T.MistralConfig(num_key_value_heads=2, sliding_window=8, **COMMON))
+    elif family == "gpt2":  # Conv1D projections, learned positions, dropout in every block
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=V, n_positions=64))
     elif family == "qwen2":
         model = T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **COMMON))
     else:  # Gemma-3 text: sliding and full attention layers, tied head, scaled embeddings, soft-capping norms
@@ -45,7 +47,7 @@ def _build(family: str) -> torch.nn.Module:
 def checkpoints(tmp_path_factory):
     """family -> (model, folder), saved in shards small enough to give several files."""
     out = {}
-    for family in ("llama", "mistral", "qwen2", "gemma3"):
+    for family in ("llama", "mistral", "qwen2", "gemma3", "gpt2"):
         model = _build(family)
         folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="30KB")
@@ -106,7 +108,8 @@ CASES = ([("llama", name) for name in CONFIGS]
          + [(family, name) for family in ("qwen2", "gemma3")
             for name in ("wpr-dataflow", "wpr-dataflow-lstsq", "mpr-dataflow-global-lstsq", "wpr-chained")]
          + [("mistral", "wpr-dataflow-lstsq")]
-         + [(family, name) for family in ("qwen2", "gemma3") for name in ("target-params-heads", "allocation-error")])
+         + [(family, name) for family in ("qwen2", "gemma3") for name in ("target-params-heads", "allocation-error")]
+         + [("gpt2", "wpr-dataflow-lstsq"), ("gpt2", "mpr-dataflow-global-lstsq")])
 
 
 @pytest.mark.parametrize("family,name", CASES)

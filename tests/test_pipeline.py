@@ -419,3 +419,15 @@ def test_result_to_dict_is_json(tiny_llama):
         assert d["verification"]["ok"] is True
     assert len(d["scores"][GROUPS[0]]) == INTER and d["kept"][GROUPS[0]] == r.kept[GROUPS[0]].tolist()
     assert json.loads(json.dumps(tiny_llama.ir.to_dict()))["groups"][0]["name"] == GROUPS[0]
+
+
+def test_trace_restores_each_module_s_own_mode():
+    """A wrapper in training mode around eval-mode blocks (the block route's holder) must get its
+    blocks back in eval mode: restoring with train(True) switched GPT-2's dropout on."""
+    from llmrank.ir.trace import trace
+
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 4)).eval()
+    outer = torch.nn.Sequential(inner)
+    outer.training = True  # the wrapper alone says training
+    trace(outer, (torch.randn(2, 4),))
+    assert outer.training and not any(m.training for m in inner.modules())

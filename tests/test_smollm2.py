@@ -76,7 +76,7 @@ def test_layerwise_equals_in_memory(smollm2, smollm2_traced, wiki_tokens, tmp_pa
     """Block by block from the cached checkpoint folder, in fp32 as load_model loads it: the same
     kept sets as the in-memory prune, and the written checkpoint reloads to its logits."""
     from llmrank.models import resolve_model_dir
-    from llmrank.passes.layerwise import prune_layerwise
+    from llmrank.layerwise import prune_layerwise
 
     model, _ = smollm2
     calib = wiki_tokens[0][:4, :128]

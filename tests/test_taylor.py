@@ -11,7 +11,7 @@ from torch.nn import functional as F
 import llmrank
 from llmrank.ir.errors import ConfigError
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.layerwise import check_config
+from llmrank.passes.blocks.driver import check_config
 
 
 def reference_taylor(model, calib: torch.Tensor, elementwise: bool = False) -> dict[int, torch.Tensor]:

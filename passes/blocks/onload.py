@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmrank.passes.checkpoint import Checkpoint
+from llmrank.passes.blocks.checkpoint import Checkpoint
 
 
 def skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:

@@ -45,27 +45,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmrank.ir.errors import ConfigError, InputError, VerificationError
+from llmrank.ir.errors import InputError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import example_tokens, trace
 from llmrank.passes import routes
 from llmrank.passes.allocate import Curve, removal_curves
 from llmrank.passes.analyze import analyze, residual_writers
-from llmrank.passes.choose import Budget, budget, choose, is_local, needs_curves
-from llmrank.passes.headcut import head_notes
-from llmrank.passes.headscore import variance_linears
+from llmrank.passes.blocks.capture import Holder, Recorder, Replay, Stop, layers_path, split_call
+from llmrank.passes.blocks.checkpoint import Checkpoint, ShardWriter, finish_checkpoint
+from llmrank.passes.blocks.hidden import HiddenStates
+from llmrank.passes.blocks.onload import buffers_to_own, materialise, materialise_own, skeleton, to_meta
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
-from llmrank.passes.capture import Holder, Recorder, Replay, Stop, layers_path, split_call
-from llmrank.passes.checkpoint import Checkpoint, ShardWriter, finish_checkpoint
+from llmrank.passes.choose import Budget, budget, choose, is_local, needs_curves
 from llmrank.passes.compensate import consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.hidden import HiddenStates
-from llmrank.passes.onload import buffers_to_own, materialise, materialise_own, skeleton, to_meta
-from llmrank.passes.pipeline import OutputCheck
+from llmrank.passes.headcut import head_notes
+from llmrank.passes.headscore import variance_linears
+from llmrank.passes.hooks import forward_hooks
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
 from llmrank.passes.select import clamp_notes, effective_sparsity
+from llmrank.passes.sequential import CrossStats, sequential_moments, solve_refits
 from llmrank.passes.shrink import mask, shrink
-from llmrank.passes.verify import Verification
+from llmrank.passes.verify import OutputCheck, Verification
 
 log = logging.getLogger(__name__)
 
@@ -169,35 +170,29 @@ def check_config(config: PruneConfig, *, why: str = "") -> None:
     routes.check(config, routes.BLOCKS, why=why)
 
 
-def prune_layerwise(
+def run_blocks(
     folder: Path | str,
-    calibration_ids: torch.Tensor | None,
+    batches: Sequence[torch.Tensor],
+    refit: Sequence[torch.Tensor] | None,
     *,
-    config: PruneConfig | None = None,
-    out_dir: Path | str | None = None,
-    refit_ids: torch.Tensor | None = None,
+    config: PruneConfig,
+    write_to: Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     progress: bool = False,
     hidden_budget_bytes: float = math.inf,
     max_shard_size: int = 2 * 1024**3,
-    force: bool | int = False,
     metadata: dict[str, Any] | None = None,
 ) -> LayerwiseResult:
     """Prune the checkpoint in ``folder`` one decoder block at a time (see the module docstring).
 
-    ``calibration_ids`` [N, L] feed the scores, ``refit_ids`` (default: the same) the refit
-    moments; both are split into ``config.batch_size`` batches as ``llmrank.prune`` does.
-    ``dtype``: the working precision (default: the checkpoint's); statistics accumulate in
-    fp32/fp64 and the written tensors keep the checkpoint's dtype. ``hidden_budget_bytes``: past
-    this, the calibration hidden states are spilled to a temporary folder. ``out_dir``: where the
-    slim checkpoint goes (written atomically); None writes nothing.
+    ``batches`` (token id batches) feed the scores, ``refit`` (default: the same) the refit
+    moments. ``dtype``: the working precision (default: the dtype most of the checkpoint is in);
+    statistics accumulate in fp32/fp64 and every written tensor keeps its stored dtype.
+    ``hidden_budget_bytes``: past this, the calibration hidden states are spilled to a temporary
+    folder. ``write_to``: an existing empty folder for the slim checkpoint (the caller makes the
+    write atomic); None writes nothing.
     """
-    from contextlib import nullcontext
-
-    from llmrank.api import as_batches
-    from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
-
     config = config or PruneConfig()
     check_config(config)
     clock = time.perf_counter()
@@ -210,55 +205,52 @@ def prune_layerwise(
     dtype_notes = (f"the checkpoint mixes {' and '.join(stored)} tensors: the blocks are computed in "
                    f"{str(dtype).replace('torch.', '')} (most of its weights) and every tensor is written back in the "
                    "dtype it was stored in",) if len(stored) > 1 else ()
-    batches = tuple(as_batches(calibration_ids, batch_size=config.batch_size)) if calibration_ids is not None else ()
-    refit = tuple(as_batches(refit_ids, batch_size=config.batch_size)) if refit_ids is not None else None
+    batches = tuple(batches)
+    refit = tuple(refit) if refit is not None else None
     if config.needs_calibration and not batches and not refit:
         raise InputError(f"scorer {config.scorer!r} with compensation {config.compensation!r} needs calibration data: "
                          "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
     wants_norms = bool(batches) or config.scorer not in WEIGHT_ONLY_SCORERS
-    plan = Plan.build(batches, refit, norms=wants_norms and bool(batches), moments=config.needs_moments)
-    if out_dir is not None:
-        refuse_input_overlap(Path(out_dir), folder)
-        check_writable(Path(out_dir), force)
+    # the refit batches ride in the plan as 'moments' steps: the dense refit's moments, or the pruned stream's batches
+    plan = Plan.build(batches, refit, norms=wants_norms and bool(batches),
+                      moments=config.needs_moments or config.refit_inputs != "dense")
 
     model = skeleton(folder, dtype)
     params_before = sum(p.numel() for p in model.parameters())
     token_batches = [step.batch for step in plan.steps] + [_sample_ids(model, batches)]
     run = _Run(config, ckpt, model, plan, token_batches, device, dtype, hidden_budget_bytes, progress)
     run.dtype_notes = dtype_notes
-    with (atomic_path(Path(out_dir), force=force) if out_dir is not None else nullcontext(None)) as tmp:
-        if tmp is not None:
-            tmp.mkdir(parents=True)
-            run.writer, run.out_dtype = ShardWriter(tmp, max_shard_size), ckpt_dtype
-        try:
-            run.capture()
-            if is_local(config):  # each block's kept sets depend on that block alone: one walk
-                run.walk(Walk(score=True, rewrite=True, plan=Budget(config.sparsity, config.head_sparsity)))
-            else:  # the choice spans blocks: score them all, choose as the in-memory Select does, then rewrite
-                early = needs_curves(config) and config.allocation != "uniform" and config.target_params is None
-                run.walk(Walk(score=True, curves_at=config.sparsity if early else None))
-                cut = budget(config, run.all_ir(), run.scores.heads, params_before)
-                whole = config.pruner == "global" or config.allocation != "uniform"
-                if whole and needs_curves(config) and not early:
-                    run.capture()
-                    run.walk(Walk(curves_at=cut.sparsity))
-                kept = choose(config, run.all_ir(), run.scores.groups, run.scores.heads, cut, curves=run.curves,
-                              notes=False).kept if whole else None
-                run.capture()  # the next walk starts again from the embeddings
-                run.walk(Walk(rewrite=True, plan=cut, kept=kept))
-            output_check = run.check_outputs()
-        finally:
-            run.close()
-        ir = run.all_ir()
-        kept = {g.name: run.kept[g.name] for g in ir.groups} | {hg.name: run.kept[hg.name] for hg in ir.head_groups
-                                                                 if hg.name in run.kept}  # the in-memory order
-        widths = {g.name: (g.width, len(kept[g.name])) for g in ir.groups}
-        if tmp is not None:
-            tick = time.perf_counter()
-            assert run.writer is not None
-            finish_checkpoint(tmp, run.writer, ckpt, model, f"{run.path}.", run.out_dtype,
-                              _checkpoint_metadata(ckpt, config, widths, metadata or {}))
-            run.timings["write"] = run.timings.get("write", 0.0) + time.perf_counter() - tick
+    if write_to is not None:
+        run.writer, run.out_dtype = ShardWriter(write_to, max_shard_size), ckpt_dtype
+    try:
+        run.capture()
+        if is_local(config):  # each block's kept sets depend on that block alone: one walk
+            run.walk(Walk(score=True, rewrite=True, plan=Budget(config.sparsity, config.head_sparsity)))
+        else:  # the choice spans blocks: score them all, choose as the in-memory Select does, then rewrite
+            early = needs_curves(config) and config.allocation != "uniform" and config.target_params is None
+            run.walk(Walk(score=True, curves_at=config.sparsity if early else None))
+            cut = budget(config, run.all_ir(), run.scores.heads, params_before)
+            whole = config.pruner == "global" or config.allocation != "uniform"
+            if whole and needs_curves(config) and not early:
+                run.capture()
+                run.walk(Walk(curves_at=cut.sparsity))
+            kept = choose(config, run.all_ir(), run.scores.groups, run.scores.heads, cut, curves=run.curves,
+                          notes=False).kept if whole else None
+            run.capture()  # the next walk starts again from the embeddings
+            run.walk(Walk(rewrite=True, plan=cut, kept=kept))
+        output_check = run.check_outputs()
+    finally:
+        run.close()
+    ir = run.all_ir()
+    kept = {g.name: run.kept[g.name] for g in ir.groups} | {hg.name: run.kept[hg.name] for hg in ir.head_groups
+                                                             if hg.name in run.kept}  # the in-memory order
+    widths = {g.name: (g.width, len(kept[g.name])) for g in ir.groups}
+    if write_to is not None:
+        tick = time.perf_counter()
+        assert run.writer is not None
+        finish_checkpoint(write_to, run.writer, ckpt, model, f"{run.path}.", run.out_dtype,
+                          _checkpoint_metadata(ckpt, config, widths, metadata or {}))
+        run.timings["write"] = run.timings.get("write", 0.0) + time.perf_counter() - tick
     cut = run.cut
     groups = {g.name: kept[g.name] for g in ir.groups}
     notes = cut.notes + run.dtype_notes + tuple(clamp_notes(ir, groups, cut.sparsity, multiple=config.multiple,
@@ -279,7 +271,7 @@ def prune_layerwise(
                 "compensation_tokens": run.refit_tokens if config.compensation != "none" else 0,
                 "calibration_batches": sum(1 for s in plan.steps if s.norms), "calibration_tokens": run.norm_tokens,
                 "applied": cut.to_dict()},
-        out_dir=Path(out_dir) if out_dir is not None else None, dtype=str(dtype).replace("torch.", ""), device=str(device),
+        out_dir=write_to, dtype=str(dtype).replace("torch.", ""), device=str(device),
         peak_device_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         sample_ids=run.token_batches[run.sample], sample_logits=run.sample_logits,
     )
@@ -311,6 +303,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.refit_tokens = self.norm_tokens = 0
         self.hidden: HiddenStates | None = None
+        self.pruned: HiddenStates | None = None  # the sequential refit's pruned stream
         self.calls: list[list[tuple[tuple, dict]]] = []
         self.dense_sample: torch.Tensor | None = None
         self.slim_sample: torch.Tensor | None = None
@@ -369,6 +362,9 @@ class _Run:
         self.timings["capture"] = self.timings.get("capture", 0.0) + time.perf_counter() - tick
 
     def close(self) -> None:
+        if self.pruned is not None:
+            self.pruned.close()
+            self.pruned = None
         if self.hidden is not None:
             self.hidden_peak = max(self.hidden_peak, self.hidden.bytes)
             self.spilled = self.spilled or self.hidden.spill is not None
@@ -402,10 +398,15 @@ class _Run:
 
         c = self.config
         upstream = Upstream()
-        moments = walk.curves_at is not None or (walk.rewrite and c.compensation != "none") or \
-            (walk.rewrite and needs_curves(c) and walk.kept is None)
+        moments = walk.curves_at is not None or (walk.rewrite and c.needs_moments)
+        # the sequential refit: the refit batches also run through the pruned blocks (a second stream)
+        stream = [k for k, s in enumerate(self.plan.steps) if s.moments] if walk.rewrite and c.refit_inputs != "dense" else []
         steps = [(k, Step(s.batch, s.norms and walk.score, s.moments and moments)) for k, s in enumerate(self.plan.steps)]
-        steps = [(k, s) for k, s in steps if s.norms or s.moments]  # a batch no statistic needs is not propagated
+        steps = [(k, s) for k, s in steps if s.norms or s.moments or k in stream]  # a batch nothing needs is not propagated
+        if stream:
+            self.pruned = HiddenStates(self.budget)
+            for k in stream:
+                self.pruned.put(k, self.hidden.get(k))
         if walk.plan is not None:
             self.cut = walk.plan
         for i in tqdm(range(self.n_layers), desc="blocks", unit="block", disable=not self.progress):
@@ -425,6 +426,7 @@ class _Run:
                 del traced
                 self._time(record, "trace", tick)
             ir = self.irs[i]
+            cross = self._cross_moments(holder, ir, i, stream) if stream else None
             stats = self._statistics(holder, ir, i, steps, record)
             tick = time.perf_counter()
             if walk.score:
@@ -442,9 +444,22 @@ class _Run:
                 self.curves.update(self._curves(holder, ir, stats, walk.curves_at))
                 tick = self._time(record, "curves", tick)
             if walk.rewrite:
-                self._rewrite(holder, ir, i, stats, walk, record)
+                self._rewrite(holder, ir, i, stats, walk, record, cross)
+                for k in stream:  # the next block's pruned inputs: this block cut and refitted
+                    with torch.no_grad():
+                        self.pruned.put(k, holder(self.pruned.get(k), *self._args(k, i)))
             to_meta(block)
             record.rss_bytes = _rss_now()
+
+    def _cross_moments(self, holder: Holder, ir: ModelIR, i: int, stream: list[int]) -> dict[str, CrossStats]:
+        """Each consumer's dense inputs against its pruned-stream inputs, the dense block run on both
+        (the sequential refit's moments, ``sequential.sequential_moments``)."""
+        names = consumer_linears(ir)
+        calls = [self.calls[k][i] for k in stream]
+        with torch.no_grad():
+            stats, _ = sequential_moments(holder, names, f"{self.path}.{i}", [self.hidden.get(k) for k in stream],
+                                          [self.pruned.get(k) for k in stream], calls)
+        return stats
 
     def _curves(self, holder: Holder, ir: ModelIR, stats: CalibrationStats, sparsity: float) -> dict[str, Curve]:
         c = self.config
@@ -463,18 +478,13 @@ class _Run:
                           consumer_linears(ir, heads=c.heads) if wants_moments else (),
                           second_moment=c.second_moment,
                           variance_linears=variance_linears(ir) if wants_norms and c.needs_variances else ())
-        handles = [holder.get_submodule(name).register_forward_hook(_hook(acc, name)) for name in sorted(acc.watched)]
-        try:
-            with torch.no_grad():
-                for k, step in steps:
-                    x = self.hidden.get(k)
-                    with acc.batch(step, int(math.prod(x.shape[:-1]))):
-                        y = holder(x, *self._args(k, i))
-                    check_finite_activations(y, i, k, self.dtype)
-                    self.hidden.put(k, y)
-        finally:
-            for h in handles:
-                h.remove()
+        with forward_hooks(holder, {name: _hook(acc, name) for name in sorted(acc.watched)}), torch.no_grad():
+            for k, step in steps:
+                x = self.hidden.get(k)
+                with acc.batch(step, int(math.prod(x.shape[:-1]))):
+                    y = holder(x, *self._args(k, i))
+                check_finite_activations(y, i, k, self.dtype)
+                self.hidden.put(k, y)
         stats = acc.result() if (wants_norms or wants_moments) else CalibrationStats()
         if wants_moments:
             self.refit_tokens = acc.refit_tokens
@@ -483,7 +493,8 @@ class _Run:
         self._time(record, "calibrate", tick)
         return stats
 
-    def _rewrite(self, holder: Holder, ir: ModelIR, i: int, stats: CalibrationStats, walk: Walk, record: BlockRecord) -> None:
+    def _rewrite(self, holder: Holder, ir: ModelIR, i: int, stats: CalibrationStats, walk: Walk, record: BlockRecord,
+                 cross: dict[str, CrossStats] | None = None) -> None:
         """Choose (when the choice is local to the block), refit, shrink in place, check against the
         masked dense block, write."""
         c = self.config
@@ -495,7 +506,14 @@ class _Run:
             curves = self._curves(holder, ir, stats, walk.plan.sparsity) if needs_curves(c) else None
             block_kept = choose(c, ir, self.scores.groups, self.scores.heads, walk.plan, curves=curves, notes=False).kept
         self.kept.update(block_kept)
-        refits = plan_refit(holder, ir, block_kept, stats.moments, method=c.compensation, ridge=c.ridge) if c.compensation != "none" else {}
+        if cross is not None:  # refit_inputs pruned / pruned-self: fitted on the pruned stream's inputs
+            cut = [g for g in ir.groups if block_kept[g.name].numel() < g.width]
+            refits = solve_refits(holder, ir, cut, block_kept, cross, method=c.compensation, ridge=c.ridge,
+                                  target="self" if c.refit_inputs == "pruned-self" else "dense")
+        elif c.compensation != "none":
+            refits = plan_refit(holder, ir, block_kept, stats.moments, method=c.compensation, ridge=c.ridge)
+        else:
+            refits = {}
         tick = self._time(record, "select+refit", tick)
         args = self._args(self.sample, i)
         dense_in, slim_in = self.dense_sample, self.slim_sample

@@ -55,6 +55,7 @@ class Holder(nn.Module):
         parent.add_module(parts[-1], nn.ModuleDict({str(index): block}))
         object.__setattr__(self, "block", block)  # a plain reference: the block's parameters are listed once, under its path
         self.spec, self.constants = spec, constants
+        self.train(block.training)  # a new Module starts in training mode; the holder takes its block's mode
 
     def forward(self, hidden_states: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
         it = iter(leaves)
