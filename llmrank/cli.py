@@ -22,16 +22,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="log each pass as it runs, with its time")
 
 
-def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
-    """One flag per PruneConfig option, with its help, choices and the command's default."""
-    from llmrank.passes.config import cli_options
+_GROUP_TITLES = {"budget": "budget (how much to cut)", "quality": "quality (how to choose and repair)",
+                 "advanced": "advanced (research knobs of the scorers and the refit)"}
 
+
+def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
+    """One flag per PruneConfig option, with its help, choices and the command's default, in the
+    option's help group (budget, quality, advanced)."""
+    from llmrank.passes.config import GROUPS, cli_options, option_group
+
+    groups = {g: p.add_argument_group(_GROUP_TITLES[g]) for g in GROUPS}
     for name, default, meta in cli_options():
         if only is not None and name not in only:
             continue
         kind = {float: float, int: int, str: str}.get(type(default), float)
         help_text = meta["help"] + (f" (default: {default})" if default is not None else "")
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default, choices=meta["choices"], help=help_text)
+        groups[option_group(name)].add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
+                                                choices=meta["choices"], help=help_text)
 
 
 def _genai_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -59,11 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model and write slim ONNX + HF checkpoint + report")
     p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m, minilm-l6), local HF folder or hub id")
-    _pruning_options(p)
-    _data_options(p)
-    p.add_argument("--compensation-samples", type=int, default=64,
-                   help="calibration sequences for the compensation statistics (the refit wants more tokens than scoring)")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force)")
+    _pruning_options(p)
+    data = p.add_argument_group("calibration data")
+    _data_options(data)
+    data.add_argument("--compensation-samples", type=int, default=64,
+                      help="calibration sequences for the compensation statistics (the refit wants more tokens than scoring)")
+    outputs = p.add_argument_group("outputs")
+    execution = p.add_argument_group("execution (how, never what, is pruned)")
+    heal = p.add_argument_group("heal before export")
+    p = outputs  # the flags below, up to --no-verify, are outputs
     p.add_argument("--onnx", dest="onnx", action="store_true", default=None, help="write ONNX (default: on)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false")
     p.add_argument("--hf", dest="hf", action="store_true", default=None, help="write a HF checkpoint (default: on)")
@@ -74,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write onnx/model.int8.onnx: int8 MatMul weights by onnxruntime's quantizer, checked against PyTorch")
     _genai_options(p, "also write genai/: an onnxruntime-genai folder built by its own model builder from the slim checkpoint")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
+    p = execution
     p.add_argument("--layerwise", action="store_true",
                    help="prune block by block, one decoder block in memory (chosen automatically when the model does not fit --max-memory)")
     p.add_argument("--max-memory", default=None,
@@ -82,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing --out folder: it is deleted with everything in it; a folder "
                         "without report.json (not an llmrank output) needs --force --force")
+    p = heal
     p.add_argument("--heal-tokens", type=int, default=None,
                    help="heal the slim model before export: distil it from the dense one for N tokens (see 'llmrank heal')")
     p.add_argument("--heal-minutes", type=float, default=None, help="heal for at most M minutes of training (with or without --heal-tokens)")
@@ -90,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heal-train", choices=("lora", "weights"), default="weights",
                    help="heal the pruned Linears' own weights (default) or LoRA adapters (merged at the end; needs 'llmrank[heal]')")
     p.add_argument("--heal-bf16", action="store_true", help="heal under bfloat16 autocast (see heal --bf16)")
-    _common(p)
+    _common(execution)
 
     p = sub.add_parser("heal", help="distil a pruned checkpoint from its dense model (LoRA merged) and write hf/, onnx/, report, plot")
     p.add_argument("slim", type=Path, help="the hf/ folder of a prune (any llmrank slim checkpoint)")

@@ -32,8 +32,20 @@ COMPENSATIONS = METHODS  # the refit methods compensate.py implements
 CLI_DEFAULTS: dict[str, Any] = {"compensation": "lstsq"}
 
 
+#: The CLI's help groups an option can sit in (``--help`` shows the budget and quality first).
+GROUPS = ("budget", "quality", "advanced")
+_GROUP = {**dict.fromkeys(("sparsity", "head_sparsity", "target_params", "head_share", "multiple", "min_width"), "budget"),
+          **dict.fromkeys(("scorer", "compensation", "allocation", "selection", "refit_inputs", "head_scorer", "pruner",
+                           "representation"), "quality")}
+
+
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:  # noqa: A002 - argparse's word
     return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+def option_group(name: str) -> str:
+    """The ``--help`` group of an option: budget, quality or advanced (research knobs)."""
+    return _GROUP.get(name, "advanced")
 
 
 @dataclass(frozen=True)
