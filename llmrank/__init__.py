@@ -15,9 +15,9 @@ from llmrank.ir.trace import Traced, trace
 from llmrank.passes.analyze import analyze
 from llmrank.passes.calibrate import ActivationNorms, calibrate
 from llmrank.passes.config import PruneConfig
-from llmrank.layerwise import LayerwiseResult, prune_layerwise
+from llmrank.layerwise import prune_layerwise
 from llmrank.passes.pipeline import Pipeline, PruneState
-from llmrank.passes.program import ProgramResult, prune_program
+from llmrank.passes.program import prune_program
 from llmrank.passes.score import ScoreConfig, Scores, score
 from llmrank.passes.select import select
 from llmrank.passes.shrink import mask, mask_paper, shrink
@@ -27,7 +27,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ActivationNorms", "CalibrationError", "ChannelGroup", "ConfigError", "ExportError", "InputError", "LLMRankError",
-    "LayerwiseResult", "LinearInfo", "ModelIR", "PassError", "Pipeline", "Port", "ProgramResult", "PruneConfig",
+    "LinearInfo", "ModelIR", "PassError", "Pipeline", "Port", "PruneConfig",
     "PruneResult", "PruneState", "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "UnsupportedModelError",
     "Verification", "VerificationError", "analyze", "calibrate", "count_parameters", "load", "mask", "mask_paper", "prune",
     "prune_layerwise", "prune_program", "score", "select", "shrink", "trace", "verify",

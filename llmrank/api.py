@@ -9,70 +9,20 @@ engineer can ship the slim model.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmrank.ir.errors import CalibrationError, InputError
-from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.pipeline import OutputCheck, Pipeline, PruneState, ScorerFn, require_calibration
-from llmrank.passes.score import Scores
+from llmrank.passes.result import PruneResult
+from llmrank.passes.pipeline import Pipeline, PruneState, ScorerFn, require_calibration
 from llmrank.passes.select import effective_sparsity
 from llmrank.passes.headcut import heads_kept
-from llmrank.passes.verify import Verification
 
 __all__ = ["PruneResult", "as_batches", "count_parameters", "prune"]
-
-
-@dataclass
-class PruneResult:
-    """What a prune produced; ``model`` is a new module unless ``inplace=True`` was asked."""
-
-    model: nn.Module
-    ir: ModelIR
-    scores: Scores
-    kept: dict[str, torch.Tensor]
-    widths: dict[str, tuple[int, int]]
-    params_before: int
-    params_after: int
-    timings: dict[str, float]
-    verification: Verification | None
-    config: dict[str, Any] = field(default_factory=dict)
-    output_check: OutputCheck | None = None
-    notes: tuple[str, ...] = ()
-    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def uniform_width(self) -> int | None:
-        after = {w for _, w in self.widths.values()}
-        return after.pop() if len(after) == 1 else None
-
-    def to_dict(self, *, include_scores: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "model_class": self.ir.model_class,
-            "config": self.config,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "param_reduction": 1 - self.params_after / self.params_before if self.params_before else 0.0,
-            "widths": {k: {"before": b, "after": a} for k, (b, a) in self.widths.items()},
-            "timings_s": self.timings,
-            "verification": self.verification.to_dict() if self.verification else None,
-            "output_check": self.output_check.to_dict() if self.output_check else None,
-            "notes": list(self.notes),
-            "blocked": self.ir.blocked,
-        }
-        if self.heads:
-            out["heads"] = self.heads
-        if include_scores:
-            out["scores"] = {k: v.tolist() for k, v in self.scores.groups.items()}
-            if self.scores.heads:
-                out["head_scores"] = {k: v.tolist() for k, v in self.scores.heads.items()}
-            out["kept"] = {k: v.tolist() for k, v in self.kept.items()}
-        return out
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -164,5 +114,5 @@ def result_of(state: PruneState, params_before: int) -> PruneResult:
                 "calibration_tokens": norms.tokens if norms else 0,
                 "applied": state.budget.to_dict() if state.budget is not None else None},
         output_check=state.output_check, notes=state.notes,
-        heads=heads_kept(ir, kept) if config.heads else {},
+        heads=heads_kept(ir, kept) if config.heads else {}, norms=state.norms,
     )

@@ -16,10 +16,11 @@ import torch
 
 from llmrank.api import as_batches
 from llmrank.exporters.atomic import atomic_path, check_writable, refuse_input_overlap
-from llmrank.passes.blocks.driver import LayerwiseResult, check_config, run_blocks
+from llmrank.passes.blocks.driver import check_config, run_blocks
+from llmrank.passes.result import PruneResult
 from llmrank.passes.config import PruneConfig
 
-__all__ = ["LayerwiseResult", "prune_layerwise"]
+__all__ = ["prune_layerwise"]
 
 
 def prune_layerwise(
@@ -38,7 +39,7 @@ def prune_layerwise(
     metadata: dict[str, Any] | None = None,
     why: str = "",
     **options: Any,
-) -> LayerwiseResult:
+) -> PruneResult:
     """Prune the checkpoint in ``folder`` one decoder block at a time, holding one block's weights.
 
     The same options as ``llmrank.prune`` (``config`` and/or keywords), the same kept sets and

@@ -74,8 +74,10 @@ class PruneJob:
         return HealOptions(tokens=self.heal_tokens, minutes=self.heal_minutes, lr=self.heal_lr, train=self.heal_train,
                            bf16=self.heal_bf16, seq_len=self.seq_len, calib=self.calib, seed=self.config.seed)
 
-    def check(self) -> None:
-        """Every setting and combination, before the model is read (ConfigError names the flag)."""
+    def check(self, *, loaded: bool = False) -> tuple[bool, str, Path | None]:
+        """Every setting and combination, before the model is read (ConfigError names the flag);
+        returns the route (block by block?, why, the model's local folder), each option checked
+        against it. ``loaded``: the caller holds the model already (the in-memory route)."""
         if self.genai is not None:
             from llmrank.exporters.genai import check_options
 
@@ -97,6 +99,10 @@ class PruneJob:
             if self.config.mode != "shrink":
                 raise ConfigError(f"a heal trains the shrunk model: --mode {self.config.mode} is not supported with --heal-tokens")
             self.heal_options.check()
+        if loaded and self.layerwise:
+            raise ConfigError("--layerwise streams the checkpoint from its folder: it cannot take an already loaded model")
+        route = choose_route(self) if not loaded else (False, "in memory (a loaded model)", None)
+        check_route(self, route[0], route[1])
         check_writable(Path(self.out), self.force)
         from llmrank.models import check_seq_len, read_config
 
@@ -107,6 +113,7 @@ class PruneJob:
                 from llmrank.exporters.genai import check_model
 
                 check_model(config, self.genai_device)
+        return route
 
 
 def parse_size(text: str | int) -> int:
@@ -224,12 +231,8 @@ def run_prune(job: PruneJob, *, loaded=None) -> dict[str, Any]:
     """Run the job; returns the report (also written as report.json in ``job.out``)."""
     from llmrank.data import calibration_tokens
 
-    job.check()
+    layerwise, why, folder = job.check(loaded=loaded is not None)
     out, config = Path(job.out), job.config
-    if loaded is not None and job.layerwise:
-        raise ConfigError("--layerwise streams the checkpoint from its folder: it cannot take an already loaded model")
-    layerwise, why, folder = choose_route(job) if loaded is None else (False, "in memory (a loaded model)", None)
-    check_route(job, layerwise, why)
     if layerwise:
         return run_prune_layerwise(job, folder, why)
     clock = time.perf_counter()
@@ -337,7 +340,7 @@ def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str,
         "llmrank_version": __version__,
         "model": job.model,
         "job": job_dict,
-        "route": "in memory",
+        "route": result.route,
         **result.to_dict(),
         "requested_sparsity": None if job.config.target_params is not None else job.config.sparsity,
         "requested_target_params": job.config.target_params,

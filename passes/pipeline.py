@@ -49,7 +49,7 @@ from llmrank.passes.probe import group_loss_increases, probe_sequences
 from llmrank.passes.sequential import plan_sequential_refit
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
 from llmrank.passes.shrink import mask, mask_paper, shrink
-from llmrank.passes.verify import OutputCheck, Verification, outputs
+from llmrank.passes.verify import OutputCheck, Verification, outputs, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,7 @@ class CheckOutputs(Pass):
         if state.refits:
             cut = _first_output(mask(state.model, state.ir, state.kept), inputs).double()
             without = _relative(cut, dense)
-        check = OutputCheck(finite, _relative(final, dense) if finite else math.inf, without)
+        check = OutputCheck(finite, _relative(final, dense) if finite else math.inf, without, sample_tokens(inputs))
         if not finite:
             raise VerificationError(
                 "the pruned model produces NaN/Inf outputs"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,20 +31,18 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from llmrank.ir.errors import InputError
-from llmrank.ir.graph import ModelIR
-from llmrank.passes.calibrate import ActivationNorms, as_inputs
+from llmrank.passes.calibrate import as_inputs
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.exported import (
     analyze_program, calibrate_program, example_inputs, mask_program, program_dynamic_shapes, program_traced, reexport,
     rewrite_shapes, shrink_program,
 )
 from llmrank.passes.pipeline import Pipeline, PruneState
-from llmrank.passes.score import Scores
+from llmrank.passes.result import PruneResult
 from llmrank.passes.shrink import mask
 
 __all__ = [
     "ProgramError",
-    "ProgramResult",
     "analyze_program",
     "calibrate_program",
     "example_inputs",
@@ -61,27 +58,6 @@ __all__ = [
 
 #: Errors about a program that cannot be pruned as given (the API's InputError).
 ProgramError = InputError
-
-
-@dataclass
-class ProgramResult:
-    """A slim ExportedProgram and how it was obtained.
-
-    ``ir``, ``kept`` and ``scores`` name Linears by their paths in ``ep.module()`` (the
-    parameter FQNs of the input program without ``.weight``). ``max_abs_diff`` compares the
-    slim program with the dense one whose dropped channels are zeroed, on the verification
-    inputs. ``rewrites`` lists the shape constants changed in the graph.
-    """
-
-    program: ExportedProgram
-    ir: ModelIR
-    kept: dict[str, torch.Tensor]
-    scores: Scores
-    max_abs_diff: float
-    norms: ActivationNorms | None = None
-    widths: dict[str, tuple[int, int]] = field(default_factory=dict)
-    rewrites: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,7 +96,7 @@ def prune_program(
     verify_inputs: Sequence[tuple] | None = None,
     refit_inputs: Sequence[Any] | None = None,
     **options: Any,
-) -> ProgramResult:
+) -> PruneResult:
     """Prune the channel groups of ``ep`` and return a slim ExportedProgram.
 
     The same passes as ``llmrank.prune`` (one ``PruneConfig``: ``config`` and/or options such
@@ -142,5 +118,14 @@ def prune_program(
     reference = mask(state.model, state.ir, state.kept, refits=state.refits)
     diff = outputs_diff(reference, state.slim_program.module(), checks)
     widths = {g.name: (g.width, len(state.kept[g.name])) for g in state.ir.groups}
-    return ProgramResult(state.slim_program, state.ir, state.kept, state.scores, diff, state.norms, widths,
-                         list(state.rewrites), state.timings)
+    return PruneResult(
+        route="exported program", program=state.slim_program, model=state.slim_program.module(), ir=state.ir,
+        kept=state.kept, scores=state.scores, max_abs_diff=diff, norms=state.norms, widths=widths,
+        rewrites=list(state.rewrites), timings=state.timings, params_before=_params(ep), params_after=_params(state.slim_program),
+        verification=state.verification, output_check=state.output_check, notes=state.notes,
+        config={**config.to_dict(), "applied": state.budget.to_dict() if state.budget is not None else None},
+    )
+
+
+def _params(ep: ExportedProgram) -> int:
+    return sum(p.numel() for p in ep.parameters())

@@ -45,6 +45,12 @@ class Verification:
         return cls(ok=bool(diff <= atol + rtol * scale), max_abs_diff=diff, atol=atol, inputs=shape, rtol=rtol, reference_scale=scale)
 
 
+def sample_tokens(inputs: tuple) -> int | None:
+    """Token positions in a verification sample (its first input when that is a token-id tensor)."""
+    first = inputs[0] if inputs else None
+    return int(first.numel()) if isinstance(first, torch.Tensor) and not first.is_floating_point() else None
+
+
 def outputs(model: nn.Module, inputs: tuple) -> torch.Tensor:
     """The single tensor a model produces for ``inputs`` (logits for HF models)."""
     runner = TensorOutput(model) if is_hf_model(model) else model
@@ -71,12 +77,13 @@ class OutputCheck:
 
     ``relative_error`` is ||final - dense|| / ||dense||; ``relative_error_without_refit`` the
     same for the cut model before compensation (None when there was no refit), so a report
-    shows what the refit did.
+    shows what the refit did. ``tokens``: how many token positions the sample holds.
     """
 
     finite: bool
     relative_error: float
     relative_error_without_refit: float | None = None
+    tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -148,7 +148,7 @@ def test_options_are_checked():
     with pytest.raises(ConfigError, match="allocation"):
         PruneConfig(allocation="errors")
     with pytest.raises(ConfigError, match="block by block"):
-        check_config(PruneConfig(allocation="error", compensation="lstsq"))
+        check_config(PruneConfig(allocation="fisher", compensation="lstsq"))
 
 
 @pytest.mark.slow

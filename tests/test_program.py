@@ -23,8 +23,9 @@ from llmrank.ir.errors import PassError
 from llmrank.passes.pipeline import (
     Analyze, Calibrate, FunctionPass, Pipeline, PruneState, Score, Select, Shrink, Trace, Verify,
 )
+from llmrank.passes.result import PruneResult
 from llmrank.passes.program import (
-    ProgramError, ProgramResult, calibrate_program, mask_program, outputs_diff, program_dynamic_shapes, program_traced,
+    ProgramError, calibrate_program, mask_program, outputs_diff, program_dynamic_shapes, program_traced,
     prune_program,
 )
 from llmrank.ir import errors as llmrank_errors
@@ -39,7 +40,7 @@ VOCAB = 128
 @dataclass
 class Case:
     ep: torch.export.ExportedProgram
-    result: ProgramResult
+    result: PruneResult
     calib: list[tuple]
     other_shape: tuple  # inputs at a batch/seq size the program was not exported with
     dense_state: dict[str, tuple[int, ...]]

@@ -59,9 +59,10 @@ from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, 
 from llmrank.passes.choose import Budget, budget, choose, is_local, needs_curves
 from llmrank.passes.compensate import consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
-from llmrank.passes.headcut import head_notes
+from llmrank.passes.headcut import head_notes, heads_kept
 from llmrank.passes.headscore import variance_linears
 from llmrank.passes.hooks import forward_hooks
+from llmrank.passes.result import PruneResult
 from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
 from llmrank.passes.select import clamp_notes, effective_sparsity
 from llmrank.passes.sequential import CrossStats, sequential_moments, solve_refits
@@ -89,50 +90,6 @@ class BlockRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "seconds": self.seconds, "total_s": sum(self.seconds.values()),
                 "rss_bytes": self.rss_bytes, "verification": self.verification.to_dict() if self.verification else None}
-
-
-@dataclass
-class LayerwiseResult:
-    """What a block-by-block prune produced; ``out_dir`` holds the slim checkpoint (when asked)."""
-
-    kept: dict[str, torch.Tensor]
-    scores: Scores
-    widths: dict[str, tuple[int, int]]
-    params_before: int
-    params_after: int
-    blocks: list[BlockRecord]
-    timings: dict[str, float]
-    peak_rss_bytes: int
-    hidden_bytes: int
-    spilled: bool
-    config: dict[str, Any]
-    verification: Verification | None
-    output_check: OutputCheck | None
-    notes: tuple[str, ...] = ()
-    out_dir: Path | None = None
-    dtype: str = ""
-    device: str = "cpu"
-    peak_device_bytes: int | None = None
-    sample_ids: torch.Tensor | None = None
-    sample_logits: torch.Tensor | None = None  # the slim model's logits on sample_ids: a reload is checked against them
-
-    @property
-    def uniform_width(self) -> int | None:
-        after = {w for _, w in self.widths.values()}
-        return after.pop() if len(after) == 1 else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layerwise": True, "config": self.config, "params_before": self.params_before, "params_after": self.params_after,
-            "param_reduction": 1 - self.params_after / self.params_before if self.params_before else 0.0,
-            "widths": {k: {"before": b, "after": a} for k, (b, a) in self.widths.items()},
-            "timings_s": self.timings, "blocks": [b.to_dict() for b in self.blocks], "peak_rss_bytes": self.peak_rss_bytes,
-            "peak_device_bytes": self.peak_device_bytes, "hidden_bytes": self.hidden_bytes, "spilled": self.spilled,
-            "verification": self.verification.to_dict() if self.verification else None,
-            "output_check": self.output_check.to_dict() if self.output_check else None,
-            "notes": list(self.notes), "dtype": self.dtype, "device": self.device,
-            "out_dir": str(self.out_dir) if self.out_dir else None,
-        }
 
 
 def peak_rss_bytes() -> int:
@@ -183,7 +140,7 @@ def run_blocks(
     hidden_budget_bytes: float = math.inf,
     max_shard_size: int = 2 * 1024**3,
     metadata: dict[str, Any] | None = None,
-) -> LayerwiseResult:
+) -> PruneResult:
     """Prune the checkpoint in ``folder`` one decoder block at a time (see the module docstring).
 
     ``batches`` (token id batches) feed the scores, ``refit`` (default: the same) the refit
@@ -263,8 +220,8 @@ def run_blocks(
     timings = {**run.timings, "total": time.perf_counter() - clock}
     checks = [b.verification for b in run.records if b.verification is not None]
     worst = max(checks, key=lambda v: v.max_abs_diff / max(v.atol + v.rtol * v.reference_scale, 1e-30), default=None)
-    return LayerwiseResult(
-        kept=kept, scores=run.scores, widths=widths, params_before=params_before, params_after=params_after,
+    return PruneResult(
+        route="block by block", ir=ir, heads=heads_kept(ir, kept) if config.heads else {}, kept=kept, scores=run.scores, widths=widths, params_before=params_before, params_after=params_after,
         blocks=run.records, timings=timings, peak_rss_bytes=peak_rss_bytes(), hidden_bytes=run.hidden_peak,
         spilled=run.spilled, verification=worst, output_check=output_check, notes=notes,
         config={**config.to_dict(), "effective_sparsity": effective_sparsity(ir, kept),
@@ -583,7 +540,7 @@ class _Run:
         relative = float((final - dense).norm() / dense.norm().clamp_min(1e-30))
         self.sample_logits = final.to(self.dtype).cpu()
         self.timings["check_outputs"] = time.perf_counter() - tick
-        return OutputCheck(True, relative, None)
+        return OutputCheck(True, relative, None, int(self.token_batches[self.sample].numel()))
 
 
 def check_block_weights(block: nn.Module, prefix: str) -> None:
