@@ -41,7 +41,9 @@ def plan(ir: ModelIR, head_scores: dict[str, torch.Tensor], total_params: int, t
          head_share: float) -> tuple[float, float, dict[str, torch.Tensor]]:
     """(sparsity, head_sparsity, kept heads) that keep about ``target_params`` of ``total_params``."""
     budget = round((1.0 - target_params) * total_params)
-    best_heads: tuple[float, float, dict[str, torch.Tensor]] = (float("inf"), 0.0, {})
+    # cutting no head misses the head share by all of it; a head cut is taken only when it comes closer
+    # and stays within the whole budget
+    best_heads: tuple[float, float, dict[str, torch.Tensor]] = (head_share * budget, 0.0, {})
     if head_share > 0 and ir.head_groups:
         for step in range(1, _STEPS):
             s = step / _STEPS
@@ -49,7 +51,10 @@ def plan(ir: ModelIR, head_scores: dict[str, torch.Tensor], total_params: int, t
                 kept = select_heads(ir, head_scores, s)
             except ConfigError:
                 continue  # a step too small to remove a head in some layer
-            miss = abs(removed_by_heads(ir, kept) - head_share * budget)
+            removed = removed_by_heads(ir, kept)
+            if removed > budget:
+                break  # larger steps remove more
+            miss = abs(removed - head_share * budget)
             if miss < best_heads[0]:
                 best_heads = (miss, s, kept)
     _, head_sparsity, kept = best_heads
