@@ -42,7 +42,6 @@ from llmrank.passes.result import PruneResult
 from llmrank.passes.shrink import mask
 
 __all__ = [
-    "ProgramError",
     "analyze_program",
     "calibrate_program",
     "example_inputs",
@@ -56,8 +55,6 @@ __all__ = [
     "shrink_program",
 ]
 
-#: Errors about a program that cannot be pruned as given (the API's InputError).
-ProgramError = InputError
 
 
 # ---------------------------------------------------------------------------------------

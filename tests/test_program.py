@@ -19,13 +19,13 @@ from torch.export import Dim
 from llmrank.ir.trace import TensorOutput
 from llmrank.passes.analyze import analyze
 from llmrank.passes.calibrate import calibrate
-from llmrank.ir.errors import PassError
+from llmrank.ir.errors import InputError, PassError
 from llmrank.passes.pipeline import (
     Analyze, Calibrate, FunctionPass, Pipeline, PruneState, Score, Select, Shrink, Trace, Verify,
 )
 from llmrank.passes.result import PruneResult
 from llmrank.passes.program import (
-    ProgramError, calibrate_program, mask_program, outputs_diff, program_dynamic_shapes, program_traced,
+    calibrate_program, mask_program, outputs_diff, program_dynamic_shapes, program_traced,
     prune_program,
 )
 from llmrank.ir import errors as llmrank_errors
@@ -233,7 +233,7 @@ def test_module_paths_fall_back_to_parameter_names(matmul):
 
 def test_decomposed_program_is_refused(mlp_case):
     decomposed = mlp_case.ep.run_decompositions()
-    with pytest.raises(ProgramError, match="run_decompositions"):
+    with pytest.raises(InputError, match="run_decompositions"):
         prune_program(decomposed, mlp_case.calib, sparsity=0.3)
 
 
