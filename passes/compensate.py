@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from llmrank.ir.errors import ConfigError, InputError
-from llmrank.ir.graph import ModelIR
+from llmrank.ir.graph import LinearInfo, ModelIR
 from llmrank.passes.calibrate import Accumulator, InputStats, Plan, collect
 from llmrank.passes.headcut import kept_channels
 
@@ -84,15 +84,23 @@ def plan_refit(
             stats = moments.get(info.name)
             if stats is None or stats.count == 0:
                 raise InputError(f"no calibration moments for {info.name!r}: the refit data never reached it")
-            w = dense.get_parameter(info.weight).detach().to(torch.float64)
-            w = w.t() if info.kind == "conv1d" else w
-            columns, w_new, shift = _solve(w, stats, keep, port.offset, width, method, ridge)
-            bias = None
-            if shift is not None:
-                old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
-                bias = old + shift
-            refits[info.name] = Refit(info.name, columns, w_new, bias)
+            columns, w_new, shift = _solve(dense_weight(dense, info), stats, keep, port.offset, width, method, ridge)
+            refits[info.name] = Refit(info.name, columns, w_new, shifted_bias(dense, info, shift))
     return refits
+
+
+def dense_weight(dense: nn.Module, info: LinearInfo) -> torch.Tensor:
+    """A consumer's dense weight as out x in, float64 (GPT-2's Conv1D stores in x out)."""
+    w = dense.get_parameter(info.weight).detach().to(torch.float64)
+    return w.t() if info.kind == "conv1d" else w
+
+
+def shifted_bias(dense: nn.Module, info: LinearInfo, shift: torch.Tensor | None) -> torch.Tensor | None:
+    """The consumer's bias plus a refit's shift (None: the refit keeps the bias as it is)."""
+    if shift is None:
+        return None
+    old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
+    return old + shift
 
 
 def kept_columns(n: int, keep: torch.Tensor, offset: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,7 @@ from llmrank.ir.errors import ConfigError, InputError, UnsupportedModelError
 from llmrank.ir.graph import ModelIR
 from llmrank.passes.calibrate import check_token_ids, symmetric_gram
 from llmrank.passes.blocks.capture import Recorder, Stop, layers_path  # how the block-by-block route finds and records its blocks
-from llmrank.passes.compensate import Refit, apply_refit, kept_columns, ridge_solve
+from llmrank.passes.compensate import Refit, apply_refit, dense_weight, kept_columns, ridge_solve, shifted_bias
 from llmrank.passes.hooks import forward_hooks
 from llmrank.passes.shrink import mask
 
@@ -90,15 +90,9 @@ def solve_refits(dense: nn.Module, ir: ModelIR, groups: Sequence[Any], kept: dic
     for g in groups:
         for port in g.consumers:
             info = ir.linears[port.linear]
-            w = dense.get_parameter(info.weight).detach().to(torch.float64)
-            w = w.t() if info.kind == "conv1d" else w
-            cols, w_new, shift = solve_cross(w, stats[info.name], kept[g.name].to(torch.long), port.offset, g.width,
-                                             method=method, ridge=ridge, target=target)
-            bias = None
-            if shift is not None:
-                old = dense.get_parameter(info.bias).detach().to(torch.float64) if info.bias else torch.zeros_like(shift)
-                bias = old + shift
-            refits[info.name] = Refit(info.name, cols, w_new, bias)
+            cols, w_new, shift = solve_cross(dense_weight(dense, info), stats[info.name], kept[g.name].to(torch.long),
+                                             port.offset, g.width, method=method, ridge=ridge, target=target)
+            refits[info.name] = Refit(info.name, cols, w_new, shifted_bias(dense, info, shift))
     return refits
 
 
