@@ -1,8 +1,8 @@
 """Block-by-block pruning of a Hugging Face decoder checkpoint that need not fit in memory.
 
-``prune_layerwise(folder, ids, config=...)`` gives the in-memory prune's result (the same kept
-sets, the same refits, logits within the verification bound) while holding one decoder block's
-weights at a time:
+``run_blocks(folder, batches, refit, config=...)`` (public: ``llmrank.prune_layerwise``) gives the
+in-memory prune's result (the same kept sets and heads, the same refits, logits within the
+verification bound) while holding one decoder block's weights at a time:
 
 1. the model is built on the meta device (no weights); only the embeddings are read;
 2. the inputs of every decoder block (hidden states and the keyword arguments the model's
@@ -11,15 +11,19 @@ weights at a time:
 3. per block, in depth order: its weights are read from the safetensors shards, it is traced
    and analysed (the same ``analyze`` as a whole model, with the same names, because the block
    is traced inside a holder that reproduces its path ``model.layers.{i}``), the calibration
-   hidden states run through it under the same :class:`Accumulator` (norms and refit moments in
-   one walk), it is scored (``score(..., upstream=...)`` carries what earlier blocks passed on:
-   the residual writers' scores of the dataflow view, the chained view's last exit), selected,
-   refitted (``plan_refit``) and shrunk (``shrink``), checked against its masked dense self,
-   and its slim tensors are written; then it goes back to the meta device;
+   hidden states run through it under the same :class:`Accumulator` (norms, refit moments and
+   head variances in one walk), it is scored (``score(..., upstream=...)`` carries what earlier
+   blocks passed on), its kept sets are chosen by the Select pass's functions (``choose.py``),
+   it is refitted (``plan_refit``, or ``solve_refits`` on the pruned stream), shrunk, checked
+   against its masked dense self, and its slim tensors are written; then it goes back to meta;
 4. the hidden states handed to the next block are the DENSE block's outputs, because the
-   in-memory prune computes every statistic on the dense model;
-5. the global pruner needs every score first: a first walk scores all blocks, ``select``
-   pools them, a second walk refits, shrinks and writes.
+   in-memory prune computes every statistic on the dense model; the sequential refit
+   (``refit_inputs`` pruned) also carries the pruned model's hidden states;
+5. a choice that spans blocks (global pruner, ``target_params``, error allocation) needs every
+   block first: a first walk scores (and records removal curves), ``choose`` decides on all
+   blocks at once, and a second walk refits, shrinks and writes.
+
+Every option is checked against ``routes.BLOCKS`` before anything is read (``check_config``).
 
 The output is an HF checkpoint: sharded safetensors with ``model.safetensors.index.json``, a
 config that describes the slim widths (``exporters/hf.py`` conventions, so ``llmrank.load``
