@@ -24,10 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Fitted on the runs in benchmarks/results/memory.json (see MEMORY_NOTES / README, "Memory").
-BASE_BYTES = 600 * 10**6
-LOGIT_COPIES = 2.0
-ONNX_COPIES = 3.0
+# Read off the runs in benchmarks/results/memory.json (MEMORY_NOTES.md: "Memory").
+#: The process before any model: Python, torch, transformers, onnx and onnxruntime.
+BASE_BYTES = 650 * 10**6
+#: Calibration batches' logits alive at once (the output and the loss's float copy).
+LOGIT_COPIES = 1.5
+#: The ONNX export's copies of the slim weights when they are written inside the .onnx file
+#: (the exported graph, the protobuf read back to stamp metadata, the onnxruntime session).
+ONNX_INLINE_COPIES = 3.7
+#: ... and when they go to an external .onnx.data file (from 1 GiB on): the graph's copy only.
+ONNX_EXTERNAL_COPIES = 1.0
+#: From this many bytes of weights the export writes them to .onnx.data (exporters.onnx).
+EXTERNAL_DATA_BYTES = 1 << 30
 GRAM_BYTES = 8  # float64
 
 
@@ -108,34 +116,39 @@ def logits_bytes(vocab: int, seq_len: int, batch_size: int) -> int:
     return 4 * batch_size * seq_len * vocab
 
 
+def refits_bytes(shape: ModelShape, sparsity: float, compensation: str) -> int:
+    """The refitted consumer weights (float64, ``hidden x kept``), held until the prune returns."""
+    if "lstsq" not in compensation:
+        return 0
+    return GRAM_BYTES * shape.layers * shape.hidden * round((1 - sparsity) * shape.intermediate)
+
+
+def onnx_copies_bytes(weight_bytes: int) -> int:
+    """What the ONNX export and its check add on top of the fp32 model they export."""
+    copies = ONNX_EXTERNAL_COPIES if weight_bytes >= EXTERNAL_DATA_BYTES else ONNX_INLINE_COPIES
+    return int(copies * weight_bytes)
+
+
 def onnx_export_need(params: int) -> int:
     """Bytes a process needs to export (and check) ONNX from a checkpoint of ``params``
-    parameters: the fp32 model plus the export's copies of its weights, over the process itself."""
-    return int(BASE_BYTES + (1 + ONNX_COPIES) * 4 * params)
+    parameters loaded in fp32: the process, the model and the export's copies of its weights.
+    For the block-by-block route, which exports from the slim checkpoint it wrote."""
+    return int(BASE_BYTES + 4 * params + onnx_copies_bytes(4 * params))
 
 
 def estimate_in_memory_peak(shape: ModelShape, *, onnx: bool, seq_len: int, batch_size: int = 4, sparsity: float = 0.3,
                             compensation: str = "lstsq") -> int:
     """Peak resident bytes of ``llmrank prune`` in memory (load, calibrate, refit, shrink, verify,
-    hf/ and, with ``onnx``, the ONNX export and its check): the largest of its steps."""
+    hf/ and, with ``onnx``, the ONNX export and its check): the largest of its three heavy steps.
+
+    calibrate: the dense model, the Gram matrices being summed, a batch's logits;
+    shrink + verify: the dense model, the slim copy, the masked dense reference, the Gram matrices
+    (still held) and the refitted weights; export: the dense and slim models and the export's copies.
+    """
     dense = 4 * shape.params
     slim = 4 * slim_params(shape, sparsity)
-    calibrate = dense + refit_stats_bytes(shape, compensation) + LOGIT_COPIES * logits_bytes(shape.vocab, seq_len, batch_size)
-    verify = 2 * dense + slim
-    export = dense + slim + ONNX_COPIES * slim if onnx else 0
+    grams = refit_stats_bytes(shape, compensation)
+    calibrate = dense + grams + LOGIT_COPIES * logits_bytes(shape.vocab, seq_len, batch_size)
+    verify = 2 * dense + slim + grams + refits_bytes(shape, sparsity, compensation)
+    export = dense + slim + onnx_copies_bytes(slim) if onnx else 0
     return int(BASE_BYTES + max(calibrate, verify, export))
-
-
-#: For a checkpoint whose config.json this module cannot count: the peak as a multiple of the
-#: fp32 weights, the largest ratio measured.
-FALLBACK_PEAK_RATIO = 6.0
-
-
-def job_peak(folder: Path | str, *, onnx: bool, seq_len: int, batch_size: int, sparsity: float, compensation: str) -> int | None:
-    """The in-memory job's estimated peak for the checkpoint in ``folder`` (config.json only);
-    None when its config is not one :func:`params_from_config` can count."""
-    shape = read_shape(folder)
-    if shape is None:
-        return None
-    return estimate_in_memory_peak(shape, onnx=onnx, seq_len=seq_len, batch_size=batch_size, sparsity=sparsity,
-                                   compensation=compensation)
