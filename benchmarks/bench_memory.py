@@ -166,6 +166,29 @@ def _steps(events: list[tuple[float, str]], samples: list[tuple[float, int]]) ->
             for (t, line), end in zip(steps, bounds)][:300]
 
 
+def table(report: dict) -> str:
+    """The README table: measured peak per run, against fp32 and against llmrank.memory's estimate."""
+    import shlex
+
+    from llmrank.cli import build_parser
+    from llmrank.memory import ModelShape, estimate_in_memory_peak
+
+    lines = ["| model | params | checkpoint | ONNX | flags beyond the defaults | peak RSS | x fp32 | estimate | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    for r in sorted((r for r in report["rows"] if r.get("exit_code") == 0), key=lambda r: (r["params"], not r["onnx"])):
+        a = build_parser().parse_args(shlex.split(r["command"])[1:])
+        shape = ModelShape(r["params"], r["vocab"], r["hidden"], r["intermediate"], r["layers"])
+        est = estimate_in_memory_peak(shape, onnx=r["onnx"], seq_len=a.seq_len, batch_size=a.batch_size, sparsity=a.sparsity,
+                                      compensation=a.compensation)
+        err = est / r["peak_rss_bytes"] - 1
+        worst = max(worst, abs(err))
+        flags = " ".join(f for f in shlex.split(r["command"])[5:] if f != "--no-onnx") or "-"
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['checkpoint_dtype']} | {'yes' if r['onnx'] else 'no'} | "
+                     f"`{flags}` | {r['peak_rss_bytes'] / 1e9:.2f} GB | {r['ratio_to_fp32']:.2f} | {est / 1e9:.2f} GB | {err:+.1%} |")
+    return "\n".join(lines) + f"\n\nworst error of the estimate: {worst:.1%}"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma list: built-in names, folders, random:HIDDENxLAYERS")
@@ -176,6 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "llmrank-bench-memory")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
+    p.add_argument("--table", action="store_true", help="only print the markdown table of --out against the estimate")
     return p.parse_args(argv)
 
 
@@ -191,8 +215,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from llmrank.models import BUILTIN_MODELS, resolve_model_dir
 
-    args.cache.mkdir(parents=True, exist_ok=True)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    if args.table:
+        print(table(report))
+        return 0
+    args.cache.mkdir(parents=True, exist_ok=True)
     extra = args.extra.split()
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         folder = random_llama_folder(name, args.cache) if name.startswith("random:") else resolve_model_dir(name)

@@ -129,11 +129,14 @@ def onnx_copies_bytes(weight_bytes: int) -> int:
     return int(copies * weight_bytes)
 
 
-def onnx_export_need(params: int) -> int:
+def onnx_export_need(params: int, *, stored_bytes_per_param: int = 4) -> int:
     """Bytes a process needs to export (and check) ONNX from a checkpoint of ``params``
-    parameters loaded in fp32: the process, the model and the export's copies of its weights.
-    For the block-by-block route, which exports from the slim checkpoint it wrote."""
-    return int(BASE_BYTES + 4 * params + onnx_copies_bytes(4 * params))
+    parameters: the process, the model in fp32, the export's copies of its weights, and the
+    checkpoint as loaded when it is not fp32 (``stored_bytes_per_param`` 2 for bf16/fp16: the
+    fp32 model is a copy of it). For the block-by-block route, which exports the slim checkpoint
+    it wrote; ``params`` is what that checkpoint holds (``fp32_size(folder) // 4``)."""
+    stored = stored_bytes_per_param * params if stored_bytes_per_param != 4 else 0
+    return int(BASE_BYTES + stored + 4 * params + onnx_copies_bytes(4 * params))
 
 
 def estimate_in_memory_peak(shape: ModelShape, *, onnx: bool, seq_len: int, batch_size: int = 4, sparsity: float = 0.3,

@@ -127,3 +127,26 @@ def test_choose_route_falls_back_to_a_multiple_of_the_weights_for_an_uncountable
     assert layerwise and f"{FALLBACK_PEAK_RATIO:g} x the fp32 weights" in why
     layerwise, _, _ = choose_route(_job(llama_folder, tmp_path, max_memory=int(FALLBACK_PEAK_RATIO * fp32) + 1))
     assert not layerwise
+
+
+@pytest.mark.parametrize("row", [r for r in _rows() if r["onnx"]], ids=lambda r: r["model"])
+def test_onnx_export_need_covers_the_measured_export_step(row):
+    """The export step of the in-memory job held the dense model too: what the export alone needs
+    (from the slim model's parameters) plus the dense weights is at least the measured peak of
+    the steps from the export on, within the same 15 %."""
+    from llmrank.memory import onnx_export_need, slim_params
+
+    args = _job_flags(row)
+    shape = ModelShape(row["params"], row["vocab"], row["hidden"], row["intermediate"], row["layers"])
+    export_start = next((t for t, line, _ in row.get("steps", []) if "onnx" in line.lower() or "torchvision" in line), None)
+    if export_start is None:
+        pytest.skip("this run recorded no step lines")
+    measured = max(rss for t, rss in row["rss_timeline"] if t >= export_start)
+    got = onnx_export_need(slim_params(shape, args.sparsity)) + 4 * row["params"]
+    assert got >= (1 - TOLERANCE) * measured and got <= (1 + TOLERANCE) * measured, (got, measured)
+
+
+def test_onnx_export_need_counts_a_bf16_checkpoint_and_its_fp32_copy():
+    from llmrank.memory import onnx_export_need
+
+    assert onnx_export_need(10**8, stored_bytes_per_param=2) - onnx_export_need(10**8) == 2 * 10**8
