@@ -7,12 +7,12 @@ step where they coexist, so that the route can be chosen before a single weight 
 - the process itself (Python, torch, transformers, onnx/onnxruntime): ``BASE_BYTES``;
 - the dense model in fp32 (4 bytes per parameter), held until the job ends;
 - the least-squares refit's statistics: one float64 Gram matrix of each FFN consumer's input
-  (``intermediate x intermediate`` per layer), held from calibration to the refit;
+  (``intermediate x intermediate`` per layer), held from calibration until the prune returns;
 - the logits of a calibration batch (``batch x seq_len x vocab`` fp32) and the float copies the
   loss makes of them: ``LOGIT_COPIES`` of them, what makes large vocabularies expensive;
-- after the prune: the slim model (the dense one minus the cut FFN channels), a masked dense
-  copy for the verification, and for the ONNX export ``ONNX_COPIES`` more copies of the slim
-  weights (the exported graph, the serialised file read back, the onnxruntime session).
+- from the shrink on: the slim model (the dense one minus the cut FFN channels), the refitted
+  weights, a masked dense copy for the verification, and for the ONNX export more copies of the
+  slim weights (``ONNX_INLINE_COPIES`` or ``ONNX_EXTERNAL_COPIES``).
 
 Every input is a field of config.json; nothing here opens a weight file.
 """

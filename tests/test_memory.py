@@ -150,3 +150,10 @@ def test_onnx_export_need_counts_a_bf16_checkpoint_and_its_fp32_copy():
     from llmrank.memory import onnx_export_need
 
     assert onnx_export_need(10**8, stored_bytes_per_param=2) - onnx_export_need(10**8) == 2 * 10**8
+
+
+def test_external_data_threshold_is_the_exporters():
+    from llmrank.exporters.onnx import EXTERNAL_DATA_BYTES
+    from llmrank.memory import EXTERNAL_DATA_BYTES as assumed
+
+    assert assumed == EXTERNAL_DATA_BYTES
