@@ -235,7 +235,7 @@ def main(argv=None) -> int:
                 continue
             row = {"model": name, **facts, "available_before_bytes": free, **measure(model_arg, folder, onnx, extra, args.timeout)}
             row["ratio_to_fp32"] = round(row["peak_rss_bytes"] / facts["fp32_bytes"], 3)
-            report["rows"] = [r for r in report["rows"] if not (r["model"] == name and r["onnx"] == onnx)] + [row]
+            report["rows"] = [r for r in report["rows"] if (r["model"], r["command"]) != (name, row["command"])] + [row]
             report.update(machine={"platform": platform.platform(), "cpus": os.cpu_count()},
                           memory="peak_rss_bytes = ru_maxrss (os.wait4) of the `llmrank prune` process; fp32_bytes = 4 x parameters")
             _write(args.out, report)
