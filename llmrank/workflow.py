@@ -179,19 +179,30 @@ def available_memory() -> int:
     return 2**63 - 1
 
 
-#: The in-memory prune holds the dense fp32 model and its slim copy at once.
-IN_MEMORY_COPIES = 2
+def in_memory_need(job: PruneJob, folder: Path) -> tuple[int, str]:
+    """(bytes, how they were found) the in-memory job needs for the checkpoint in ``folder``."""
+    from llmrank.memory import FALLBACK_PEAK_RATIO, job_peak
+    from llmrank.passes.blocks.checkpoint import fp32_size
+
+    c = job.config
+    need = job_peak(folder, onnx=job.onnx, seq_len=job.seq_len, batch_size=c.batch_size, sparsity=c.sparsity,
+                    compensation=c.compensation)
+    if need is not None:
+        return need, "estimated from config.json: fp32 model, refit statistics, calibration logits, slim copy" + (
+            " and ONNX export" if job.onnx else "")
+    return int(FALLBACK_PEAK_RATIO * fp32_size(folder)), f"{FALLBACK_PEAK_RATIO:g} x the fp32 weights"
 
 
 def choose_route(job: PruneJob) -> tuple[bool, str, Path | None]:
     """(layerwise?, why, the model's local folder) from --layerwise and the memory budget.
 
-    The in-memory prune loads the checkpoint in fp32 and deep-copies it for the rewrite, so it
-    needs about twice the fp32 size; past ``--max-memory`` (default: the memory available now)
-    a local safetensors checkpoint is pruned block by block instead.
+    The in-memory job's peak is estimated from config.json (``llmrank.memory``: the fp32 model,
+    the refit's Gram matrices, a calibration batch's logits, the slim copy, the ONNX export);
+    past ``--max-memory`` (default: the memory available now) a local safetensors checkpoint is
+    pruned block by block instead.
     """
     from llmrank.models import resolve_model_dir
-    from llmrank.passes.blocks.checkpoint import Checkpoint, fp32_size
+    from llmrank.passes.blocks.checkpoint import Checkpoint
 
     try:
         folder = resolve_model_dir(job.model)
@@ -211,11 +222,11 @@ def choose_route(job: PruneJob) -> tuple[bool, str, Path | None]:
     if not streamable:
         return False, "in memory (not a local safetensors folder)", folder
     budget = job.max_memory if job.max_memory is not None else available_memory()
-    need = IN_MEMORY_COPIES * fp32_size(folder)
+    need, how = in_memory_need(job, folder)
     if need > budget:
-        return True, (f"the in-memory prune needs about {need / 1e9:.3g} GB (fp32, dense + slim copy), more than the "
+        return True, (f"the in-memory prune needs about {need / 1e9:.3g} GB ({how}), more than the "
                       f"{budget / 1e9:.3g} GB {'of --max-memory' if job.max_memory is not None else 'available'}"), folder
-    return False, f"in memory ({need / 1e9:.3g} GB needed, {budget / 1e9:.3g} GB budget)", folder
+    return False, f"in memory (about {need / 1e9:.3g} GB needed, {how}; {budget / 1e9:.3g} GB budget)", folder
 
 
 def check_route(job: PruneJob, layerwise: bool, why: str) -> None:
@@ -432,8 +443,9 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
     from llmrank.data import calibration_tokens
     from llmrank.exporters.hf import load_hf
     from llmrank.models import check_seq_len, load_tokenizer, read_config
-    from llmrank.passes.blocks.checkpoint import fp32_size
     from llmrank.layerwise import prune_layerwise
+    from llmrank.memory import onnx_export_need
+    from llmrank.passes.blocks.checkpoint import Checkpoint, fp32_size
 
     out, config = Path(job.out), job.config
     refuse_input_overlap(out, folder)
@@ -462,7 +474,8 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
         _write_scores_and_plot(tmp, job, result, report)
         report["artifacts"]["hf"] = {"path": "hf", "uniform": result.uniform_width is not None,
                                      "stock_loadable": _stock_loadable(hf_dir), "loader": "transformers" if _stock_loadable(hf_dir) else "llmrank.load"}
-        slim_need = IN_MEMORY_COPIES * fp32_size(hf_dir)
+        stored = Checkpoint(hf_dir).dtype().itemsize
+        slim_need = onnx_export_need(fp32_size(hf_dir) // 4, stored_bytes_per_param=stored)
         exports = [flag for flag, asked in (("ONNX", job.onnx), ("--genai", job.genai)) if asked]
         if exports and slim_need > budget:
             notes.append(f"{' and '.join(exports)} skipped: the slim checkpoint needs about {slim_need / 1e9:.3g} GB in fp32 to "
