@@ -202,17 +202,24 @@ def choose_route(job: PruneJob) -> tuple[bool, str, Path | None]:
     pruned block by block instead.
     """
     from llmrank.models import resolve_model_dir
-    from llmrank.passes.blocks.checkpoint import Checkpoint
+    from llmrank.ir.errors import InputError
+    from llmrank.passes.blocks.checkpoint import INDEX_NAME, Checkpoint
 
-    try:
-        folder = resolve_model_dir(job.model)
-    except Exception:  # noqa: BLE001 - a hub id or a .gguf file has no safetensors folder to stream from
-        folder = None
+    if Path(job.model).expanduser().is_dir():
+        folder = resolve_model_dir(job.model)  # a local folder: its faults (a broken index) are the user's to see
+    else:
+        try:
+            folder = resolve_model_dir(job.model)
+        except Exception:  # noqa: BLE001 - a hub id or a .gguf file has no safetensors folder to stream from
+            folder = None
     streamable = False
     if folder is not None:
         try:
             Checkpoint(folder)
             streamable = True
+        except InputError:
+            if job.layerwise or (folder / INDEX_NAME).is_file():
+                raise  # a broken index (or a folder --layerwise cannot read): the error names the file and the fault
         except Exception:  # noqa: BLE001 - not a safetensors folder: the in-memory route only
             pass
     if job.layerwise:
