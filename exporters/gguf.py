@@ -32,12 +32,13 @@ import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmrank.exporters.atomic import atomic_path
 from llmrank.ir.errors import ConfigError, ExportError
+
+if TYPE_CHECKING:  # torch is imported where a check runs: the CLI reads OUTTYPES without it
+    import torch
 
 __all__ = [
     "LLAMA_CPP_PYTHON",
@@ -51,6 +52,7 @@ __all__ = [
     "converter_dir",
     "check_outtype",
     "check_uniform",
+    "check_prune_options",
     "export_gguf",
     "validate_gguf",
 ]
@@ -210,6 +212,22 @@ def check_outtype(outtype: str) -> None:
         raise error
 
 
+def check_prune_options(outtype: str, *, hf: bool, mode: str, allocation: str, pruner: str) -> None:
+    """`llmrank prune --gguf`: refuse what cannot give a GGUF before the model is read."""
+    check_outtype(outtype)
+    if not hf:
+        raise ConfigError("--gguf is converted from the slim checkpoint hf/: drop --no-hf")
+    if mode == "mask-paper":
+        raise ConfigError("--gguf needs the slim checkpoint hf/, which --mode mask-paper does not write")
+    why = (f"--allocation {allocation} chooses a width per layer" if allocation != "uniform" else
+           "--pruner global pools all scores, so each layer keeps its own width" if pruner == "global" else None)
+    if why:
+        error = ConfigError(f"--gguf {outtype}: {why}, and llama.cpp's llama-family GGUF takes one FFN width for all "
+                            f"layers (the per-layer deci form is not written yet)")
+        error.hint = "use --allocation uniform --pruner local for a GGUF, or drop --gguf"
+        raise error
+
+
 def _llama_cpp_available() -> bool:
     import importlib.util
 
@@ -351,11 +369,14 @@ def _architecture(path: Path) -> str:
 
 
 def _sample_ids(vocab: int, n: int = 3, length: int = 24) -> torch.Tensor:
+    import torch
+
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
 def validate_gguf(gguf_file: Path, hf_dir: Path, outtype: str, sample_ids: torch.Tensor | None = None) -> GgufCheck:
     """Read ``gguf_file`` back with transformers and compare it with the model in ``hf_dir``."""
+    import torch
     import transformers
 
     start = time.perf_counter()
@@ -378,6 +399,7 @@ def validate_gguf(gguf_file: Path, hf_dir: Path, outtype: str, sample_ids: torch
 
 def _load_gguf(gguf_file: Path):
     """transformers' GGUF loader on one file (it wants a folder and a file name)."""
+    import torch
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+              "q6_k")  # exporters/gguf.py OUTTYPES (tests/test_gguf.py checks they agree)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write onnx/model.int8.onnx: int8 MatMul weights by onnxruntime's quantizer, checked against PyTorch")
     _genai_options(p, "also write genai/: an onnxruntime-genai folder built by its own model builder from the slim checkpoint")
+    p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                   help="also write gguf/model-TYPE.gguf for llama.cpp, by llama.cpp's own converter (fetched once from "
+                        "PyPI, nothing compiled): f16, bf16, q8_0 or f32; K-quants (q4_k_m, ...) need 'llmrank[gguf]'. "
+                        "Uniform widths only")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
     p = execution
     p.add_argument("--layerwise", action="store_true",
@@ -329,7 +335,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
         hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, quantize=args.quantize,
-        genai=args.genai, genai_device=args.genai_device, force=args.force,
+        genai=args.genai, genai_device=args.genai_device, gguf=args.gguf, force=args.force,
         progress=not (args.quiet or args.json), layerwise=args.layerwise, device=args.device,
         max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
         heal_tokens=args.heal_tokens, heal_minutes=args.heal_minutes, heal_lr=args.heal_lr, heal_train=args.heal_train,

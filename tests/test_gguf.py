@@ -69,10 +69,10 @@ def gguf_field(path: Path, key: str):
     return field.parts[field.data[0]].tolist()[0]
 
 
-def assert_reads_back(path: Path, slim: torch.nn.Module, outtype: str, arch: str) -> None:
+def assert_reads_back(path: Path, slim: torch.nn.Module, outtype: str, arch: str, width: int = 67) -> None:
     """transformers' GGUF loader rebuilds the slim model from the file: same width, logits within the bound."""
     assert gguf._architecture(path) == arch
-    assert gguf_field(path, f"{arch}.feed_forward_length") == 67
+    assert gguf_field(path, f"{arch}.feed_forward_length") == width
     read = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ids = torch.randint(0, slim.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -224,3 +224,60 @@ def test_a_failed_check_leaves_nothing_in_place(slim_llama, tmp_path, monkeypatc
     with pytest.raises(gguf.GgufValidationError, match="does not match"):
         gguf.export_gguf(hf_dir, path, outtype="f16")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ llmrank prune --gguf
+
+
+def test_cli_types_are_the_exporters():
+    from llmrank.cli import GGUF_TYPES
+
+    assert set(GGUF_TYPES) == set(gguf.OUTTYPES)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gguf", "f16", "--allocation", "error", "--compensation", "lstsq"], "--allocation error chooses a width per layer"),
+    (["--gguf", "f16", "--pruner", "global"], "--pruner global"),
+    (["--gguf", "f16", "--no-hf"], "drop --no-hf"),
+    (["--gguf", "q4_k_m"], r"pip install 'llmrank\[gguf\]'"),
+])
+def test_prune_refuses_before_the_model_is_read(tmp_path, monkeypatch, capsys, flags, message):
+    import re
+
+    from llmrank import workflow
+    from llmrank.cli import main
+
+    monkeypatch.setattr(gguf, "_llama_cpp_available", lambda: False)
+    monkeypatch.setattr(workflow, "load", lambda *a, **k: pytest.fail("the model was read before the refusal"))
+    monkeypatch.setattr(gguf, "converter_dir", lambda **_: pytest.fail("fetched the converter before refusing"))
+    code = main(["prune", "smollm2-135m", "--out", str(tmp_path / "out"), "--no-onnx", "--quiet", *flags])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
+    """llmrank prune on a tiny Llama folder with --gguf f16: gguf/model-f16.gguf, recorded in report.json."""
+    from llmrank.cli import main
+
+    model = tmp_path / "model"
+    transformers.AutoModelForCausalLM.from_pretrained(slim_llama[0]).save_pretrained(model)  # a plain HF folder
+    transformers.AutoTokenizer.from_pretrained(slim_llama[0]).save_pretrained(model)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(["the pruned model is written for llama.cpp and read back by transformers ."] * 60))
+    out = tmp_path / "out"
+    code = main(["prune", str(model), "--sparsity", "0.25", "--samples", "2", "--compensation-samples", "2",
+                 "--seq-len", "16", "--calib", str(text), "--no-onnx", "--gguf", "f16", "--out", str(out), "--quiet",
+                 *(["--layerwise"] if layerwise else [])])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    entry = report["artifacts"]["gguf"]
+    path = out / "gguf" / "model-f16.gguf"
+    assert entry["path"] == "gguf/model-f16.gguf" and path.is_file() and entry["bytes"] == path.stat().st_size
+    assert entry["check"]["passed"] and entry["architecture"] == "llama"
+    slim = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    width = slim.model.layers[0].mlp.up_proj.out_features
+    assert gguf_field(path, "llama.feed_forward_length") == width < 67
+    assert_reads_back(path, slim, "f16", "llama", width=width)
