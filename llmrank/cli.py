@@ -249,6 +249,7 @@ def error_text(exc: BaseException) -> str:
 OPTIONAL_MODULES = {
     "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "onnxruntime_genai": "genai", "onnx_ir": "genai",
     "peft": "heal", "matplotlib": "plot", "lm_eval": "lmeval", "gensim": "models", "torch_pruning": "bench",
+    "llama_cpp": "gguf",
 }
 
 
