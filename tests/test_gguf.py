@@ -30,14 +30,14 @@ def converter() -> Path:
         pytest.skip(f"llama.cpp's converter is not available (needs the llama-cpp-python sdist once): {exc}")
 
 
-def pruned_folder(root: Path, family: str, tokenizer) -> tuple[Path, torch.nn.Module]:
+def pruned_folder(root: Path, family: str, tokenizer, **options) -> tuple[Path, torch.nn.Module]:
     """A tiny random model of `family`, pruned at uniform widths (30 %), saved as llmrank writes hf/."""
     torch.manual_seed(0)
     cls, cfg = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
                 "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config)}[family]
     model = cls(cfg(**SHAPE, vocab_size=len(tokenizer))).eval()
     calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
-    slim = llmrank.prune(model, calib, sparsity=0.3, scorer="l1", progress=False).model.eval()
+    slim = llmrank.prune(model, calib, sparsity=0.3, scorer="l1", progress=False, **options).model.eval()
     assert {layer.mlp.up_proj.out_features for layer in slim.model.layers} == {67}  # uniform, and shrunk
     save_hf(slim, tokenizer, root / "hf", metadata={})
     return root / "hf", slim
@@ -172,6 +172,15 @@ def test_a_wrong_sdist_is_refused_by_name(tmp_path, monkeypatch):
     assert not (tmp_path / "llama.cpp" / "0.3.36").exists()  # nothing half-extracted under the final name
 
 
+def test_an_existing_gguf_is_replaced_with_force_only(tmp_path):
+    from llmrank.exporters.atomic import check_writable
+
+    (tmp_path / "model-f16.gguf").write_bytes(b"GGUF")
+    with pytest.raises(FileExistsError, match="--force"):
+        check_writable(tmp_path / "model-f16.gguf", force=False)
+    assert check_writable(tmp_path / "model-f16.gguf", force=True) == tmp_path / "model-f16.gguf"  # one --force: ours
+
+
 # ------------------------------------------------------------------ written, read back, compared
 
 
@@ -204,6 +213,20 @@ def test_llama_uniform_reads_back_within_the_bound(slim_llama, tmp_path, outtype
     result = gguf.export_gguf(hf_dir, path, outtype=outtype)
     check_result(result, path, outtype, "llama")
     assert_reads_back(path, slim, outtype, "llama")
+
+
+@pytest.mark.slow
+def test_llama_with_heads_cut_uniformly_reads_back(converter, tmp_path):
+    """Half the heads of every layer cut: fewer heads of the same head_dim (hidden != heads x head_dim)."""
+    from llmrank.models import load_tokenizer
+
+    hf_dir, slim = pruned_folder(tmp_path, "llama", load_tokenizer("smollm2-135m"), head_sparsity=0.5)
+    assert slim.config.num_attention_heads == 2 and slim.config.head_dim == 16
+    path = tmp_path / "model-f32.gguf"
+    result = gguf.export_gguf(hf_dir, path, outtype="f32")
+    check_result(result, path, "f32", "llama")
+    assert gguf_field(path, "llama.attention.head_count") == 2 and gguf_field(path, "llama.attention.key_length") == 16
+    assert_reads_back(path, slim, "f32", "llama")
 
 
 @pytest.mark.slow
