@@ -298,11 +298,12 @@ class GgufExportResult:
         return out
 
 
-#: Largest |logit difference| allowed, as a share of the slim model's largest |logit|.
-#: f32 is the same arithmetic in another order; f16/bf16 round each weight; q8_0 quantizes
-#: blocks of 32 weights to 8 bits. Measured on tiny random Llama/Qwen2 (f32 0, f16 4.5e-4, bf16 3.2e-3,
-#: q8_0 9.6e-3) and set with margin.
-BOUNDS = {"f32": 1e-4, "f16": 1e-2, "bf16": 4e-2, "q8_0": 4e-2}
+#: Largest |logit difference| allowed, as a share of the slim model's largest |logit|, on random ids.
+#: f32 is the same arithmetic in another order; f16/bf16 round each weight; q8_0 quantizes blocks
+#: of 32 weights to 8 bits. Measured: tiny random Llama/Qwen2 f32 0, f16 4.5e-4, bf16 3.2e-3, q8_0
+#: 9.6e-3; SmolLM2-135M at 30 % (30 layers) f16 2.1e-3, bf16 1.0e-2, q8_0 2.7e-2. A wrong conversion
+#: (a permuted or misplaced tensor) is off by the order of the logits themselves.
+BOUNDS = {"f32": 1e-4, "f16": 2e-2, "bf16": 5e-2, "q8_0": 1e-1}
 
 
 def export_gguf(

@@ -304,3 +304,20 @@ def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
     width = slim.model.layers[0].mlp.up_proj.out_features
     assert gguf_field(path, "llama.feed_forward_length") == width < 67
     assert_reads_back(path, slim, "f16", "llama", width=width)
+
+
+@pytest.mark.slow
+def test_smollm2_prune_to_gguf_end_to_end(converter, tmp_path):
+    """The issue's command at q8_0 (no compiler): SmolLM2-135M at 30 %, its GGUF read back equal to hf/."""
+    from llmrank.cli import main
+
+    out = tmp_path / "slim"
+    code = main(["prune", "smollm2-135m", "--sparsity", "0.3", "--samples", "4", "--compensation-samples", "4",
+                 "--seq-len", "128", "--no-onnx", "--gguf", "q8_0", "--out", str(out), "--quiet"])
+    assert code == 0
+    entry = json.loads((out / "report.json").read_text())["artifacts"]["gguf"]
+    assert entry["check"]["passed"] and entry["check"]["tokenizer_equal"] and entry["architecture"] == "llama"
+    slim = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    width = slim.model.layers[0].mlp.up_proj.out_features
+    assert width == 1075  # 1536 x 0.7, every layer
+    assert_reads_back(out / "gguf" / "model-q8_0.gguf", slim, "q8_0", "llama", width=width)
