@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights, activations and KV cache of the ONNX file (a bf16/fp16 checkpoint is loaded in fp32 first); "
                         "fp16 is checked against the fp32 model within a stated bound")
     _genai_options(p, "write an onnxruntime-genai folder at --out instead of an .onnx file")
+    p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                   help="write a GGUF file for llama.cpp at --out (a .gguf path) instead, by llama.cpp's converter: "
+                        "f16, bf16, q8_0, f32 (K-quants need 'llmrank[gguf]'); uniform widths only")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
     _common(p)
@@ -449,6 +452,18 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.workflow import ONNX_ATOL, ONNX_RTOL
 
     args.checkpoint = checkpoint_folder(args.checkpoint)
+    if args.gguf:
+        from llmrank.exporters.gguf import export_gguf
+        from llmrank.ir.errors import ConfigError
+
+        if args.genai:
+            raise ConfigError("--gguf and --genai each write the whole --out: export them one at a time")
+        out = Path(args.out)
+        if str(args.out).endswith(("/", "\\")) or out.is_dir():
+            out = out / f"model-{args.gguf}.gguf"
+        built = export_gguf(args.checkpoint, out, outtype=args.gguf, force=args.force)
+        _say(args, f"wrote {built.path} ({built.bytes / 2**20:.1f} MiB, GGUF {built.outtype}, {built.architecture})")
+        return built.to_dict()
     if args.genai:
         from llmrank.exporters.genai import check_options, export_genai
 

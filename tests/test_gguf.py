@@ -321,3 +321,25 @@ def test_smollm2_prune_to_gguf_end_to_end(converter, tmp_path):
     width = slim.model.layers[0].mlp.up_proj.out_features
     assert width == 1075  # 1536 x 0.7, every layer
     assert_reads_back(out / "gguf" / "model-q8_0.gguf", slim, "q8_0", "llama", width=width)
+
+
+def test_export_refuses_a_per_layer_checkpoint(tmp_path, capsys, monkeypatch):
+    from llmrank.cli import main
+
+    monkeypatch.setattr(gguf, "converter_dir", lambda **_: pytest.fail("fetched the converter before refusing"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "llmrank": {"layer_widths": {"model.layers.0.mlp": 40, "model.layers.1.mlp": 56}}}))
+    assert main(["export", str(tmp_path / "hf"), "--gguf", "f16", "--out", str(tmp_path / "m.gguf"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "per-layer FFN widths" in err and "--allocation uniform" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow
+def test_export_writes_a_checked_gguf_into_a_folder(slim_llama, tmp_path):
+    from llmrank.cli import main
+
+    hf_dir, slim = slim_llama
+    assert main(["export", str(hf_dir), "--gguf", "q8_0", "--out", f"{tmp_path}/", "--quiet"]) == 0
+    assert_reads_back(tmp_path / "model-q8_0.gguf", slim, "q8_0", "llama")
