@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmrank.exporters.atomic import atomic_path
-from llmrank.ir.errors import ConfigError, ExportError
+from llmrank.ir.errors import ConfigError, ExportError, InputError
 
 if TYPE_CHECKING:  # torch is imported where a check runs: the CLI reads OUTTYPES without it
     import torch
@@ -321,8 +321,13 @@ def export_gguf(
     """
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     check_outtype(outtype)
+    if not (hf_dir / "config.json").is_file():
+        raise InputError(f"{hf_dir} is not a HF checkpoint folder (no config.json): give the hf/ folder of a prune")
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     check_uniform(config)
+    from llmrank.models import check_tokenizer_files
+
+    check_tokenizer_files(hf_dir)  # a GGUF holds its tokenizer: the converter needs the folder's
     converter_dir()  # fetch before the atomic write starts: a failure here leaves nothing behind
     with atomic_path(out_path, force=force) as tmp:
         start = time.perf_counter()
@@ -383,7 +388,12 @@ def validate_gguf(gguf_file: Path, hf_dir: Path, outtype: str, sample_ids: torch
     start = time.perf_counter()
     gguf_file, hf_dir = Path(gguf_file), Path(hf_dir)
     slim = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    read = _load_gguf(gguf_file)
+    try:
+        read = _load_gguf(gguf_file)
+    except Exception as exc:  # noqa: BLE001 - an architecture transformers' GGUF loader does not know, or a bad file
+        raise GgufValidationError(
+            f"transformers cannot read the written GGUF back to check it ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); export_gguf(..., check=False) writes it unchecked") from exc
     ids = sample_ids if sample_ids is not None else _sample_ids(slim.config.vocab_size)
     with torch.no_grad():
         want = slim(ids).logits

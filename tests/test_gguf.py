@@ -17,7 +17,7 @@ import transformers
 import llmrank
 from llmrank.exporters import gguf
 from llmrank.exporters.hf import save_hf
-from llmrank.ir.errors import ConfigError
+from llmrank.ir.errors import ConfigError, InputError
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -343,3 +343,16 @@ def test_export_writes_a_checked_gguf_into_a_folder(slim_llama, tmp_path):
     hf_dir, slim = slim_llama
     assert main(["export", str(hf_dir), "--gguf", "q8_0", "--out", f"{tmp_path}/", "--quiet"]) == 0
     assert_reads_back(tmp_path / "model-q8_0.gguf", slim, "q8_0", "llama")
+
+
+def test_a_folder_without_tokenizer_is_refused_before_the_converter_runs(tmp_path, monkeypatch):
+    from llmrank.models import MissingTokenizerError
+
+    monkeypatch.setattr(gguf, "_convert", lambda *a: pytest.fail("ran the converter"))
+    monkeypatch.setattr(gguf, "converter_dir", lambda **_: pytest.fail("fetched the converter before refusing"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "llmrank": {}}))
+    with pytest.raises(MissingTokenizerError, match="no tokenizer"):
+        gguf.export_gguf(tmp_path / "hf", tmp_path / "m.gguf", outtype="f16")
+    with pytest.raises(InputError, match="no config.json"):
+        gguf.export_gguf(tmp_path, tmp_path / "m.gguf", outtype="f16")
