@@ -422,7 +422,12 @@ def _tokenizers_agree(gguf_file: Path, hf_dir: Path) -> bool:
     import transformers
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    gguf_tok = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    try:
+        gguf_tok = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except Exception as exc:  # noqa: BLE001 - e.g. Gemma-3's byte-level vocabulary as llama.cpp writes it
+        raise GgufValidationError(
+            f"transformers cannot read the written GGUF's tokenizer back to check it ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); export_gguf(..., check=False) writes it unchecked") from exc
     return hf_tok(_SAMPLE_TEXT)["input_ids"] == gguf_tok(_SAMPLE_TEXT)["input_ids"]
 
 

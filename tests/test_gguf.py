@@ -356,3 +356,16 @@ def test_a_folder_without_tokenizer_is_refused_before_the_converter_runs(tmp_pat
         gguf.export_gguf(tmp_path / "hf", tmp_path / "m.gguf", outtype="f16")
     with pytest.raises(InputError, match="no config.json"):
         gguf.export_gguf(tmp_path, tmp_path / "m.gguf", outtype="f16")
+
+
+def test_a_file_transformers_cannot_read_fails_the_check_by_name(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, vocab_size=64)).eval()
+    save_hf(model, None, tmp_path / "hf", metadata={})
+
+    def unreadable(_path):
+        raise ValueError("GGUF model with architecture gemma3 is not supported yet.")
+
+    monkeypatch.setattr(gguf, "_load_gguf", unreadable)
+    with pytest.raises(gguf.GgufValidationError, match=r"cannot read the written GGUF back.*check=False"):
+        gguf.validate_gguf(tmp_path / "m.gguf", tmp_path / "hf", "f16")
