@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv gguf-converter test test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[all]"
 	touch $(STAMP)
 
-test: venv
+# llama.cpp's converter (pure Python) from the llama-cpp-python sdist, fetched once into the cache:
+# a download, never a compile. Offline, the GGUF tests skip and say how to fetch it.
+gguf-converter: venv
+	-$(PY) -c "from llmrank.exporters.gguf import converter_dir; print(converter_dir())"
+
+test: venv gguf-converter
 	$(PY) -m pytest -q -ra
 
 test-fast: venv

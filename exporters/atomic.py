@@ -29,8 +29,8 @@ from llmrank.ir.errors import ConfigError
 __all__ = ["atomic_path", "atomic_files", "refuse_input_overlap", "check_writable", "is_llmrank_output",
            "remove_stale_temporaries", "OutputPathError", "UnsafeOverwriteError"]
 
-# Files that llmrank writes as a single-file target: ONNX graphs, their external weights, AOTI packages.
-_OUTPUT_SUFFIXES = (".onnx", ".onnx.data", ".pt2")
+# Files that llmrank writes as a single-file target: ONNX graphs, their external weights, AOTI packages, GGUF files.
+_OUTPUT_SUFFIXES = (".onnx", ".onnx.data", ".pt2", ".gguf")
 
 
 class OutputPathError(ConfigError):
@@ -49,7 +49,7 @@ def is_llmrank_output(path: Path | str) -> bool:
     """Does `path` look like something llmrank wrote (so that --force may replace it)?
 
     A folder with report.json (`llmrank prune`), a save_hf folder (config.json with an
-    `llmrank` entry) or an empty folder; a file with an .onnx, .onnx.data or .pt2 name.
+    `llmrank` entry) or an empty folder; a file with an .onnx, .onnx.data, .pt2 or .gguf name.
     """
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
@@ -89,7 +89,7 @@ def check_writable(final: Path | str, force: bool | int = False) -> Path:
             f"{final} already exists; pass --force / force=True to overwrite it (the existing one is deleted)"
         )
     if level < 2 and not is_llmrank_output(final):
-        what = "no report.json in it" if final.is_dir() else "not an .onnx or .pt2 file"
+        what = "no report.json in it" if final.is_dir() else "not an .onnx, .pt2 or .gguf file"
         raise UnsafeOverwriteError(
             f"{final} exists and does not look like an llmrank output ({what}); replacing it deletes it, "
             f"so it needs --force --force (force=2), or choose another --out"

@@ -110,10 +110,11 @@ def _find_download(folder: Path, spec: str) -> Path | None:
     return None
 
 
-def pip_download(spec: str) -> Path:
+def pip_download(spec: str, *, no_binary: bool = False) -> Path:
     """Download one distribution (`name==version`, no dependencies) once; return its path.
 
     The file lands in <cache>/wheels and later calls reuse it without touching the network.
+    no_binary: the sdist, never a wheel (pip still prepares its metadata, which compiles nothing).
     """
     folder = cache_dir() / "wheels"
     folder.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,8 @@ def pip_download(spec: str) -> Path:
     with tempfile.TemporaryDirectory(prefix=".pip-", dir=folder) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", "-d", tmp, spec]
+        if no_binary:
+            cmd[-1:-1] = ["--no-binary", re.split(r"[=<>!~ \[]", spec, maxsplit=1)[0]]
         log(f"pip download {spec} ...")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         files = [p for p in Path(tmp).iterdir() if p.is_file()]

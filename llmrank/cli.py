@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m",
+              "q6_k")  # exporters/gguf.py OUTTYPES (tests/test_gguf.py checks they agree)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write onnx/model.int8.onnx: int8 MatMul weights by onnxruntime's quantizer, checked against PyTorch")
     _genai_options(p, "also write genai/: an onnxruntime-genai folder built by its own model builder from the slim checkpoint")
+    p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                   help="also write gguf/model-TYPE.gguf for llama.cpp, by llama.cpp's own converter (fetched once from "
+                        "PyPI, nothing compiled): f16, bf16, q8_0 or f32; K-quants (q4_k_m, ...) need 'llmrank[gguf]'. "
+                        "Uniform widths only")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
     p = execution
     p.add_argument("--layerwise", action="store_true",
@@ -151,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights, activations and KV cache of the ONNX file (a bf16/fp16 checkpoint is loaded in fp32 first); "
                         "fp16 is checked against the fp32 model within a stated bound")
     _genai_options(p, "write an onnxruntime-genai folder at --out instead of an .onnx file")
+    p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                   help="write a GGUF file for llama.cpp at --out (a .gguf path) instead, by llama.cpp's converter: "
+                        "f16, bf16, q8_0, f32 (K-quants need 'llmrank[gguf]'); uniform widths only")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
     _common(p)
@@ -243,6 +252,7 @@ def error_text(exc: BaseException) -> str:
 OPTIONAL_MODULES = {
     "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "onnxruntime_genai": "genai", "onnx_ir": "genai",
     "peft": "heal", "matplotlib": "plot", "lm_eval": "lmeval", "gensim": "models", "torch_pruning": "bench",
+    "llama_cpp": "gguf",
 }
 
 
@@ -329,7 +339,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
         compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
         hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, quantize=args.quantize,
-        genai=args.genai, genai_device=args.genai_device, force=args.force,
+        genai=args.genai, genai_device=args.genai_device, gguf=args.gguf, force=args.force,
         progress=not (args.quiet or args.json), layerwise=args.layerwise, device=args.device,
         max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
         heal_tokens=args.heal_tokens, heal_minutes=args.heal_minutes, heal_lr=args.heal_lr, heal_train=args.heal_train,
@@ -442,6 +452,18 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.workflow import ONNX_ATOL, ONNX_RTOL
 
     args.checkpoint = checkpoint_folder(args.checkpoint)
+    if args.gguf:
+        from llmrank.exporters.gguf import export_gguf
+        from llmrank.ir.errors import ConfigError
+
+        if args.genai:
+            raise ConfigError("--gguf and --genai each write the whole --out: export them one at a time")
+        out = Path(args.out)
+        if str(args.out).endswith(("/", "\\")) or out.is_dir():
+            out = out / f"model-{args.gguf}.gguf"
+        built = export_gguf(args.checkpoint, out, outtype=args.gguf, force=args.force)
+        _say(args, f"wrote {built.path} ({built.bytes / 2**20:.1f} MiB, GGUF {built.outtype}, {built.architecture})")
+        return built.to_dict()
     if args.genai:
         from llmrank.exporters.genai import check_options, export_genai
 

@@ -50,6 +50,7 @@ class PruneJob:
     quantize: str | None = None  # "int8": also onnx/model.int8.onnx
     genai: str | None = None  # int4 | fp16 | fp32: also genai/, an onnxruntime-genai folder
     genai_device: str = "cpu"
+    gguf: str | None = None  # f16 | bf16 | q8_0 | f32 | q4_k_m ...: also gguf/model-<type>.gguf, by llama.cpp's converter
     force: bool | int = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +85,11 @@ class PruneJob:
             check_options(self.genai, self.genai_device)
             if self.config.mode == "mask-paper":
                 raise ConfigError("--genai needs a shrunk model: --mode mask-paper keeps the dense shapes")
+        if self.gguf is not None:
+            from llmrank.exporters.gguf import check_prune_options
+
+            check_prune_options(self.gguf, hf=self.hf, mode=self.config.mode, allocation=self.config.allocation,
+                                pruner=self.config.pruner)
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"--quantize {self.quantize!r}: choose int8")
         if self.quantize and not self.onnx:
@@ -408,11 +414,25 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
     if job.onnx:
         report["artifacts"]["onnx"] = export_onnx_artifact(result.model, folder / "onnx" / "model.onnx", job, metadata)
         write_int8(folder, job, result.model, report)
+    if job.gguf and "hf" in report["artifacts"]:
+        write_gguf(folder, job, report)
     failed = None
     if job.genai:
         failed = try_genai(folder, job, folder / "hf" if "hf" in report["artifacts"] else result.model, tokenizer, report)
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     return failed
+
+
+def write_gguf(folder: Path, job: PruneJob, report: dict[str, Any], check: bool = True) -> None:
+    """gguf/model-<type>.gguf: llama.cpp's converter on the written hf/, read back and checked before it is kept."""
+    from llmrank.exporters.gguf import export_gguf
+
+    path = Path("gguf") / f"model-{job.gguf}.gguf"
+    built = export_gguf(folder / "hf", folder / path, outtype=job.gguf, check=check)
+    report["artifacts"]["gguf"] = {**built.to_dict(), "path": str(path)}
+    if not check:
+        report.setdefault("notes", []).append(f"{path} was not read back and compared: the check holds two fp32 copies "
+                                              "of the slim model, more than the memory budget")
 
 
 def write_genai(folder: Path, job: PruneJob, source, tokenizer, report: dict[str, Any]) -> None:
@@ -483,6 +503,8 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
                                      "stock_loadable": _stock_loadable(hf_dir), "loader": "transformers" if _stock_loadable(hf_dir) else "llmrank.load"}
         stored = Checkpoint(hf_dir).dtype().itemsize
         slim_need = onnx_export_need(fp32_size(hf_dir) // 4, stored_bytes_per_param=stored)
+        if job.gguf:  # the converter streams the checkpoint; its read-back check holds two fp32 copies
+            write_gguf(tmp, job, report, check=2 * fp32_size(hf_dir) <= budget)
         exports = [flag for flag, asked in (("ONNX", job.onnx), ("--genai", job.genai)) if asked]
         if exports and slim_need > budget:
             notes.append(f"{' and '.join(exports)} skipped: the slim checkpoint needs about {slim_need / 1e9:.3g} GB in fp32 to "

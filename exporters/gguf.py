@@ -1,0 +1,435 @@
+"""GGUF files for llama.cpp, written by llama.cpp's own converter.
+
+GGUF is a moving format with per-architecture conventions (tensor names, metadata keys,
+tokenizer pre-processing hashes), so llmrank does not write it: it runs the converter that
+llama.cpp ships, ``convert_hf_to_gguf.py``, on a slim Hugging Face folder written by
+``save_hf``. The converter (with its ``conversion/`` package and its matching ``gguf-py``) is
+taken from the llama-cpp-python sdist, which vendors llama.cpp: the sdist is downloaded once
+with pip (no compile: only the three pure-Python pieces are extracted) into llmrank's cache.
+
+* The converter runs in a child process (``python -m llmrank.exporters.gguf``), so its
+  ``gguf-py`` is on that process's path only and never shadows the installed ``gguf``.
+  One behaviour is adjusted there, not in the extracted files: llama.cpp imports
+  sentencepiece before it checks that a ``tokenizer.model`` exists, so a folder with only a
+  ``tokenizer.json`` would need sentencepiece for nothing; the check is made first.
+* Uniform widths and heads only: llama.cpp's ``llama`` architecture takes one FFN width and
+  one head count, so a checkpoint with per-layer ones is refused before any work
+  (``--allocation uniform`` is the way out).
+* f32/f16/bf16/q8_0 come from the converter. K-quants (q4_k_m, ...) need llama.cpp's
+  compiled quantizer, reached through llama-cpp-python (``pip install 'llmrank[gguf]'``).
+* Checked before it is moved into place: the written file is read back by transformers'
+  GGUF loader (an independent reader) and its logits are compared with the slim PyTorch
+  model's; its tokenizer must give the same ids as the HF tokenizer on sample text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmrank.exporters.atomic import atomic_path
+from llmrank.ir.errors import ConfigError, ExportError, InputError
+
+if TYPE_CHECKING:  # torch is imported where a check runs: the CLI reads OUTTYPES without it
+    import torch
+
+__all__ = [
+    "LLAMA_CPP_PYTHON",
+    "CONVERTER_TYPES",
+    "KQUANT_TYPES",
+    "OUTTYPES",
+    "ConverterUnavailableError",
+    "GgufCheck",
+    "GgufExportResult",
+    "GgufValidationError",
+    "converter_dir",
+    "check_outtype",
+    "check_uniform",
+    "check_prune_options",
+    "export_gguf",
+    "validate_gguf",
+]
+
+#: The llama-cpp-python release whose sdist supplies llama.cpp's converter (and, installed
+#: through the `gguf` extra, the compiled quantizer). One pin, so converter and runtime agree.
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+#: What the converter writes by itself (no compiled code).
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+#: llama.cpp's K-quants and the llama_ftype number llama_model_quantize takes for each.
+KQUANT_TYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
+                "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+OUTTYPES = CONVERTER_TYPES + tuple(KQUANT_TYPES)
+_SDIST_ROOT = "vendor/llama.cpp/"
+_MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE",
+            "models/ggml-vocab-qwen2.gguf")  # llama.cpp's vocab-only test file: a real Qwen2 tokenizer for tests
+_SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. Pruning keeps 70 % of the FFN; "
+                "naïve café — 12345 tokens! def f(x):\n    return x * 2\n")
+
+
+class ConverterUnavailableError(ConfigError):
+    """llama.cpp's converter could not be obtained (no network to PyPI, or a damaged download)."""
+
+
+class GgufValidationError(ExportError):
+    """The written GGUF does not read back into the model it was written from."""
+
+
+# --------------------------------------------------------------------------- the converter
+
+
+def _version() -> str:
+    return LLAMA_CPP_PYTHON.partition("==")[2]
+
+
+def _manual_fetch_hint(folder: Path) -> str:
+    return (f"on a machine with network run: pip download {LLAMA_CPP_PYTHON} --no-deps --no-binary llama-cpp-python "
+            f"-d {folder}  (it downloads the sdist only; nothing is compiled), then retry")
+
+
+def converter_dir(*, download: bool = True) -> Path:
+    """The folder holding llama.cpp's ``convert_hf_to_gguf.py``, ``conversion/`` and ``gguf-py/``.
+
+    Extracted once from the llama-cpp-python sdist into ``<cache>/llama.cpp/<version>``; the
+    sdist is fetched with pip into ``<cache>/wheels`` when it is not there (download=False
+    refuses instead). $LLMRANK_LLAMA_CPP may name a llama.cpp checkout to use as it is.
+    """
+    from llmrank.cache import atomic_dir, cache_dir, log
+
+    override = os.environ.get("LLMRANK_LLAMA_CPP")
+    if override:
+        folder = Path(override).expanduser()
+        if not (folder / "convert_hf_to_gguf.py").is_file():
+            raise ConverterUnavailableError(f"$LLMRANK_LLAMA_CPP={override} has no convert_hf_to_gguf.py: "
+                                            "point it at a llama.cpp checkout, or unset it")
+        return folder
+    final = cache_dir() / "llama.cpp" / _version()
+    if (final / "convert_hf_to_gguf.py").is_file() and (final / "gguf-py").is_dir():
+        return final
+    sdist = _sdist(download=download)
+    log(f"extracting llama.cpp's converter from {sdist.name} ...")
+    with atomic_dir(final) as tmp:
+        _extract_converter(sdist, tmp)
+    return final
+
+
+def _sdist(*, download: bool) -> Path:
+    """The cached llama-cpp-python sdist, downloaded with pip when missing and allowed."""
+    from llmrank.cache import _find_download, cache_dir, pip_download
+
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = _find_download(wheels, LLAMA_CPP_PYTHON)
+    if found is None and not download:
+        raise ConverterUnavailableError(f"llama.cpp's converter is not in the cache; {_manual_fetch_hint(wheels)}")
+    if found is None:
+        try:
+            found = pip_download(LLAMA_CPP_PYTHON, no_binary=True)
+        except RuntimeError as exc:
+            raise ConverterUnavailableError(
+                f"could not download {LLAMA_CPP_PYTHON}'s sdist (llama.cpp's converter comes from it): "
+                f"{str(exc).splitlines()[0]} {_manual_fetch_hint(wheels)}") from exc
+    if not found.name.endswith(".tar.gz"):
+        raise ConverterUnavailableError(f"{found} is not the llama-cpp-python sdist (.tar.gz); delete it, then "
+                                        f"{_manual_fetch_hint(wheels)}")
+    return found
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    """Copy the converter's pure-Python files out of the sdist (nothing else, nothing built)."""
+    try:
+        with tarfile.open(sdist, "r:gz") as tar:
+            top = tar.getmembers()[0].name.split("/")[0]
+            prefix = f"{top}/{_SDIST_ROOT}"
+            members = []
+            for member in tar.getmembers():
+                if not member.name.startswith(prefix) or not (member.isfile() or member.isdir()):
+                    continue
+                rel = member.name[len(prefix):]
+                if any(rel == m or (m.endswith("/") and rel.startswith(m)) for m in _MEMBERS):
+                    member.name = rel
+                    members.append(member)
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ConverterUnavailableError(f"cannot read {sdist} ({exc}); delete it and retry") from exc
+    if not (dest / "convert_hf_to_gguf.py").is_file() or not (dest / "gguf-py" / "gguf").is_dir():
+        raise ConverterUnavailableError(f"{sdist} holds no {_SDIST_ROOT}convert_hf_to_gguf.py with gguf-py; "
+                                        f"is it the llama-cpp-python sdist ({LLAMA_CPP_PYTHON})?")
+
+
+def _run_converter_here(folder: Path, argv: list[str]) -> None:
+    """Child-process entry: llama.cpp's converter with its own gguf-py, adjusted as the module says."""
+    sys.path[:0] = [str(folder / "gguf-py"), str(folder)]
+    from conversion import base  # llama.cpp's package (the converter dir is first on the path)
+
+    original = base.TextModel._create_vocab_sentencepiece
+
+    def sentencepiece_only_when_present(self):  # FileNotFoundError lets the converter try tokenizer.json
+        if not (self.dir_model / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"File not found: {self.dir_model / 'tokenizer.model'}")
+        return original(self)
+
+    base.TextModel._create_vocab_sentencepiece = sentencepiece_only_when_present
+    import runpy
+
+    sys.argv = [str(folder / "convert_hf_to_gguf.py"), *argv]
+    runpy.run_path(str(folder / "convert_hf_to_gguf.py"), run_name="__main__")
+
+
+def _convert(hf_dir: Path, out_file: Path, outtype: str) -> str:
+    """Run the converter on ``hf_dir`` in a child process; return its log, raise on failure."""
+    folder = converter_dir()
+    cmd = [sys.executable, "-m", "llmrank.exporters.gguf", str(folder), str(hf_dir),
+           "--outtype", outtype, "--outfile", str(out_file)]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = (proc.stdout or "") + (proc.stderr or "")
+    if proc.returncode != 0 or not out_file.is_file():
+        tail = "\n".join(log.strip().splitlines()[-8:])
+        raise ExportError(f"llama.cpp's converter failed on {hf_dir} (exit {proc.returncode}):\n{tail}")
+    return log
+
+
+# --------------------------------------------------------------------------- options
+
+
+def check_outtype(outtype: str) -> None:
+    """Refuse an unknown type, or a K-quant without llama.cpp's compiled quantizer, before any work."""
+    if outtype not in OUTTYPES:
+        raise ConfigError(f"GGUF type must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    if outtype in KQUANT_TYPES and not _llama_cpp_available():
+        error = ConfigError(
+            f"GGUF type {outtype} is a llama.cpp K-quant: it needs llama.cpp's compiled quantizer, from llama-cpp-python "
+            f"(pip install 'llmrank[gguf]'; it compiles llama.cpp, which takes a while). Without it use "
+            f"{', '.join(CONVERTER_TYPES)}")
+        error.hint = "pip install 'llmrank[gguf]', or choose --gguf q8_0 / f16"
+        raise error
+
+
+def check_prune_options(outtype: str, *, hf: bool, mode: str, allocation: str, pruner: str) -> None:
+    """`llmrank prune --gguf`: refuse what cannot give a GGUF before the model is read."""
+    check_outtype(outtype)
+    if not hf:
+        raise ConfigError("--gguf is converted from the slim checkpoint hf/: drop --no-hf")
+    if mode == "mask-paper":
+        raise ConfigError("--gguf needs the slim checkpoint hf/, which --mode mask-paper does not write")
+    why = (f"--allocation {allocation} chooses a width per layer" if allocation != "uniform" else
+           "--pruner global pools all scores, so each layer keeps its own width" if pruner == "global" else None)
+    if why:
+        error = ConfigError(f"--gguf {outtype}: {why}, and llama.cpp's llama-family GGUF takes one FFN width for all "
+                            f"layers (the per-layer deci form is not written yet)")
+        error.hint = "use --allocation uniform --pruner local for a GGUF, or drop --gguf"
+        raise error
+
+
+def _llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def check_uniform(config: dict[str, Any] | Path | str) -> None:
+    """Refuse a checkpoint with per-layer FFN widths or head counts (config.json's llmrank entry).
+
+    llama.cpp's `llama` architecture (and its siblings) takes one width and one head count.
+    """
+    if not isinstance(config, dict):
+        config = json.loads((Path(config) / "config.json").read_text(encoding="utf-8"))
+    info = config.get("llmrank") or {}
+    per_layer = [what for key, what in (("layer_widths", "FFN widths"), ("layer_heads", "attention head counts"))
+                 if info.get(key)]
+    if per_layer:
+        error = ConfigError(
+            f"this checkpoint has per-layer {' and '.join(per_layer)}; llama.cpp's {config.get('model_type', '?')} "
+            f"GGUF takes one value for all layers, and llmrank does not write the per-layer (deci) form yet")
+        error.hint = "prune with --allocation uniform (and without per-layer head options) to get a GGUF"
+        raise error
+    if info.get("undeclared_biases"):
+        raise ConfigError(f"this checkpoint has biases its config cannot declare ({', '.join(info['undeclared_biases'][:3])}"
+                          f", ...): llama.cpp's converter would drop them; prune without --compensation bias for a GGUF")
+
+
+# --------------------------------------------------------------------------- export
+
+
+@dataclass
+class GgufCheck:
+    """The written GGUF read back by transformers' GGUF loader against the slim model.
+
+    Logits on `prompts` token sequences: the largest |difference| and its bound (relative to
+    the largest |logit| of the slim model), the share of positions whose argmax agrees.
+    Tokenizer: the GGUF's tokenizer gives the same ids as the HF tokenizer on sample text.
+    """
+
+    outtype: str
+    prompts: int
+    positions: int
+    max_abs_diff: float
+    logit_scale: float
+    bound: float
+    top1_agreement: float
+    tokenizer_equal: bool
+    passed: bool
+    seconds: float
+
+
+@dataclass
+class GgufExportResult:
+    """What was written and how it was checked."""
+
+    path: Path
+    outtype: str
+    bytes: int
+    architecture: str
+    convert_seconds: float
+    check: GgufCheck | None
+    converter: str = LLAMA_CPP_PYTHON
+    log: str = field(default="", repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "log"}
+        out["path"] = str(self.path)
+        return out
+
+
+#: Largest |logit difference| allowed, as a share of the slim model's largest |logit|, on random ids.
+#: f32 is the same arithmetic in another order; f16/bf16 round each weight; q8_0 quantizes blocks
+#: of 32 weights to 8 bits. Measured: tiny random Llama/Qwen2 f32 0, f16 4.5e-4, bf16 3.2e-3, q8_0
+#: 9.6e-3; SmolLM2-135M at 30 % (30 layers) f16 2.1e-3, bf16 1.0e-2, q8_0 2.7e-2. A wrong conversion
+#: (a permuted or misplaced tensor) is off by the order of the logits themselves.
+BOUNDS = {"f32": 1e-4, "f16": 2e-2, "bf16": 5e-2, "q8_0": 1e-1}
+
+
+def export_gguf(
+    hf_dir: str | Path,
+    out_path: str | Path,
+    *,
+    outtype: str = "f16",
+    force: bool | int = False,
+    check: bool = True,
+) -> GgufExportResult:
+    """Write ``out_path`` (a .gguf) from a slim HF folder written by llmrank, atomically.
+
+    The converter writes the file under a temporary name; with ``check`` it is read back by
+    transformers and compared with the folder's model before it is moved into place.
+    """
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    check_outtype(outtype)
+    if not (hf_dir / "config.json").is_file():
+        raise InputError(f"{hf_dir} is not a HF checkpoint folder (no config.json): give the hf/ folder of a prune")
+    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    check_uniform(config)
+    from llmrank.models import check_tokenizer_files
+
+    check_tokenizer_files(hf_dir)  # a GGUF holds its tokenizer: the converter needs the folder's
+    converter_dir()  # fetch before the atomic write starts: a failure here leaves nothing behind
+    with atomic_path(out_path, force=force) as tmp:
+        start = time.perf_counter()
+        base_type = "f16" if outtype in KQUANT_TYPES else outtype
+        staged = tmp.with_name(tmp.name + ".gguf")
+        try:
+            log = _convert(hf_dir, staged, base_type)
+            if outtype in KQUANT_TYPES:
+                _quantize(staged, tmp, outtype)
+            else:
+                os.replace(staged, tmp)
+        finally:
+            staged.unlink(missing_ok=True)
+        seconds = time.perf_counter() - start
+        result_check = validate_gguf(tmp, hf_dir, outtype) if check and outtype in BOUNDS else None
+        if result_check is not None and not result_check.passed:
+            raise GgufValidationError(
+                f"the {outtype} GGUF does not match the slim model: max |logit diff| {result_check.max_abs_diff:.3g} "
+                f"> {result_check.bound:g} x {result_check.logit_scale:.3g}, tokenizer equal: {result_check.tokenizer_equal}")
+        size = tmp.stat().st_size
+    return GgufExportResult(out_path, outtype, size, _architecture(out_path), seconds, result_check, log=log)
+
+
+def _quantize(f16_file: Path, out_file: Path, outtype: str) -> None:
+    """llama.cpp's own K-quant quantizer through llama-cpp-python (the f16 file as input)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = KQUANT_TYPES[outtype]
+    rc = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(), params)
+    if rc != 0 or not out_file.is_file():
+        raise ExportError(f"llama.cpp's quantizer failed on {f16_file.name} -> {outtype} (returned {rc})")
+
+
+def _architecture(path: Path) -> str:
+    """general.architecture of a GGUF file (read with the installed gguf package)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    value = reader.fields["general.architecture"]
+    return bytes(value.parts[value.data[0]]).decode("utf-8")
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def _sample_ids(vocab: int, n: int = 3, length: int = 24) -> torch.Tensor:
+    import torch
+
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+def validate_gguf(gguf_file: Path, hf_dir: Path, outtype: str, sample_ids: torch.Tensor | None = None) -> GgufCheck:
+    """Read ``gguf_file`` back with transformers and compare it with the model in ``hf_dir``."""
+    import torch
+    import transformers
+
+    start = time.perf_counter()
+    gguf_file, hf_dir = Path(gguf_file), Path(hf_dir)
+    slim = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    try:
+        read = _load_gguf(gguf_file)
+    except Exception as exc:  # noqa: BLE001 - an architecture transformers' GGUF loader does not know, or a bad file
+        raise GgufValidationError(
+            f"transformers cannot read the written GGUF back to check it ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); export_gguf(..., check=False) writes it unchecked") from exc
+    ids = sample_ids if sample_ids is not None else _sample_ids(slim.config.vocab_size)
+    with torch.no_grad():
+        want = slim(ids).logits
+        got = read(ids).logits
+    diff = float((want - got).abs().max())
+    scale = float(want.abs().max())
+    top1 = float((want.argmax(-1) == got.argmax(-1)).float().mean())
+    tok_equal = _tokenizers_agree(gguf_file, hf_dir)
+    bound = BOUNDS[outtype]
+    passed = diff <= bound * max(scale, 1e-6) and tok_equal
+    return GgufCheck(outtype, int(ids.shape[0]), int(ids.numel()), diff, scale, bound, top1, tok_equal, passed,
+                     time.perf_counter() - start)
+
+
+def _load_gguf(gguf_file: Path):
+    """transformers' GGUF loader on one file (it wants a folder and a file name)."""
+    import torch
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+
+
+def _tokenizers_agree(gguf_file: Path, hf_dir: Path) -> bool:
+    """The GGUF's tokenizer (as transformers rebuilds it) and the folder's give the same ids."""
+    import transformers
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    try:
+        gguf_tok = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except Exception as exc:  # noqa: BLE001 - e.g. Gemma-3's byte-level vocabulary as llama.cpp writes it
+        raise GgufValidationError(
+            f"transformers cannot read the written GGUF's tokenizer back to check it ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); export_gguf(..., check=False) writes it unchecked") from exc
+    return hf_tok(_SAMPLE_TEXT)["input_ids"] == gguf_tok(_SAMPLE_TEXT)["input_ids"]
+
+
+if __name__ == "__main__":  # the child process of _convert: <converter dir> <converter args...>
+    _run_converter_here(Path(sys.argv[1]), sys.argv[2:])
