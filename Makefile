@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv gguf-converter test test-fast demo bench clean
+.PHONY: venv gguf-converter test test-install test-all test-fast demo bench clean
 
 venv: $(STAMP)
 
@@ -22,10 +22,17 @@ gguf-converter: venv
 	-$(PY) -c "from llmrank.exporters.gguf import converter_dir; print(converter_dir())"
 
 test: venv gguf-converter
+	$(PY) -m pytest -q -ra -m "not extended and not install"
+
+# a fresh venv with a plain `pip install .` runs the main job on empty caches (minutes; CI runs it after `make test`)
+test-install: venv
+	$(PY) -m pytest -q -ra -m install
+
+test-all: venv gguf-converter
 	$(PY) -m pytest -q -ra
 
 test-fast: venv
-	$(PY) -m pytest -q -ra -m "not slow and not onnx"
+	$(PY) -m pytest -q -ra -m "not slow and not onnx and not extended and not install"
 
 demo: venv
 	$(PY) -m llmrank.demo

@@ -205,7 +205,7 @@ def test_llama_uniform_f32_reads_back_equal(slim_llama, tmp_path):
     assert_reads_back(path, slim, "f32", "llama")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_llama_uniform_reads_back_within_the_bound(slim_llama, tmp_path, outtype):
     hf_dir, slim = slim_llama
@@ -215,7 +215,7 @@ def test_llama_uniform_reads_back_within_the_bound(slim_llama, tmp_path, outtype
     assert_reads_back(path, slim, outtype, "llama")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
 def test_llama_with_heads_cut_uniformly_reads_back(converter, tmp_path):
     """Half the heads of every layer cut: fewer heads of the same head_dim (hidden != heads x head_dim)."""
     from llmrank.models import load_tokenizer
@@ -229,7 +229,7 @@ def test_llama_with_heads_cut_uniformly_reads_back(converter, tmp_path):
     assert_reads_back(path, slim, "f32", "llama")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 def test_qwen2_uniform_reads_back_within_the_bound(slim_qwen2, tmp_path, outtype):
     hf_dir, slim = slim_qwen2
@@ -239,7 +239,7 @@ def test_qwen2_uniform_reads_back_within_the_bound(slim_qwen2, tmp_path, outtype
     assert_reads_back(path, slim, outtype, "qwen2")
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
 def test_a_failed_check_leaves_nothing_in_place(slim_llama, tmp_path, monkeypatch):
     hf_dir, _ = slim_llama
     monkeypatch.setitem(gguf.BOUNDS, "f16", 0.0)  # f16 rounding cannot meet a zero bound
@@ -280,7 +280,7 @@ def test_prune_refuses_before_the_model_is_read(tmp_path, monkeypatch, capsys, f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layerwise", [False, True])
+@pytest.mark.parametrize("layerwise", [False, pytest.param(True, marks=pytest.mark.extended)])
 def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
     """llmrank prune on a tiny Llama folder with --gguf f16: gguf/model-f16.gguf, recorded in report.json."""
     from llmrank.cli import main
@@ -306,7 +306,7 @@ def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
     assert_reads_back(path, slim, "f16", "llama", width=width)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
 def test_smollm2_prune_to_gguf_end_to_end(converter, tmp_path):
     """The issue's command at q8_0 (no compiler): SmolLM2-135M at 30 %, its GGUF read back equal to hf/."""
     from llmrank.cli import main
@@ -336,7 +336,7 @@ def test_export_refuses_a_per_layer_checkpoint(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
 def test_export_writes_a_checked_gguf_into_a_folder(slim_llama, tmp_path):
     from llmrank.cli import main
 

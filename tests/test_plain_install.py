@@ -23,7 +23,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.Comple
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
+@pytest.mark.install
 def test_plain_install_prunes_a_builtin_model_with_empty_caches(tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
