@@ -11,6 +11,8 @@ is one calibration forward pass of the dense model (the sum of the blocks' calib
     python benchmarks/bench_scale.py                                   # the small grid below
     python benchmarks/bench_scale.py --shapes 32x4096x14336 --samples 4 --seq-len 256 \
         --in-memory-max-gb 0 --work ~/.cache/llmrank/bench --log scale-8b.log --out benchmarks/results/scale-8b.json  # Llama-3-8B
+    python benchmarks/bench_scale.py --shapes 32x2048x5632 --in-memory-max-gb 0 --threads 2 \
+        --work /tmp/scale-work --out benchmarks/results/scale-2048.json   # 32 x 2048, against its memory bound
 
 Writes benchmarks/results/scale.json (one record per configuration and route).
 
