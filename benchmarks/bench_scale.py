@@ -11,8 +11,20 @@ is one calibration forward pass of the dense model (the sum of the blocks' calib
     python benchmarks/bench_scale.py                                   # the small grid below
     python benchmarks/bench_scale.py --shapes 32x4096x14336 --samples 4 --seq-len 256 \
         --in-memory-max-gb 0 --work ~/.cache/llmrank/bench --log scale-8b.log --out benchmarks/results/scale-8b.json  # Llama-3-8B
+    python benchmarks/bench_scale.py --shapes 32x2048x5632 --in-memory-max-gb 0 --threads 2 \
+        --work /tmp/scale-work --out benchmarks/results/scale-2048.json   # 32 x 2048, against its memory bound
 
 Writes benchmarks/results/scale.json (one record per configuration and route).
+
+Each block-route record carries the memory bound the route holds itself to, computed from the
+shapes (``memory_bound``), and ``peak_over_bound``, its peak RSS over that bound:
+
+    bound = one fp32 block + its refit statistics + embeddings + calibration hidden states + 1 GB
+
+with the refit statistics the fp64 Gram and sum of each refitted consumer's input (down_proj:
+d_ff x d_ff), the embeddings the input and (untied) output matrices in the checkpoint's dtype,
+the hidden states every calibration token (and the verification sample's) at the block
+boundary in the checkpoint's dtype, and 1 GB (1e9 bytes) for the Python/torch runtime.
 """
 
 from __future__ import annotations
@@ -54,6 +66,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def parse_shape(text: str) -> tuple[int, int, int]:
     layers, hidden, inter = (int(x) for x in text.lower().split("x"))
     return layers, hidden, inter
+
+
+def memory_bound(layers: int, hidden: int, inter: int, vocab: int, *, samples: int, seq_len: int,
+                 compensation: str = "lstsq", dtype_bytes: int = 2, tied: bool = False) -> dict[str, int]:
+    """The block route's memory bound for a Llama shape (see the module docstring), term by term."""
+    heads = max(hidden // 128, 1)
+    kv = max(heads // 4, 1) * (hidden // heads)
+    block = 2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * inter + 2 * hidden
+    refit = 0 if compensation == "none" else 8 * inter * (inter if compensation.startswith("lstsq") else 0) + 8 * inter
+    tokens = samples * seq_len + min(2, samples) * min(64, seq_len)  # + the verification sample, [:2, :64] of the first batch
+    terms = {"fp32_block": 4 * block, "refit_statistics": refit, "embeddings": (1 if tied else 2) * vocab * hidden * dtype_bytes,
+             "hidden_states": tokens * hidden * dtype_bytes, "runtime": 10**9}
+    return {**terms, "bound": sum(terms.values())}
 
 
 def llama_config(layers: int, hidden: int, inter: int, vocab: int):
@@ -205,6 +230,12 @@ def main(argv=None) -> None:
                     "samples": args.samples, "seq_len": args.seq_len,
                     "sparsity": args.sparsity, "compensation": args.compensation}
             lw = run_child("layerwise", folder, args)
+            if "peak_rss_bytes" in lw:
+                bound = memory_bound(layers, hidden, inter, args.vocab, samples=args.samples, seq_len=args.seq_len,
+                                     compensation=args.compensation)
+                lw["bound_terms"] = {k: v for k, v in bound.items() if k != "bound"}
+                lw["bound_bytes"] = bound["bound"]
+                lw["peak_over_bound"] = lw["peak_rss_bytes"] / bound["bound"]
             print(shape, "layerwise", {k: v for k, v in lw.items() if k != "kept"}, flush=True)
             mem = None
             if 2 * size <= args.in_memory_max_gb * 1e9:  # bf16 on disk -> fp32-free bf16 load; 2x for the slim copy

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,38 +163,49 @@ class ShardWriter:
     """Writes tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``
     as they come, and the HF index at the end.
 
-    A shard is held in memory until it is written, so :meth:`end_block` also closes it once it
-    holds ``hold_bytes``: at 8B scale a 2 GiB shard of slim blocks would otherwise cost 2 GiB of
-    RSS on top of the block being pruned.
+    No tensor waits in memory for its shard: each one's bytes go at once to the open shard's
+    data file, and closing the shard writes the safetensors header and appends those bytes
+    from disk. Held shards cost a whole shard of RSS on top of the block being pruned (up to
+    2 GiB at 8B scale, still 256 MB when closed early), and serialising a shard a second copy.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int, hold_bytes: int = 256 * 1024**2):
-        self.folder, self.limit, self.hold = folder, max_shard_bytes, hold_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder, self.limit = folder, max_shard_bytes
+        self.entries: dict[str, dict[str, Any]] = {}  # the open shard's header: name -> dtype, shape, byte range
+        self.data: Any = None  # the open shard's data file
+        self.size = 0  # bytes in the open shard
         self.parts: list[list[str]] = []
         self.total = 0
 
+    def _data_path(self) -> Path:
+        return self.folder / f"part-{len(self.parts):05d}.data"
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.limit:
+        t = tensor.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        if self.entries and self.size + size > self.limit:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
+        if self.data is None:
+            self.data = open(self._data_path(), "wb")
+        self.entries[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [self.size, self.size + size]}
+        if size:
+            self.data.write(tensor_bytes(t))
+        self.size += size
         self.total += size
 
-    def end_block(self) -> None:
-        if self.pending_bytes >= self.hold:
-            self.flush()
-
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
+        """Close the open shard: its header, then its data."""
+        if self.data is None:
             return
-        save_file(self.pending, str(self.folder / f"part-{len(self.parts):05d}.safetensors"), metadata={"format": "pt"})
-        self.parts.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        self.data.close()
+        source = self._data_path()
+        with open(self.folder / f"part-{len(self.parts):05d}.safetensors", "wb") as f:
+            f.write(safetensors_header(self.entries, {"format": "pt"}))
+            with open(source, "rb") as data:
+                shutil.copyfileobj(data, f, 16 * 1024**2)
+        source.unlink()
+        self.parts.append(list(self.entries))
+        self.entries, self.data, self.size = {}, None, 0
 
     def close(self) -> list[str]:
         """Rename the parts to the HF names and write the index; returns the shard names."""
@@ -212,13 +224,32 @@ class ShardWriter:
         return names
 
 
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_header(entries: dict[str, dict[str, Any]], metadata: dict[str, str]) -> bytes:
+    """The safetensors preamble: an 8-byte little-endian length, then the JSON header (each
+    tensor's dtype, shape and byte range in the data that follows) padded to 8 bytes."""
+    text = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous tensor's bytes as stored by safetensors (little-endian), without a copy."""
+    if sys.byteorder != "little":  # pragma: no cover - every platform torch ships wheels for is little-endian
+        raise NotImplementedError("writing safetensors shards needs a little-endian machine")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def finish_checkpoint(folder: Path, writer: ShardWriter, ckpt: Checkpoint, model: nn.Module, layer_prefix: str,
                       out_dtype: torch.dtype, metadata: dict[str, Any]) -> None:
     """The tensors outside the blocks (``layer_prefix``; copied as they are), the index, a config
     describing the slim widths of ``model`` (``slimconfig`` conventions, with ``metadata``)
     and the tokenizer files."""
     for key in sorted(k for k in ckpt.weight_map if not k.startswith(layer_prefix)):
-        writer.add(key, ckpt.read([key])[key])
+        writer.add(key, ckpt.read([key])[key])  # on disk at once: one embedding matrix in memory at a time
     saved_config, _, _, _, zeros = config_for_save(model, metadata)
     for key, z in zeros.items():  # biases the config's switch now declares: zeros, so stock loading builds the same model
         writer.add(key, torch.zeros(z.shape, dtype=out_dtype))

@@ -37,6 +37,8 @@ calibration hidden states, spilled to disk past a budget).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 import resource
@@ -58,7 +60,7 @@ from llmrank.passes.analyze import analyze, residual_writers
 from llmrank.passes.blocks.capture import Holder, Recorder, Replay, Stop, layers_path, split_call
 from llmrank.passes.blocks.checkpoint import Checkpoint, ShardWriter, finish_checkpoint
 from llmrank.passes.blocks.hidden import HiddenStates
-from llmrank.passes.blocks.onload import buffers_to_own, materialise, materialise_own, skeleton, to_meta
+from llmrank.passes.blocks.onload import buffers_to_own, materialise, materialise_own, release, skeleton, to_meta
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
 from llmrank.passes.choose import Budget, budget, choose, is_local, needs_curves
 from llmrank.passes.compensate import consumer_linears, plan_refit
@@ -99,6 +101,18 @@ class BlockRecord:
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def release_memory() -> None:
+    """Give freed memory back between blocks: collect reference cycles (a traced program holds
+    some) so their tensors go now, and ask glibc to return its free heap pages to the system
+    (freed blocks of a few MB otherwise stay in the process, and RSS grows block after block)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return
+    libc.malloc_trim(0)
 
 
 def _rss_now() -> int:
@@ -202,6 +216,8 @@ def run_blocks(
         output_check = run.check_outputs()
     finally:
         run.close()
+    release(model)  # the embeddings (and a tied head) are done with: the final write must not hold them twice
+    release_memory()
     ir = run.all_ir()
     kept = {g.name: run.kept[g.name] for g in ir.groups} | {hg.name: run.kept[hg.name] for hg in ir.head_groups
                                                              if hg.name in run.kept}  # the in-memory order
@@ -406,10 +422,13 @@ class _Run:
                 tick = self._time(record, "curves", tick)
             if walk.rewrite:
                 self._rewrite(holder, ir, i, stats, walk, record, cross)
+                del stats, cross  # _rewrite already dropped the Grams; nothing below reads them
                 for k in stream:  # the next block's pruned inputs: this block cut and refitted
                     with torch.no_grad():
                         self.pruned.put(k, holder(self.pruned.get(k), *self._args(k, i)))
             to_meta(block)
+            stats = cross = None
+            release_memory()
             record.rss_bytes = _rss_now()
 
     def _cross_moments(self, holder: Holder, ir: ModelIR, i: int, stream: list[int]) -> dict[str, CrossStats]:
@@ -475,29 +494,36 @@ class _Run:
             refits = plan_refit(holder, ir, block_kept, stats.moments, method=c.compensation, ridge=c.ridge)
         else:
             refits = {}
+        # the Grams (d_ff x d_ff fp64, the largest thing a block holds) are spent: free them
+        # before the verification's masked copy and the shrink allocate
+        stats.moments.clear()
+        cross = None
         tick = self._time(record, "select+refit", tick)
         args = self._args(self.sample, i)
         dense_in, slim_in = self.dense_sample, self.slim_sample
         with torch.no_grad():
-            reference = mask(holder, ir, block_kept, refits=refits) if c.verify else None
+            expected = None
+            if c.verify:  # the masked copy's output, then the copy goes: it never sits beside the shrunk block
+                reference = mask(holder, ir, block_kept, refits=refits)
+                expected = reference(dense_in, *args)
+                del reference
             self.dense_sample = holder(dense_in, *args)
             shrink(holder, ir, block_kept, inplace=True, refits=refits)
+            del refits
             self.slim_sample = holder(slim_in, *args)
-            if reference is not None:
+            if expected is not None:
                 got = holder(dense_in, *args)
-                ver = Verification.compare(reference(dense_in, *args), got, (dense_in,), atol=c.verify_atol, rtol=c.verify_rtol)
+                ver = Verification.compare(expected, got, (dense_in,), atol=c.verify_atol, rtol=c.verify_rtol)
                 record.verification = ver
                 if not ver.ok:
                     raise VerificationError(
                         f"block {i}: the shrunk block differs from the masked dense block by {ver.max_abs_diff:.3g} (bound "
                         f"{ver.atol:g} + {ver.rtol:g} x {ver.reference_scale:.3g}); this is a bug: please report the model")
-        del reference
         tick = self._time(record, "shrink+verify", tick)
         if self.writer is not None:
             prefix = f"{self.path}.{i}."
             for name, t in holder.block.state_dict().items():
                 self.writer.add(prefix + name, t.to(self.ckpt.dtype_of(prefix + name, self.out_dtype)))
-            self.writer.end_block()
             self._time(record, "write", tick)
 
     # -- the final check -------------------------------------------------------------------

@@ -65,6 +65,18 @@ def to_meta(module: nn.Module) -> None:
                 m._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device="meta")
 
 
+def release(root: nn.Module) -> None:
+    """Send every loaded parameter of ``root`` back to the meta device, keeping ties: a parameter
+    shared by several modules (tied embeddings) becomes one meta parameter shared by all of them."""
+    metas: dict[int, nn.Parameter] = {}
+    for m in root.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and not p.is_meta:
+                if id(p) not in metas:
+                    metas[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+                m._parameters[name] = metas[id(p)]
+
+
 def materialise_own(module: nn.Module, name: str, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                      root: nn.Module | None = None) -> None:
     """Load one module's own parameters (not its children's); one missing from the checkpoint
