@@ -259,6 +259,7 @@ def test_cli_chooses_layerwise_past_max_memory_and_skips_onnx(cli_workspace):
     out, report = _cli(root, model_dir, text, "auto", "--max-memory", "10KB")
     assert report["route"].startswith("layerwise: the in-memory prune needs")
     assert "onnx" not in report["artifacts"] and any("ONNX skipped" in n for n in report["notes"])
+    assert any(f"llmrank export {out / 'hf'} --out" in n for n in report["notes"])  # the suggested command runs as given
     assert (out / "hf" / "config.json").is_file()
 
 
