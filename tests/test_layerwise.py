@@ -104,7 +104,10 @@ def _close(ref: torch.Tensor, got: torch.Tensor) -> None:
 
 #: Every configuration on Llama; on the other families the ones whose carry differs
 #: (dataflow, chained, global two-walk, refit), to keep the file near a minute on 2 cores.
-CASES = ([("llama", name) for name in CONFIGS]
+#: Llama rows that tests/test_route_matrix.py also runs on the block route (make test-all keeps them here too).
+IN_MATRIX = ("target-params", "target-params-heads", "heads", "heads-fluctuation", "selection-refit", "allocation-error")
+CASES = ([("llama", name) if name not in IN_MATRIX else pytest.param("llama", name, marks=pytest.mark.extended)
+          for name in CONFIGS]
          + [(family, name) for family in ("qwen2", "gemma3")
             for name in ("wpr-dataflow", "wpr-dataflow-lstsq", "mpr-dataflow-global-lstsq", "wpr-chained")]
          + [("mistral", "wpr-dataflow-lstsq")]
