@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmrank.ir.errors import InputError
 from llmrank.ir.graph import ModelIR
 from llmrank.passes import budget as parameter_budget
 from llmrank.passes.allocate import Curve, kept_from_curves
@@ -81,7 +82,7 @@ def choose(config: PruneConfig, ir: ModelIR, scores: Mapping[str, torch.Tensor],
     out = Choice()
     if needs_curves(c):
         if curves is None:
-            raise ValueError("choose: allocation/selection read the refit's removal curves: give curves=")
+            raise InputError("choose: allocation/selection read the refit's removal curves: give curves=")
         out.kept = kept_from_curves(ir, curves, scores, plan.sparsity, allocation=c.allocation, selection=c.selection,
                                     multiple=c.multiple, min_width=c.min_width, loss_probe=loss_probe)
     else:

@@ -8,9 +8,6 @@ and the block route computed a mixed-dtype checkpoint in the dtype of its first 
 
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 import torch
 import transformers as T
@@ -20,43 +17,19 @@ from llmrank.ir.errors import ConfigError, InputError
 from llmrank.layerwise import prune_layerwise
 from llmrank.passes.config import PruneConfig
 from llmrank.workflow import PruneJob, run_prune
+from test_layerwise import cli_workspace
 
 V = 64
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A tiny Llama folder (sharded safetensors + tokenizer) and a calibration text."""
-    from test_cli import WORDS, make_tokenizer
-
-    root = tmp_path_factory.mktemp("routes")
-    folder = root / "tiny-llama"
-    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        vocab_size=V, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    torch.manual_seed(0)
-    T.LlamaForCausalLM(cfg).eval().save_pretrained(folder, max_shard_size="40KB")
-    make_tokenizer().save_pretrained(folder)
-    rng = random.Random(0)
-    text = root / "calib.txt"
-    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " ." for _ in range(40)))
-    return root, folder, text
+#: A tiny Llama folder (sharded safetensors + tokenizer) and a calibration text: the block-route CLI tests' own.
+workspace = cli_workspace
 
 
 def _job(root, folder, text, name, **fields) -> PruneJob:
     config = fields.pop("config", PruneConfig(compensation="lstsq"))
     return PruneJob(model=str(folder), out=root / name, config=config, calib=str(text), samples=4, compensation_samples=6,
                     seq_len=32, progress=False, **fields)
-
-
-def _count(folder) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for shard in folder.glob("*.safetensors"):
-        with safe_open(str(shard), framework="pt") as f:
-            total += sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                         else int(torch.tensor(f.get_slice(k).get_shape()).prod()) for k in f.keys())
-    return total
 
 
 @pytest.mark.onnx
