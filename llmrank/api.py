@@ -60,6 +60,7 @@ def prune(
     scorer_fn: ScorerFn | None = None,
     progress: bool = True,
     verify_outputs: bool | None = None,
+    preset: str | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model``'s channel groups and return the result; ``model`` itself is not changed.
@@ -72,11 +73,14 @@ def prune(
     feeds the least-squares refit, which has about one unknown per kept neuron per output
     row and so wants more tokens than scoring: on SmolLM2 at 30 %, 64 x 512 tokens gave
     perplexity 43.9 where 16 x 512 gave 52.6. ``scorer_fn(model, ir, norms)`` plugs in a
-    scorer of your own.
+    scorer of your own. ``preset`` ("fast", "balanced", "best"; see llmrank.presets) fills the
+    options not given; its ``compensation_samples`` says how many sequences it was measured with.
     """
+    from llmrank.presets import with_preset
+
     if verify_outputs is not None:
         options["verify"] = verify_outputs
-    config = PruneConfig.from_options(config, **options)
+    config = PruneConfig.from_options(config, **with_preset(preset, config, options))
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(p.is_meta for p in model.parameters()):

@@ -28,19 +28,31 @@ _GROUP_TITLES = {"budget": "budget (how much to cut)", "quality": "quality (how 
                  "advanced": "advanced (research knobs of the scorers and the refit)"}
 
 
-def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
+def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None, presets: bool = False) -> dict:
     """One flag per PruneConfig option, with its help, choices and the command's default, in the
-    option's help group (budget, quality, advanced)."""
+    option's help group (budget, quality, advanced); returns the groups. ``presets``: a
+    ``--preset`` flag, and the options a preset sets default to None (filled by prune_config)."""
     from llmrank.passes.config import GROUPS, cli_options, option_group
+    from llmrank.presets import DEFAULT_PRESET, PRESETS, preset_fields
 
     groups = {g: p.add_argument_group(_GROUP_TITLES[g]) for g in GROUPS}
+    if presets:
+        groups["quality"].add_argument(
+            "--preset", choices=tuple(PRESETS), default=None,
+            help="a measured trade-off of prune time and quality: " + "; ".join(f"{k}: {v.summary}" for k, v in PRESETS.items())
+                 + f" (default: {DEFAULT_PRESET}). A flag given beside it wins over the preset's value")
+    by_preset = preset_fields() if presets else set()
     for name, default, meta in cli_options():
         if only is not None and name not in only:
             continue
         kind = {float: float, int: int, str: str}.get(type(default), float)
-        help_text = meta["help"] + (f" (default: {default})" if default is not None else "")
+        if name in by_preset:
+            help_text, default = meta["help"] + " (default: from --preset)", None
+        else:
+            help_text = meta["help"] + (f" (default: {default})" if default is not None else "")
         groups[option_group(name)].add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
                                                 choices=meta["choices"], help=help_text)
+    return groups
 
 
 def _genai_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -56,10 +68,27 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 
 def prune_config(args: argparse.Namespace) -> Any:
-    """The PruneConfig the parsed flags describe (checked at once: a bad value fails here)."""
+    """The PruneConfig the parsed flags describe (checked at once: a bad value fails here): a flag
+    given on the command line, else the preset's value (prune), else the command's default."""
     from llmrank.passes.config import PruneConfig, cli_options
+    from llmrank.presets import DEFAULT_PRESET, preset
 
-    return PruneConfig(**{name: getattr(args, name) for name, _, _ in cli_options() if hasattr(args, name)})
+    chosen = preset(getattr(args, "preset", None) or DEFAULT_PRESET).options if hasattr(args, "preset") else {}
+    values = {}
+    for name, default, _ in cli_options():
+        if hasattr(args, name):
+            given = getattr(args, name)
+            values[name] = given if given is not None else chosen.get(name, default)
+    return PruneConfig(**values)
+
+
+def compensation_samples(args: argparse.Namespace) -> int:
+    """--compensation-samples if given, else the preset's."""
+    from llmrank.presets import DEFAULT_PRESET, preset
+
+    if args.compensation_samples is not None:
+        return args.compensation_samples
+    return preset(args.preset or DEFAULT_PRESET).compensation_samples
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,13 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune a model and write slim ONNX + HF checkpoint + report")
-    p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m, minilm-l6), local HF folder or hub id")
+    p.add_argument("model", help="built-in name (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b, minilm-l6), local HF folder or hub id")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --force)")
-    _pruning_options(p)
+    _pruning_options(p, presets=True)
     data = p.add_argument_group("calibration data")
     _data_options(data)
-    data.add_argument("--compensation-samples", type=int, default=64,
-                      help="calibration sequences for the compensation statistics (the refit wants more tokens than scoring)")
+    data.add_argument("--compensation-samples", type=int, default=None,
+                      help="calibration sequences for the compensation statistics (the refit wants more tokens than "
+                           "scoring; default: from --preset)")
     outputs = p.add_argument_group("outputs")
     execution = p.add_argument_group("execution (how, never what, is pruned)")
     heal = p.add_argument_group("heal before export")
@@ -330,6 +360,7 @@ def _note(text: str) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.presets import DEFAULT_PRESET
     from llmrank.workflow import PruneJob, parse_size, run_prune
 
     config = prune_config(args).with_(verify=not args.no_verify)
@@ -337,7 +368,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         require_onnx("ONNX export (on by default)", "pass --no-onnx for the HF checkpoint only")
     job = PruneJob(
         model=args.model, out=args.out, config=config, calib=args.calib, samples=args.samples,
-        compensation_samples=args.compensation_samples, seq_len=args.seq_len, onnx=args.onnx is not False,
+        compensation_samples=compensation_samples(args), preset=args.preset or DEFAULT_PRESET, seq_len=args.seq_len, onnx=args.onnx is not False,
         hf=args.hf is not False, kv_cache=not args.no_kv_cache, optimize=args.optimize, quantize=args.quantize,
         genai=args.genai, genai_device=args.genai_device, gguf=args.gguf, force=args.force,
         progress=not (args.quiet or args.json), layerwise=args.layerwise, device=args.device,

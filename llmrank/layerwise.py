@@ -38,6 +38,7 @@ def prune_layerwise(
     force: bool | int = False,
     metadata: dict[str, Any] | None = None,
     why: str = "",
+    preset: str | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune the checkpoint in ``folder`` one decoder block at a time, holding one block's weights.
@@ -46,9 +47,11 @@ def prune_layerwise(
     logits; an option the block route cannot honour is refused before the checkpoint is read.
     ``calibration_ids`` [N, L] feed the scores, ``refit_ids`` (default: the same) the refit.
     ``out_dir``: where the slim checkpoint goes (None writes nothing). ``why``: how this route was
-    chosen, for the refusal's text.
+    chosen, for the refusal's text. ``preset``: as in ``llmrank.prune``.
     """
-    config = PruneConfig.from_options(config, **options)
+    from llmrank.presets import with_preset
+
+    config = PruneConfig.from_options(config, **with_preset(preset, config, options))
     check_config(config, why=why)
     folder = Path(folder)
     batches = as_batches(calibration_ids, batch_size=config.batch_size) if calibration_ids is not None else []

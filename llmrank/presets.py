@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from llmrank.ir.errors import ConfigError
 
-__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "preset"]
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "preset", "preset_fields", "with_preset"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,20 @@ def preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+def preset_fields() -> set[str]:
+    """The PruneConfig fields some preset sets (their flags default to the preset's value)."""
+    return {name for p in PRESETS.values() for name in p.options}
+
+
+def with_preset(name: str | None, config: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Keyword options of ``llmrank.prune`` with a preset's values under them (a keyword wins).
+
+    A preset and ``config=`` together are refused: both would say what every option is."""
+    if name is None:
+        return options
+    if config is not None:
+        raise ConfigError("give preset= or config=, not both: a PruneConfig already sets every option "
+                          "(use config.with_(**preset(name).options) to start from a preset)")
+    return {**preset(name).options, **options}

@@ -42,6 +42,7 @@ class PruneJob:
     calib: str = "wiki"
     samples: int = 16
     compensation_samples: int = 64
+    preset: str | None = None  # the preset the CLI filled the options from (recorded in report.json)
     seq_len: int = 512
     onnx: bool = True
     kv_cache: bool = True
@@ -363,6 +364,7 @@ def build_report(job: PruneJob, result: PruneResult, load_s: float) -> dict[str,
     return {
         "llmrank_version": __version__,
         "model": job.model,
+        "preset": job.preset,
         "job": job_dict,
         "route": result.route,
         **result.to_dict(),

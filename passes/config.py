@@ -35,8 +35,7 @@ CLI_DEFAULTS: dict[str, Any] = {"compensation": "lstsq"}
 #: The CLI's help groups an option can sit in (``--help`` shows the budget and quality first).
 GROUPS = ("budget", "quality", "advanced")
 _GROUP = {**dict.fromkeys(("sparsity", "head_sparsity", "target_params", "head_share", "multiple", "min_width"), "budget"),
-          **dict.fromkeys(("scorer", "compensation", "allocation", "selection", "refit_inputs", "head_scorer", "pruner",
-                           "representation"), "quality")}
+          **dict.fromkeys(("scorer", "compensation", "allocation", "pruner"), "quality")}  # the rest: research knobs
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:  # noqa: A002 - argparse's word
