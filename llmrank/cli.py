@@ -360,6 +360,7 @@ def _note(text: str) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    from llmrank.ir.errors import ConfigError
     from llmrank.presets import DEFAULT_PRESET
     from llmrank.workflow import PruneJob, parse_size, run_prune
 
@@ -376,12 +377,28 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         heal_tokens=args.heal_tokens, heal_minutes=args.heal_minutes, heal_lr=args.heal_lr, heal_train=args.heal_train,
         heal_bf16=args.heal_bf16,
     )
-    report = run_prune(job)
+    try:
+        report = run_prune(job)
+    except ConfigError as error:
+        raise _with_preset_hint(error, args) from None
     _say(args, summary_table(report))
     for note in report.get("notes") or []:
         _note(note)
     _say(args, f"\nwritten: {args.out}/ ({', '.join(sorted(report['artifacts']))}, report.json)")
     return report
+
+
+def _with_preset_hint(error: Exception, args: argparse.Namespace) -> Exception:
+    """A refusal of an option the preset set (not the user): name the preset and one that runs."""
+    from llmrank.presets import DEFAULT_PRESET, preset
+
+    name = args.preset or DEFAULT_PRESET
+    from_preset = {k: v for k, v in preset(name).options.items() if getattr(args, k, None) is None}
+    named = [k for k in from_preset if k in str(error) or k.replace("_", "-") in str(error)]
+    if not named or name == DEFAULT_PRESET:
+        return error
+    values = ", ".join(f"--{k.replace('_', '-')} {from_preset[k]}" for k in named)
+    return type(error)(f"{error} (--preset {name} set {values}; --preset {DEFAULT_PRESET} avoids it)")
 
 
 def summary_table(report: dict[str, Any]) -> str:

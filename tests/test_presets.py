@@ -78,3 +78,15 @@ def test_api_refuses_preset_beside_config(tiny_llama):
 
     with pytest.raises(ConfigError, match="preset= or config="):
         llmrank.prune(tiny_llama.model, tiny_llama.calib, preset="fast", config=PruneConfig())
+
+
+def test_a_route_refusing_a_preset_value_names_the_preset(tmp_path, capsys, monkeypatch):
+    """--preset best on the block route: refused before any weight is read, naming the preset's value."""
+    import llmrank.workflow as workflow
+
+    monkeypatch.setattr(workflow, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    code = main(["prune", "smollm2-135m", "--layerwise", "--preset", "best", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--preset best set --allocation fisher" in err and "--preset balanced" in err
+    assert not (tmp_path / "o").exists()
