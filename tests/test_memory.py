@@ -36,13 +36,13 @@ def test_measurements_cover_the_models_and_both_onnx_modes():
 
 
 # Unexplained: this run was at 4.4 GB from its first step, where the same defaults with ONNX
-# stayed at 1.1-2.4 GB until the shrink (README, "How much memory the in-memory prune needs"); strict, so a fix shows.
+# stayed at 1.1-2.4 GB until the shrink (docs/large-models.md, "How much memory the in-memory prune needs"); strict, so a fix shows.
 UNEXPLAINED = {("smollm2-135m", "llmrank prune smollm2-135m --out OUT --no-onnx")}
 
 
 def _marked(row: dict):
     if (row["model"], row["command"]) in UNEXPLAINED:
-        return pytest.param(row, marks=pytest.mark.xfail(strict=True, reason="unexplained 8.6 x fp32 peak at the hf/ reload, see README 'How much memory the in-memory prune needs'"))
+        return pytest.param(row, marks=pytest.mark.xfail(strict=True, reason="unexplained 8.6 x fp32 peak at the hf/ reload, see docs/large-models.md 'How much memory the in-memory prune needs'"))
     return row
 
 
