@@ -5,7 +5,7 @@ least-squares moments of down_proj and o_proj on --compensation-samples, the o_p
 variances for the fluctuation head scorer); each cell then runs Score -> Select -> Compensate ->
 Shrink -> CheckOutputs -> Verify with ``target_params`` and its ``head_share`` (0: FFN neurons
 only, 1: heads first, neurons fill the rest of the budget), and is scored on the wiki eval
-articles (README protocol: 512-token windows, no overlap).
+articles (the protocol of benchmarks/README.md: 512-token windows, no overlap).
 
     .venv/bin/python benchmarks/bench_heads.py --targets 0.85 --head-shares 0,0.5,1 --threads 1
 """

@@ -2,7 +2,7 @@
 
 Latency depends only on the slim shapes, not on which channels were kept, so the cuts here are
 chosen by the weight-only scorers (l1 neurons, l2 heads, no refit, no calibration): the shapes
-equal those of the calibrated cuts in README's heads table at the same ``target_params`` and
+equal those of the calibrated cuts in the heads table of benchmarks/README.md at the same ``target_params`` and
 ``head_share``. Each model is exported with its KV cache (validated against PyTorch), then
 prefill at --prefill lengths and KV-cache decode are timed interleaved across the models
 (``llmrank.speed.compare``, medians), at --threads intra-op threads.

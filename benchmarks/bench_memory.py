@@ -12,7 +12,7 @@ Built-ins are prepared (downloaded, dequantised) before the measured run, so the
 of the prune job alone. Runs go one at a time, and a run does not start unless the memory
 available now exceeds ``--need-factor`` x the fp32 bytes (other people share the machine).
 
-    python benchmarks/bench_memory.py                                   # the four models of the README table
+    python benchmarks/bench_memory.py                                   # the four models of the table in benchmarks/README.md
     python benchmarks/bench_memory.py --models smollm2-135m --onnx-modes onnx
 
 Merges its rows into benchmarks/results/memory.json (one row per model and ONNX mode).
@@ -167,7 +167,7 @@ def _steps(events: list[tuple[float, str]], samples: list[tuple[float, int]]) ->
 
 
 def table(report: dict) -> str:
-    """The README table: measured peak per run, against fp32 and against llmrank.memory's estimate."""
+    """The memory table of benchmarks/README.md: measured peak per run, against fp32 and against llmrank.memory's estimate."""
     import shlex
 
     from llmrank.cli import build_parser

@@ -13,7 +13,7 @@ the same count per layer as llmrank's local pruner removes, and nothing is refit
 Same for every row:
 - calibration: ``llmrank.data.calibration_tokens(tokenizer, "wiki", n=16, seq_len=512, seed=0)``
   (llmrank's lstsq refit also reads 64 x 512 sequences whose first 16 are these);
-- evaluation: the README protocol, 4,096 tokens (8 x 512) of the wiki evaluation articles.
+- evaluation: the protocol of benchmarks/README.md, 4,096 tokens (8 x 512) of the wiki evaluation articles.
 
     python benchmarks/bench_peers.py --threads 1                       # every row, SmolLM2-135M
     python benchmarks/bench_peers.py --rows tp-taylor,llmrank-taylor   # some rows

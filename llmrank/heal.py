@@ -28,7 +28,7 @@ from llmrank.ir.errors import ConfigError, InputError
 TRAIN_MODES = ("lora", "weights")
 SCHEDULES = ("constant", "cosine")
 PEFT_HINT = "pip install 'llmrank[heal]'"
-#: Default rates, chosen on held-out calibration text (README, "Heal"): with a cosine schedule
+#: Default rates, chosen on held-out calibration text (benchmarks/README.md, "Heal"): with a cosine schedule
 #: and 48 steps of 4 x 512 tokens on SmolLM2-135M, LoRA at 3e-3 beat its usual 1e-3, and the
 #: weights at 3e-4 beat 1e-4 and 1e-3. Without an explicit lr each trained weight steps by
 #: RELATIVE_LR times its own RMS (LAMB's trust-ratio idea), which is that 3e-4 on SmolLM2:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Read off the runs in benchmarks/results/memory.json (README: "How much memory the in-memory prune needs").
+# Read off the runs in benchmarks/results/memory.json (docs/large-models.md: "How much memory the in-memory prune needs").
 #: The process before any model: Python, torch, transformers, onnx and onnxruntime.
 BASE_BYTES = 650 * 10**6
 #: Calibration batches' logits alive at once (the output and the loss's float copy).

@@ -28,7 +28,7 @@ COMPENSATIONS = METHODS  # the refit methods compensate.py implements
 
 #: What the ``llmrank prune`` command changes from the library defaults, and why: the command
 #: line always has text to refit on, while ``llmrank.prune`` leaves the refit opt-in because it
-#: wants more calibration tokens than scoring (see README, "Results").
+#: wants more calibration tokens than scoring (see benchmarks/README.md).
 CLI_DEFAULTS: dict[str, Any] = {"compensation": "lstsq"}
 
 

@@ -1,4 +1,4 @@
-"""Neuron scoring formulas (README, "Scorers"), as pure functions of weights and activation norms.
+"""Neuron scoring formulas (docs/algorithm.md, "Scorers"), as pure functions of weights and activation norms.
 
 Weights are in nn.Linear orientation (out x in): row i is neuron i of the layer. A *chain* is
 a list of layers where the rows of layer l are the inputs (columns) of layer l+1. Every score

@@ -90,3 +90,16 @@ def test_a_route_refusing_a_preset_value_names_the_preset(tmp_path, capsys, monk
     assert code == 2, err
     assert "--preset best set --allocation fisher" in err and "--preset balanced" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", sorted({tuple(sorted(p.options.items())): n for n, p in PRESETS.items()}.values()))
+def test_target_params_works_with_every_preset(tiny_llama, name):
+    """A parameter budget under each preset (one per distinct set of options: fast and balanced differ
+    only in their refit data): the kept fraction lands on the target, and the report says which
+    sparsity was applied."""
+    import llmrank
+
+    result = llmrank.prune(tiny_llama.model, tiny_llama.calib, preset=name, target_params=0.8, progress=False)
+    assert result.params_after / result.params_before == pytest.approx(0.8, abs=0.03)
+    applied = result.config["applied"]
+    assert applied is not None and 0 < applied["sparsity"] < 1
