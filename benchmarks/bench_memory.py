@@ -170,7 +170,7 @@ def table(report: dict) -> str:
     """The memory table of benchmarks/README.md: measured peak per run, against fp32 and against llmrank.memory's estimate."""
     import shlex
 
-    from llmrank.cli import build_parser
+    from llmrank.cli import build_parser, prune_config
     from llmrank.memory import ModelShape, estimate_in_memory_peak
 
     lines = ["| model | params | checkpoint | ONNX | flags beyond the defaults | peak RSS | x fp32 | estimate | error |",
@@ -178,9 +178,10 @@ def table(report: dict) -> str:
     worst = 0.0
     for r in sorted((r for r in report["rows"] if r.get("exit_code") == 0), key=lambda r: (r["params"], not r["onnx"])):
         a = build_parser().parse_args(shlex.split(r["command"])[1:])
+        c = prune_config(a)  # a preset fills the flags the command did not give
         shape = ModelShape(r["params"], r["vocab"], r["hidden"], r["intermediate"], r["layers"])
-        est = estimate_in_memory_peak(shape, onnx=r["onnx"], seq_len=a.seq_len, batch_size=a.batch_size, sparsity=a.sparsity,
-                                      compensation=a.compensation)
+        est = estimate_in_memory_peak(shape, onnx=r["onnx"], seq_len=a.seq_len, batch_size=c.batch_size, sparsity=c.sparsity,
+                                      compensation=c.compensation)
         err = est / r["peak_rss_bytes"] - 1
         worst = max(worst, abs(err))
         flags = " ".join(f for f in shlex.split(r["command"])[5:] if f != "--no-onnx") or "-"

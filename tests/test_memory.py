@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 
-from llmrank.cli import build_parser
+from llmrank.cli import build_parser, prune_config
 from llmrank.memory import ModelShape, estimate_in_memory_peak, params_from_config, read_shape
 
 MEASURED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "memory.json"
@@ -49,10 +49,11 @@ def _marked(row: dict):
 @pytest.mark.parametrize("row", [_marked(r) for r in _rows()], ids=lambda r: f"{r['model']}-{'onnx' if r['onnx'] else 'no-onnx'}")
 def test_estimate_is_within_15_percent_of_every_measured_peak(row):
     args = _job_flags(row)
+    config = prune_config(args)  # the flags as the CLI resolves them (a preset fills what was not given)
     shape = ModelShape(params=row["params"], vocab=row["vocab"], hidden=row["hidden"], intermediate=row["intermediate"],
                        layers=row["layers"])
-    est = estimate_in_memory_peak(shape, onnx=row["onnx"], seq_len=args.seq_len, batch_size=args.batch_size,
-                                  sparsity=args.sparsity, compensation=args.compensation)
+    est = estimate_in_memory_peak(shape, onnx=row["onnx"], seq_len=args.seq_len, batch_size=config.batch_size,
+                                  sparsity=config.sparsity, compensation=config.compensation)
     assert abs(est - row["peak_rss_bytes"]) <= TOLERANCE * row["peak_rss_bytes"], (est, row["peak_rss_bytes"])
 
 
