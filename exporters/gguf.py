@@ -389,7 +389,7 @@ def validate_gguf(gguf_file: Path, hf_dir: Path, outtype: str, sample_ids: torch
     gguf_file, hf_dir = Path(gguf_file), Path(hf_dir)
     slim = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     try:
-        read = _load_gguf(gguf_file)
+        read = load_gguf_model(gguf_file)
     except Exception as exc:  # noqa: BLE001 - an architecture transformers' GGUF loader does not know, or a bad file
         raise GgufValidationError(
             f"transformers cannot read the written GGUF back to check it ({type(exc).__name__}: "
@@ -408,11 +408,17 @@ def validate_gguf(gguf_file: Path, hf_dir: Path, outtype: str, sample_ids: torch
                      time.perf_counter() - start)
 
 
-def _load_gguf(gguf_file: Path):
-    """transformers' GGUF loader on one file (it wants a folder and a file name)."""
+def load_gguf_model(gguf_file: Path):
+    """transformers' GGUF loader on one file (it wants a folder and a file name): float32, eval mode.
+
+    Per-layer widths (architecture ``deci``) are not in transformers' reader: refused by name."""
     import torch
     import transformers
 
+    arch = _architecture(gguf_file)
+    if arch == "deci":
+        raise GgufValidationError(f"{gguf_file.name} is a 'deci' GGUF (per-layer widths or heads), which transformers' "
+                                  "GGUF reader cannot load; evaluate the hf/ checkpoint next to it instead")
     return transformers.AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
 

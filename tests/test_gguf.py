@@ -203,6 +203,19 @@ def test_llama_uniform_f32_reads_back_equal(slim_llama, tmp_path):
     check_result(result, path, "f32", "llama")
     assert result.check.max_abs_diff == pytest.approx(0.0, abs=1e-5)
     assert_reads_back(path, slim, "f32", "llama")
+    # `llmrank eval` takes the .gguf itself: the f32 file's perplexity is the slim checkpoint's
+    from llmrank.cli import build_parser
+    from llmrank.evalcmd import cmd_eval
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["a slim model is scored from the file that ships, not from its source folder ."] * 40))
+    common = ["--ppl-source", str(text), "--ppl-tokens", "256", "--seq-len", "64", "--tasks", "none", "--quiet",
+              "--tokenizer", str(hf_dir)]
+    on_gguf = cmd_eval(build_parser().parse_args(["eval", str(path), *common]))
+    on_hf = cmd_eval(build_parser().parse_args(["eval", str(hf_dir), *common]))
+    assert on_gguf["target"]["kind"] == "gguf" and "dequantised" in on_gguf["target"]["runtime"]
+    assert on_gguf["perplexity"]["n_tokens"] == on_hf["perplexity"]["n_tokens"] > 200
+    assert on_gguf["perplexity"]["ppl"] == pytest.approx(on_hf["perplexity"]["ppl"], rel=1e-4)
 
 
 @pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
@@ -366,6 +379,6 @@ def test_a_file_transformers_cannot_read_fails_the_check_by_name(tmp_path, monke
     def unreadable(_path):
         raise ValueError("GGUF model with architecture gemma3 is not supported yet.")
 
-    monkeypatch.setattr(gguf, "_load_gguf", unreadable)
+    monkeypatch.setattr(gguf, "load_gguf_model", unreadable)
     with pytest.raises(gguf.GgufValidationError, match=r"cannot read the written GGUF back.*check=False"):
         gguf.validate_gguf(tmp_path / "m.gguf", tmp_path / "hf", "f16")
