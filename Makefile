@@ -22,7 +22,7 @@ gguf-converter: venv
 	-$(PY) -c "from llmrank.exporters.gguf import converter_dir; print(converter_dir())"
 
 test: venv gguf-converter
-	$(PY) -m pytest -q -ra -m "not extended and not install"
+	$(PY) -m pytest -q -ra --durations=30 -m "not extended and not install"
 
 # a fresh venv with a plain `pip install .` runs the main job on empty caches (minutes; CI runs it after `make test`)
 test-install: venv
