@@ -81,7 +81,7 @@ def collect(models: list[str], presets: list[str], sparsities: list[float], peak
             p = preset(name)
             folder = OUT / _label(model) / f"cs{p.compensation_samples}"
             dense = json.loads((folder / "cells" / "dense.json").read_text()) if (folder / "cells" / "dense.json").is_file() else None
-            for sp in sparsities:
+            for sp in sorted(sparsities):
                 hits = [json.loads(f.read_text()) for f in sorted((folder / "cells").glob("*.json")) if f.name != "dense.json"]
                 hits = [c for c in hits if abs(c["sparsity"] - sp) < 1e-9
                         and all(c["config"][k] == v for k, v in p.options.items())]
