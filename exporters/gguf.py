@@ -51,7 +51,7 @@ __all__ = [
     "GgufValidationError",
     "converter_dir",
     "check_outtype",
-    "check_uniform",
+    "gguf_layout",
     "check_prune_options",
     "export_gguf",
     "validate_gguf",
@@ -163,10 +163,13 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
                                         f"is it the llama-cpp-python sdist ({LLAMA_CPP_PYTHON})?")
 
 
-def _run_converter_here(folder: Path, argv: list[str]) -> None:
+def _run_converter_here(folder: Path, layout: str, argv: list[str]) -> None:
     """Child-process entry: llama.cpp's converter with its own gguf-py, adjusted as the module says."""
     sys.path[:0] = [str(folder / "gguf-py"), str(folder)]
     from conversion import base  # llama.cpp's package (the converter dir is first on the path)
+
+    if layout == "deci":
+        _convert_llama_as_deci(base)
 
     original = base.TextModel._create_vocab_sentencepiece
 
@@ -182,10 +185,67 @@ def _run_converter_here(folder: Path, argv: list[str]) -> None:
     runpy.run_path(str(folder / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
-def _convert(hf_dir: Path, out_file: Path, outtype: str) -> str:
+def _convert_llama_as_deci(base: Any) -> None:
+    """In the converter's process: a Llama checkpoint with per-layer widths or heads is written as
+    llama.cpp's ``deci`` architecture, which takes one FFN width and one head count per layer.
+
+    llama.cpp's own ``DeciModel`` reads those from a Nemotron-NAS ``block_configs`` (widths from a
+    multiplier rounded to 256); this subclass reads them from llmrank's ``config.llmrank`` instead
+    and keeps the rest (tensor names, q/k permutation per layer, rope factors)."""
+    from conversion.deci import DeciModel
+
+    class SlimLlamaAsDeci(DeciModel):
+        model_arch = DeciModel.model_arch
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            base.TextModel.__init__(self, *args, **kwargs)  # not DeciModel's block_configs reader
+            hp, info = self.hparams, self.hparams.get("llmrank") or {}
+            widths, heads = info.get("layer_widths") or {}, info.get("layer_heads") or {}
+            shared = (hp["num_attention_heads"], hp.get("num_key_value_heads") or hp["num_attention_heads"])
+            self._ffn_dims = [int(widths.get(f"model.layers.{i}.mlp", hp["intermediate_size"])) for i in range(self.block_count)]
+            pairs = [heads.get(f"model.layers.{i}.self_attn", shared) for i in range(self.block_count)]
+            self._num_heads = [int(h) for h, _ in pairs]
+            self._num_kv_heads = [int(kv) for _, kv in pairs]
+
+        def set_vocab(self) -> None:  # Llama's order: sentencepiece when there is a tokenizer.model, else BPE
+            try:
+                self._set_vocab_sentencepiece()
+            except FileNotFoundError:
+                self._set_vocab_gpt2()
+
+        def set_gguf_parameters(self) -> None:
+            hp, w = self.hparams, self.gguf_writer
+            head_dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+            if (rope_theta := self.rope_parameters.get("rope_theta")) is not None:
+                w.add_rope_freq_base(rope_theta)
+            w.add_head_count(self._num_heads)
+            w.add_head_count_kv(self._num_kv_heads)
+            w.add_feed_forward_length(self._ffn_dims)
+            w.add_block_count(self.block_count)
+            w.add_context_length(hp["max_position_embeddings"])
+            w.add_embedding_length(hp["hidden_size"])
+            w.add_layer_norm_rms_eps(hp["rms_norm_eps"])
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+            w.add_rope_dimension_count(head_dim)
+            w.add_vocab_size(hp["vocab_size"])
+            w.add_file_type(self.ftype)
+
+        def modify_tensors(self, data_torch: Any, name: str, bid: int | None) -> Any:
+            if bid is not None and name.endswith(("q_proj.weight", "k_proj.weight")):
+                n_head, n_kv = self._num_heads[bid], self._num_kv_heads[bid]
+                data_torch = DeciModel.permute(data_torch, n_head, n_head if "q_proj" in name else n_kv)
+            yield from base.TextModel.modify_tensors(self, data_torch, name, bid)
+
+    import conversion.llama  # noqa: F401 - registers llama.cpp's own Llama class first, so this entry wins
+
+    base.ModelBase._model_classes[base.ModelType.TEXT]["LlamaForCausalLM"] = SlimLlamaAsDeci
+
+
+def _convert(hf_dir: Path, out_file: Path, outtype: str, layout: str = "uniform") -> str:
     """Run the converter on ``hf_dir`` in a child process; return its log, raise on failure."""
     folder = converter_dir()
-    cmd = [sys.executable, "-m", "llmrank.exporters.gguf", str(folder), str(hf_dir),
+    cmd = [sys.executable, "-m", "llmrank.exporters.gguf", str(folder), layout, str(hf_dir),
            "--outtype", outtype, "--outfile", str(out_file)]
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -221,10 +281,11 @@ def check_prune_options(outtype: str, *, hf: bool, mode: str, allocation: str, p
         raise ConfigError("--gguf needs the slim checkpoint hf/, which --mode mask-paper does not write")
     why = (f"--allocation {allocation} chooses a width per layer" if allocation != "uniform" else
            "--pruner global pools all scores, so each layer keeps its own width" if pruner == "global" else None)
-    if why:
-        error = ConfigError(f"--gguf {outtype}: {why}, and llama.cpp's llama-family GGUF takes one FFN width for all "
-                            f"layers (the per-layer deci form is not written yet)")
-        error.hint = "use --allocation uniform --pruner local for a GGUF, or drop --gguf"
+    if why and not _llama_cpp_available():
+        error = ConfigError(f"--gguf {outtype}: {why}; llama.cpp takes per-layer widths only as its 'deci' architecture, "
+                            f"which transformers cannot read back, so the file is checked in llama.cpp itself: "
+                            f"pip install 'llmrank[gguf]' (llama-cpp-python)")
+        error.hint = "pip install 'llmrank[gguf]', or use --allocation uniform --pruner local for a GGUF, or drop --gguf"
         raise error
 
 
@@ -234,25 +295,41 @@ def _llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def check_uniform(config: dict[str, Any] | Path | str) -> None:
-    """Refuse a checkpoint with per-layer FFN widths or head counts (config.json's llmrank entry).
+#: model_type values whose per-layer FFN widths and head counts llama.cpp takes as its ``deci``
+#: architecture (Llama blocks: RMSNorm, rotary attention, gated MLP, no biases).
+DECI_FAMILIES = ("llama",)
 
-    llama.cpp's `llama` architecture (and its siblings) takes one width and one head count.
-    """
+
+def gguf_layout(config: dict[str, Any] | Path | str) -> str:
+    """``"uniform"`` (the family's own GGUF architecture) or ``"deci"`` (per-layer widths or heads,
+    Llama family); a ConfigError with the way out for anything else, before any work.
+
+    llama.cpp's ``llama`` architecture (and its siblings) takes one FFN width and one head count;
+    its ``deci`` architecture takes one per layer. transformers cannot read ``deci``, so such a
+    file is checked in llama.cpp itself, which therefore must be installed."""
     if not isinstance(config, dict):
         config = json.loads((Path(config) / "config.json").read_text(encoding="utf-8"))
     info = config.get("llmrank") or {}
-    per_layer = [what for key, what in (("layer_widths", "FFN widths"), ("layer_heads", "attention head counts"))
-                 if info.get(key)]
-    if per_layer:
-        error = ConfigError(
-            f"this checkpoint has per-layer {' and '.join(per_layer)}; llama.cpp's {config.get('model_type', '?')} "
-            f"GGUF takes one value for all layers, and llmrank does not write the per-layer (deci) form yet")
-        error.hint = "prune with --allocation uniform (and without per-layer head options) to get a GGUF"
-        raise error
     if info.get("undeclared_biases"):
         raise ConfigError(f"this checkpoint has biases its config cannot declare ({', '.join(info['undeclared_biases'][:3])}"
                           f", ...): llama.cpp's converter would drop them; prune without --compensation bias for a GGUF")
+    per_layer = [what for key, what in (("layer_widths", "FFN widths"), ("layer_heads", "attention head counts"))
+                 if info.get(key)]
+    if not per_layer:
+        return "uniform"
+    family = config.get("model_type", "?")
+    why = f"this checkpoint has per-layer {' and '.join(per_layer)}"
+    if family not in DECI_FAMILIES or config.get("attention_bias") or config.get("mlp_bias"):
+        error = ConfigError(f"{why}; llama.cpp's {family} GGUF takes one value for all layers, and its per-layer form "
+                            f"(deci) is written for {', '.join(DECI_FAMILIES)} checkpoints without biases only")
+        error.hint = "prune with --allocation uniform (and without per-layer head options) to get a GGUF"
+        raise error
+    if not _llama_cpp_available():
+        error = ConfigError(f"{why}: llama.cpp takes it as its 'deci' architecture, which transformers cannot read back, "
+                            f"so the file is checked in llama.cpp itself: pip install 'llmrank[gguf]' (llama-cpp-python)")
+        error.hint = "pip install 'llmrank[gguf]', or prune with --allocation uniform for a stock llama GGUF"
+        raise error
+    return "deci"
 
 
 # --------------------------------------------------------------------------- export
@@ -277,6 +354,11 @@ class GgufCheck:
     tokenizer_equal: bool
     passed: bool
     seconds: float
+    #: the same comparison with the file run by llama.cpp itself (None when llama-cpp-python is absent)
+    llama_cpp: dict[str, Any] | None = None
+    #: K-quants: the fields above check the f16 file they were quantized from; this compares the
+    #: quantized file's perplexity with that f16 file's, both in llama.cpp, on calibration text
+    perplexity: dict[str, Any] | None = None
 
 
 @dataclass
@@ -324,31 +406,45 @@ def export_gguf(
     if not (hf_dir / "config.json").is_file():
         raise InputError(f"{hf_dir} is not a HF checkpoint folder (no config.json): give the hf/ folder of a prune")
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    check_uniform(config)
+    layout = gguf_layout(config)
     from llmrank.models import check_tokenizer_files
 
     check_tokenizer_files(hf_dir)  # a GGUF holds its tokenizer: the converter needs the folder's
     converter_dir()  # fetch before the atomic write starts: a failure here leaves nothing behind
     with atomic_path(out_path, force=force) as tmp:
         start = time.perf_counter()
-        base_type = "f16" if outtype in KQUANT_TYPES else outtype
         staged = tmp.with_name(tmp.name + ".gguf")
+        result_check = None
         try:
-            log = _convert(hf_dir, staged, base_type)
-            if outtype in KQUANT_TYPES:
+            if outtype in KQUANT_TYPES:  # llama.cpp quantizes an f16 file: check that one, then the quantized one against it
+                log = _convert(hf_dir, staged, "f16", layout)
                 _quantize(staged, tmp, outtype)
+                seconds = time.perf_counter() - start
+                if check:
+                    result_check = validate_gguf(staged, hf_dir, "f16")
+                    result_check.outtype = outtype
+                    result_check.perplexity = quantized_perplexity_check(tmp, staged, outtype)
+                    result_check.passed = result_check.passed and result_check.perplexity["passed"]
             else:
-                os.replace(staged, tmp)
+                log = _convert(hf_dir, tmp, outtype, layout)
+                seconds = time.perf_counter() - start
+                result_check = validate_gguf(tmp, hf_dir, outtype) if check else None
         finally:
             staged.unlink(missing_ok=True)
-        seconds = time.perf_counter() - start
-        result_check = validate_gguf(tmp, hf_dir, outtype) if check and outtype in BOUNDS else None
         if result_check is not None and not result_check.passed:
-            raise GgufValidationError(
-                f"the {outtype} GGUF does not match the slim model: max |logit diff| {result_check.max_abs_diff:.3g} "
-                f"> {result_check.bound:g} x {result_check.logit_scale:.3g}, tokenizer equal: {result_check.tokenizer_equal}")
+            raise GgufValidationError(_failure_message(result_check))
         size = tmp.stat().st_size
     return GgufExportResult(out_path, outtype, size, _architecture(out_path), seconds, result_check, log=log)
+
+
+def _failure_message(check: GgufCheck) -> str:
+    message = (f"the {check.outtype} GGUF does not match the slim model: max |logit diff| {check.max_abs_diff:.3g} "
+               f"(bound {check.bound:g} x {check.logit_scale:.3g}), tokenizer equal: {check.tokenizer_equal}")
+    if check.llama_cpp:
+        message += f"; in llama.cpp: {check.llama_cpp}"
+    if check.perplexity:
+        message += f"; perplexity: {check.perplexity}"
+    return message
 
 
 def _quantize(f16_file: Path, out_file: Path, outtype: str) -> None:
@@ -381,31 +477,109 @@ def _sample_ids(vocab: int, n: int = 3, length: int = 24) -> torch.Tensor:
 
 
 def validate_gguf(gguf_file: Path, hf_dir: Path, outtype: str, sample_ids: torch.Tensor | None = None) -> GgufCheck:
-    """Read ``gguf_file`` back with transformers and compare it with the model in ``hf_dir``."""
+    """Read ``gguf_file`` back with transformers and compare it with the model in ``hf_dir``, and
+    run it in llama.cpp when llama-cpp-python is installed.
+
+    A file transformers' reader cannot load (a ``deci`` file, Gemma-3's byte-level vocabulary) is
+    checked in llama.cpp only, and refused when llama.cpp is not installed."""
     import torch
-    import transformers
+
+    from llmrank.exporters.hf import load_hf
 
     start = time.perf_counter()
     gguf_file, hf_dir = Path(gguf_file), Path(hf_dir)
-    slim = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    try:
-        read = load_gguf_model(gguf_file)
-    except Exception as exc:  # noqa: BLE001 - an architecture transformers' GGUF loader does not know, or a bad file
-        raise GgufValidationError(
-            f"transformers cannot read the written GGUF back to check it ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}); export_gguf(..., check=False) writes it unchecked") from exc
+    slim = load_hf(hf_dir, dtype=torch.float32).eval()  # per-layer widths and heads too
+    bound = BOUNDS[outtype]
     ids = sample_ids if sample_ids is not None else _sample_ids(slim.config.vocab_size)
     with torch.no_grad():
         want = slim(ids).logits
+    try:
+        read = _read_back(gguf_file)
+        tok_equal = _tokenizers_agree(gguf_file, hf_dir)
+    except GgufValidationError as exc:
+        if not _llama_cpp_available():
+            raise
+        in_llama = _llama_cpp_check(gguf_file, hf_dir, want, ids, bound)
+        in_llama["transformers"] = "could not read the file back: " + str(exc).split("; install")[0][:300]
+        return GgufCheck(outtype, int(ids.shape[0]), int(ids.numel()), in_llama["max_abs_diff"], float(want.abs().max()),
+                         in_llama["bound"], in_llama["top1_agreement"], in_llama["tokenizer_equal"], in_llama["passed"],
+                         time.perf_counter() - start, in_llama)
+    with torch.no_grad():
         got = read(ids).logits
     diff = float((want - got).abs().max())
     scale = float(want.abs().max())
     top1 = float((want.argmax(-1) == got.argmax(-1)).float().mean())
-    tok_equal = _tokenizers_agree(gguf_file, hf_dir)
-    bound = BOUNDS[outtype]
     passed = diff <= bound * max(scale, 1e-6) and tok_equal
+    in_llama = _llama_cpp_check(gguf_file, hf_dir, want, ids, bound) if _llama_cpp_available() else None
+    passed = passed and (in_llama is None or in_llama["passed"])
     return GgufCheck(outtype, int(ids.shape[0]), int(ids.numel()), diff, scale, bound, top1, tok_equal, passed,
-                     time.perf_counter() - start)
+                     time.perf_counter() - start, in_llama)
+
+
+#: llama.cpp keeps its KV cache in f16 and may reorder sums: its bound is at least this share of the largest |logit|.
+LLAMA_CPP_MIN_BOUND = 2e-2
+
+
+def _llama_cpp_check(gguf_file: Path, hf_dir: Path, want: torch.Tensor, ids: torch.Tensor, bound: float) -> dict[str, Any]:
+    """The file run by llama.cpp's own kernels against the slim model's logits, and llama.cpp's
+    tokenizer against the folder's on sample text."""
+    import torch
+    import transformers
+
+    from llmrank.exporters.llamacpp import llama_logits, load_llama, tokenize
+
+    llm = load_llama(gguf_file, n_ctx=max(64, int(ids.shape[1])), threads=1)
+    got = torch.stack([llama_logits(llm, row.tolist()) for row in ids])
+    diff, scale = float((want - got).abs().max()), float(want.abs().max())
+    bound = max(bound, LLAMA_CPP_MIN_BOUND)
+    hf_ids = transformers.AutoTokenizer.from_pretrained(hf_dir)(_SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
+    tok_equal = tokenize(llm, _SAMPLE_TEXT) == hf_ids
+    top1 = float((want.argmax(-1) == got.argmax(-1)).float().mean())
+    return {"max_abs_diff": diff, "bound": bound, "top1_agreement": top1, "tokenizer_equal": tok_equal,
+            "passed": diff <= bound * max(scale, 1e-6) and tok_equal}
+
+
+#: Largest perplexity ratio (K-quant file / the f16 file it came from, both run by llama.cpp on the
+#: same windows of calibration text) a K-quant may show. Measured on SmolLM2-135M at 30 %: q4_k_m
+#: MEASURED_Q4; a quantizer fed the wrong file or wrong tensor types is off by far more.
+KQUANT_PPL_BOUND = 1.25
+
+#: Calibration-text windows the K-quant check scores (tokens each, how many).
+_PPL_WINDOW, _PPL_WINDOWS = 256, 4
+
+
+def quantized_perplexity_check(quantized: Path, f16_file: Path, outtype: str) -> dict[str, Any]:
+    """Perplexity of ``quantized`` over that of ``f16_file``, both in llama.cpp with its own tokenizer,
+    on the first windows of the built-in calibration text."""
+    from llmrank.data import wiki_text
+    from llmrank.evaluate import perplexity
+    import torch
+
+    from llmrank.exporters.llamacpp import gguf_logits_fn, load_llama, tokenize
+
+    start = time.perf_counter()
+    text = wiki_text("calib")[: 8 * _PPL_WINDOW * _PPL_WINDOWS]
+    ids = torch.tensor(tokenize(load_llama(f16_file, n_ctx=_PPL_WINDOW, threads=1), text)[: _PPL_WINDOW * _PPL_WINDOWS])
+    ppl = {}
+    for name, path in (("f16", f16_file), (outtype, quantized)):
+        fn = gguf_logits_fn(path, n_ctx=_PPL_WINDOW, threads=None)
+        ppl[name] = perplexity(fn, ids, seq_len=_PPL_WINDOW, progress=False).ppl
+    ratio = ppl[outtype] / ppl["f16"]
+    return {"text": "wiki calib", "tokens": int(ids.numel()), "ppl_f16": ppl["f16"], f"ppl_{outtype}": ppl[outtype],
+            "ratio": ratio, "bound": KQUANT_PPL_BOUND, "passed": ratio <= KQUANT_PPL_BOUND,
+            "seconds": time.perf_counter() - start}
+
+
+def _read_back(gguf_file: Path):
+    try:
+        return load_gguf_model(gguf_file)
+    except GgufValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an architecture transformers' GGUF loader does not know, or a bad file
+        raise GgufValidationError(
+            f"transformers cannot read the written GGUF back to check it ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); install llmrank[gguf] to check it in llama.cpp instead, "
+            "or export_gguf(..., check=False) writes it unchecked") from exc
 
 
 def load_gguf_model(gguf_file: Path):
@@ -433,9 +607,10 @@ def _tokenizers_agree(gguf_file: Path, hf_dir: Path) -> bool:
     except Exception as exc:  # noqa: BLE001 - e.g. Gemma-3's byte-level vocabulary as llama.cpp writes it
         raise GgufValidationError(
             f"transformers cannot read the written GGUF's tokenizer back to check it ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}); export_gguf(..., check=False) writes it unchecked") from exc
+            f"{' '.join(str(exc).split())[:300]}); install llmrank[gguf] to check it in llama.cpp instead, "
+            "or export_gguf(..., check=False) writes it unchecked") from exc
     return hf_tok(_SAMPLE_TEXT)["input_ids"] == gguf_tok(_SAMPLE_TEXT)["input_ids"]
 
 
 if __name__ == "__main__":  # the child process of _convert: <converter dir> <converter args...>
-    _run_converter_here(Path(sys.argv[1]), sys.argv[2:])
+    _run_converter_here(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])

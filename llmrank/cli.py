@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
                    help="also write gguf/model-TYPE.gguf for llama.cpp, by llama.cpp's own converter (fetched once from "
                         "PyPI, nothing compiled): f16, bf16, q8_0 or f32; K-quants (q4_k_m, ...) need 'llmrank[gguf]'. "
-                        "Uniform widths only")
+                        "Per-layer Llama widths or heads are written as llama.cpp's 'deci' architecture and checked in "
+                        "llama.cpp (needs 'llmrank[gguf]')")
     p.add_argument("--no-verify", action="store_true", help="skip the shrunk == masked check")
     p = execution
     p.add_argument("--layerwise", action="store_true",
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-points", type=int, default=4, help="held-out perplexity evaluations during the heal (the curve)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", default=True, help="write only hf/ (no onnx/)")
     p.add_argument("--no-kv-cache", action="store_true", help="export logits-only ONNX (no past key/values)")
+    p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
+                   help="also write gguf/model-TYPE.gguf of the healed model for llama.cpp (see prune --gguf)")
     p.add_argument("--force", action="count", default=0, help="replace an existing --out folder (see prune --force)")
     _common(p)
 
@@ -189,16 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     _genai_options(p, "write an onnxruntime-genai folder at --out instead of an .onnx file")
     p.add_argument("--gguf", choices=GGUF_TYPES, default=None, metavar="TYPE",
                    help="write a GGUF file for llama.cpp at --out (a .gguf path) instead, by llama.cpp's converter: "
-                        "f16, bf16, q8_0, f32 (K-quants need 'llmrank[gguf]'); uniform widths only")
+                        "f16, bf16, q8_0, f32 (K-quants need 'llmrank[gguf]'); per-layer Llama widths as 'deci' (needs 'llmrank[gguf]')")
     p.add_argument("--force", action="count", default=0,
                    help="replace an existing .onnx file (it is deleted); any other existing file needs --force --force")
     _common(p)
 
-    p = sub.add_parser("generate", help="greedy generation with onnxruntime (and the KV cache) or onnxruntime-genai")
+    p = sub.add_parser("generate", help="greedy generation with onnxruntime (and the KV cache), onnxruntime-genai or llama.cpp")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--onnx", type=Path, help="an .onnx file written by llmrank")
     target.add_argument("--genai", type=Path, help="an onnxruntime-genai folder (it holds its tokenizer)")
-    p.add_argument("--tokenizer", default=None, help="folder or built-in model name holding the tokenizer (needed with --onnx)")
+    target.add_argument("--gguf", type=Path, help="a .gguf file, run by llama.cpp (needs llmrank[gguf])")
+    p.add_argument("--tokenizer", default=None, help="folder or built-in model name holding the tokenizer (needed with "
+                                                      "--onnx; --gguf finds the hf/ folder of a prune by itself)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
     _common(p)
@@ -434,7 +439,7 @@ def cmd_heal(args: argparse.Namespace) -> dict[str, Any]:
                           hidden_weight=args.hidden_weight, bf16=args.bf16, seq_len=args.seq_len, calib=args.calib,
                           seed=args.seed, eval_points=args.eval_points)
     job = HealJob(slim=args.slim, teacher=args.teacher, out=args.out, options=options, onnx=args.onnx,
-                  kv_cache=not args.no_kv_cache, force=args.force, progress=not (args.quiet or args.json))
+                  kv_cache=not args.no_kv_cache, gguf=args.gguf, force=args.force, progress=not (args.quiet or args.json))
     report = run_heal(job)
     h = report["heal"]
     ppl = h["held_out_ppl"]
@@ -580,9 +585,21 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--genai {args.genai} {what}: give the genai/ folder of a prune or export --genai")
     if args.onnx is not None and not args.onnx.is_file():
         raise ConfigError(f"--onnx {args.onnx} is not a file: give the .onnx file of a prune or export")
+    if args.gguf is not None:
+        from llmrank.exporters.llamacpp import INSTALL_HINT, llama_cpp_available
+
+        if not args.gguf.is_file():
+            raise ConfigError(f"--gguf {args.gguf} is not a file: give the .gguf file of a prune or export --gguf")
+        if not llama_cpp_available():
+            raise ConfigError(f"--gguf runs the file in llama.cpp, which needs llama-cpp-python: {INSTALL_HINT}")
     folder = args.tokenizer or args.genai
+    if folder is None and args.gguf is not None:
+        from llmrank.targets import find_tokenizer_dir
+
+        folder = find_tokenizer_dir(args.gguf)
     if folder is None:
-        raise ConfigError("--onnx needs --tokenizer (the hf/ folder of the prune output, or a built-in name)")
+        raise ConfigError(f"--{'gguf' if args.gguf else 'onnx'} needs --tokenizer (the hf/ folder of the prune output, "
+                          "or a built-in name)")
     if not Path(folder).is_dir():
         from llmrank.models import resolve_model_dir
 
@@ -593,6 +610,10 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
         from llmrank.exporters.genai import generate_genai
 
         new = generate_genai(args.genai, ids, args.max_new_tokens)
+    elif args.gguf:
+        from llmrank.exporters.llamacpp import generate_gguf
+
+        new = generate_gguf(args.gguf, ids, args.max_new_tokens)
     else:
         from llmrank.exporters.onnx import generate_onnx
 

@@ -3,7 +3,7 @@
 Both routes heal the same way (:func:`heal_slim`): training windows from the calibration half
 of the corpus, a held-out piece of it for the perplexity curve (never the evaluation
 articles), the FFN Linears the pruning cut (or every Linear) trained directly or through LoRA, then a plain slim
-model. ``llmrank heal`` writes hf/ (+ onnx/), report.json and heal.png into one folder built
+model. ``llmrank heal`` writes hf/ (+ onnx/, gguf/), report.json and heal.png into one folder built
 under a temporary name, so a failed run leaves nothing behind.
 """
 
@@ -124,6 +124,7 @@ class HealJob:
     onnx: bool = True
     kv_cache: bool = True
     optimize: bool = False
+    gguf: str | None = None  # also gguf/model-<type>.gguf of the healed model, by llama.cpp's converter
     force: bool | int = False
     progress: bool = True
 
@@ -134,6 +135,11 @@ class HealJob:
         self.options.check()
         if not (Path(self.slim) / "config.json").is_file():
             raise FileNotFoundError(f"{self.slim} is not a HF checkpoint folder (no config.json): give the hf/ folder of a prune")
+        if self.gguf is not None:  # the slim checkpoint's widths and family decide whether llama.cpp can take it
+            from llmrank.exporters.gguf import check_outtype, gguf_layout
+
+            check_outtype(self.gguf)
+            gguf_layout(Path(self.slim))
         refuse_input_overlap(self.out, self.slim)
         try:
             refuse_input_overlap(self.out, resolve_model_dir(self.teacher))
@@ -198,6 +204,12 @@ def run_heal(job: HealJob) -> dict[str, Any]:
                                      "loader": "transformers" if saved.stock_loadable else "llmrank.load"}
         if job.onnx:
             report["artifacts"]["onnx"] = export_onnx_artifact(result.model, tmp / "onnx" / "model.onnx", job, metadata)
+        if job.gguf:
+            from llmrank.exporters.gguf import export_gguf
+
+            path = Path("gguf") / f"model-{job.gguf}.gguf"
+            built = export_gguf(tmp / "hf", tmp / path, outtype=job.gguf)
+            report["artifacts"]["gguf"] = {**built.to_dict(), "path": str(path)}
         write_heal_plot(tmp, part, f"heal of {job.slim} from {job.teacher}", report)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     return json.loads((Path(job.out) / "report.json").read_text())

@@ -71,7 +71,7 @@ def load_eval_target(target: str, tokenizer: str | None = None, *, onnx: bool | 
 
         return genai_logits_fn(path, threads=threads), load_tokenizer(tokenizer or path), {"kind": "genai", "path": str(path)}
     if path.suffix == ".gguf" and not onnx:
-        return gguf_eval_target(path, tokenizer)
+        return gguf_eval_target(path, tokenizer, threads=threads)
     is_onnx = path.suffix == ".onnx" if onnx is None else onnx
     if is_onnx:
         if path.is_dir():
@@ -95,17 +95,17 @@ def load_eval_target(target: str, tokenizer: str | None = None, *, onnx: bool | 
     return torch_logits_fn(model), tok, {"kind": kind, "path": target, "parameters": count_parameters(model), "model": model}
 
 
-def gguf_eval_target(path: Path, tokenizer: str | None = None):
-    """(LogitsFn, tokenizer, info) for a GGUF file, read by transformers' GGUF loader.
+def gguf_eval_target(path: Path, tokenizer: str | None = None, *, threads: int | None = None):
+    """(LogitsFn, tokenizer, info) for a GGUF file: run by llama.cpp when llama-cpp-python is
+    installed, else read by transformers' GGUF loader.
 
-    The weights are dequantised to float32 and run in PyTorch: this scores what the file holds
-    (the converter's layout and rounding), not llama.cpp's kernels; ``info["runtime"]`` says so."""
-    from llmrank.evaluate import torch_logits_fn
-    from llmrank.exporters.gguf import load_gguf_model
+    Without llama.cpp the weights are dequantised to float32 and run in PyTorch: that scores what
+    the file holds (the converter's layout and rounding), not llama.cpp's kernels; ``info["runtime"]``
+    says which ran."""
+    from llmrank.exporters.llamacpp import gguf_logits_fn, llama_cpp_available
 
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
-    model = load_gguf_model(path)
     tok_src: Any = tokenizer or find_tokenizer_dir(path)
     if tok_src is not None:
         tok = load_tokenizer(tok_src)
@@ -113,10 +113,19 @@ def gguf_eval_target(path: Path, tokenizer: str | None = None):
         import transformers
 
         tok, tok_src = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), f"{path} (its own vocabulary)"
-    from llmrank.api import count_parameters
+    info: dict[str, Any] = {"kind": "gguf", "path": str(path), "tokenizer": str(tok_src)}
+    if llama_cpp_available():
+        import llama_cpp
 
-    info = {"kind": "gguf", "path": str(path), "tokenizer": str(tok_src), "parameters": count_parameters(model),
-            "runtime": "transformers' GGUF reader: weights dequantised to float32, run in PyTorch (not llama.cpp's kernels)"}
+        info["runtime"] = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+        return gguf_logits_fn(path, threads=threads), tok, info
+    from llmrank.api import count_parameters
+    from llmrank.evaluate import torch_logits_fn
+    from llmrank.exporters.gguf import load_gguf_model
+
+    model = load_gguf_model(path)
+    info["parameters"] = count_parameters(model)
+    info["runtime"] = "transformers' GGUF reader: weights dequantised to float32, run in PyTorch (not llama.cpp's kernels)"
     return torch_logits_fn(model), tok, info
 
 

@@ -8,6 +8,7 @@ the tests that need it skip with the reason when it cannot be obtained.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import transformers
 
 import llmrank
 from llmrank.exporters import gguf
-from llmrank.exporters.hf import save_hf
+from llmrank.exporters.hf import load_hf, save_hf
 from llmrank.ir.errors import ConfigError, InputError
 
 SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -40,6 +41,7 @@ def pruned_folder(root: Path, family: str, tokenizer, **options) -> tuple[Path, 
     slim = llmrank.prune(model, calib, sparsity=0.3, scorer="l1", progress=False, **options).model.eval()
     assert {layer.mlp.up_proj.out_features for layer in slim.model.layers} == {67}  # uniform, and shrunk
     save_hf(slim, tokenizer, root / "hf", metadata={})
+    save_hf(model, tokenizer, root / "dense", metadata={})  # the teacher of a heal
     return root / "hf", slim
 
 
@@ -118,6 +120,7 @@ def test_kquant_refused_before_the_converter_is_fetched(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("key, what", [("layer_widths", "FFN widths"), ("layer_heads", "attention head counts")])
 def test_per_layer_checkpoint_is_refused_before_work(tmp_path, monkeypatch, key, what):
+    monkeypatch.setattr(gguf, "_llama_cpp_available", lambda: False)  # a deci file is checked in llama.cpp only
     monkeypatch.setattr(gguf, "converter_dir", lambda **_: pytest.fail("fetched the converter before refusing"))
     (tmp_path / "hf").mkdir()
     value = {"model.layers.0.mlp": 40, "model.layers.1.mlp": 56} if key == "layer_widths" else {"q": [4, 2]}
@@ -126,6 +129,20 @@ def test_per_layer_checkpoint_is_refused_before_work(tmp_path, monkeypatch, key,
         gguf.export_gguf(tmp_path / "hf", tmp_path / "m.gguf", outtype="f16")
     assert "--allocation uniform" in info.value.hint
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"model_type": "qwen2", "llmrank": {"layer_widths": {"model.layers.0.mlp": 40}}}, "qwen2 GGUF takes one value"),
+    ({"model_type": "llama", "mlp_bias": True, "llmrank": {"layer_widths": {"model.layers.0.mlp": 40}}}, "without biases"),
+])
+def test_per_layer_outside_the_deci_family_is_refused_with_llama_cpp_too(tmp_path, monkeypatch, config, message):
+    monkeypatch.setattr(gguf, "_llama_cpp_available", lambda: True)
+    monkeypatch.setattr(gguf, "converter_dir", lambda **_: pytest.fail("fetched the converter before refusing"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message) as info:
+        gguf.export_gguf(tmp_path / "hf", tmp_path / "m.gguf", outtype="f16")
+    assert "--allocation uniform" in info.value.hint
 
 
 def test_no_converter_offline_says_what_to_run(tmp_path, monkeypatch):
@@ -213,9 +230,13 @@ def test_llama_uniform_f32_reads_back_equal(slim_llama, tmp_path):
               "--tokenizer", str(hf_dir)]
     on_gguf = cmd_eval(build_parser().parse_args(["eval", str(path), *common]))
     on_hf = cmd_eval(build_parser().parse_args(["eval", str(hf_dir), *common]))
-    assert on_gguf["target"]["kind"] == "gguf" and "dequantised" in on_gguf["target"]["runtime"]
-    assert on_gguf["perplexity"]["n_tokens"] == on_hf["perplexity"]["n_tokens"] > 200
-    assert on_gguf["perplexity"]["ppl"] == pytest.approx(on_hf["perplexity"]["ppl"], rel=1e-4)
+    assert on_gguf["target"]["kind"] == "gguf" and on_gguf["perplexity"]["n_tokens"] == on_hf["perplexity"]["n_tokens"] > 200
+    if gguf._llama_cpp_available():  # llama.cpp runs it (an f16 KV cache: close, not equal)
+        assert on_gguf["target"]["runtime"].startswith("llama.cpp")
+        assert on_gguf["perplexity"]["ppl"] == pytest.approx(on_hf["perplexity"]["ppl"], rel=1e-2)
+    else:  # transformers' reader: the same float32 weights in PyTorch
+        assert "dequantised" in on_gguf["target"]["runtime"]
+        assert on_gguf["perplexity"]["ppl"] == pytest.approx(on_hf["perplexity"]["ppl"], rel=1e-4)
 
 
 @pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
@@ -336,13 +357,16 @@ def test_smollm2_prune_to_gguf_end_to_end(converter, tmp_path):
     assert_reads_back(out / "gguf" / "model-q8_0.gguf", slim, "q8_0", "llama", width=width)
 
 
-def test_export_refuses_a_per_layer_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("family, llama_cpp", [("llama", False), ("qwen2", True), ("qwen2", False)])
+def test_export_refuses_a_per_layer_checkpoint(tmp_path, capsys, monkeypatch, family, llama_cpp):
+    """Per-layer widths need llama.cpp's deci architecture (Llama family only, checked in llama.cpp)."""
     from llmrank.cli import main
 
     monkeypatch.setattr(gguf, "converter_dir", lambda **_: pytest.fail("fetched the converter before refusing"))
+    monkeypatch.setattr(gguf, "_llama_cpp_available", lambda: llama_cpp)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(
-        {"model_type": "llama", "llmrank": {"layer_widths": {"model.layers.0.mlp": 40, "model.layers.1.mlp": 56}}}))
+        {"model_type": family, "llmrank": {"layer_widths": {"model.layers.0.mlp": 40, "model.layers.1.mlp": 56}}}))
     assert main(["export", str(tmp_path / "hf"), "--gguf", "f16", "--out", str(tmp_path / "m.gguf"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "per-layer FFN widths" in err and "--allocation uniform" in err
@@ -380,5 +404,192 @@ def test_a_file_transformers_cannot_read_fails_the_check_by_name(tmp_path, monke
         raise ValueError("GGUF model with architecture gemma3 is not supported yet.")
 
     monkeypatch.setattr(gguf, "load_gguf_model", unreadable)
+    monkeypatch.setattr(gguf, "_llama_cpp_available", lambda: False)  # with llama.cpp, it alone checks the file
     with pytest.raises(gguf.GgufValidationError, match=r"cannot read the written GGUF back.*check=False"):
         gguf.validate_gguf(tmp_path / "m.gguf", tmp_path / "hf", "f16")
+
+
+# ------------------------------------------------------------------ in llama.cpp itself (llmrank[gguf])
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    if not gguf._llama_cpp_available():
+        pytest.skip("llama.cpp is not installed: pip install 'llmrank[gguf]' (llama-cpp-python compiles it, "
+                    "tens of minutes), then these run")
+    import llama_cpp
+
+    return llama_cpp
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_f16_file_like_pytorch(llama_cpp, slim_llama, tmp_path):
+    from llmrank.exporters.llamacpp import generate_gguf, llama_logits, load_llama
+
+    hf_dir, slim = slim_llama
+    path = tmp_path / "gguf" / "model-f16.gguf"
+    result = gguf.export_gguf(hf_dir, path, outtype="f16")
+    in_llama = result.check.llama_cpp  # the export's own check ran the file in llama.cpp
+    assert in_llama is not None and in_llama["passed"] and in_llama["tokenizer_equal"]
+    llm = load_llama(path, n_ctx=64, threads=1)
+    ids = torch.randint(0, slim.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want = slim(ids).logits[0]
+    got = llama_logits(llm, ids[0].tolist())
+    assert got.shape == want.shape
+    assert (want - got).abs().max() <= gguf.LLAMA_CPP_MIN_BOUND * want.abs().max()
+    new = generate_gguf(path, ids[0, :8].tolist(), 6, llm=llm)
+    assert 1 <= len(new) <= 6
+    first = want[7].topk(2).values
+    if first[0] - first[1] > 1e-2 * want.abs().max():  # a clear winner: llama.cpp's greedy token is PyTorch's
+        assert new[0] == int(want[7].argmax())
+
+
+@pytest.mark.slow
+def test_q4_k_m_is_quantized_by_llama_cpp_and_runs_there(llama_cpp, slim_llama, tmp_path):
+    from llmrank.exporters.llamacpp import generate_gguf
+
+    hf_dir, slim = slim_llama
+    path = tmp_path / "gguf" / "model-q4_k_m.gguf"
+    result = gguf.export_gguf(hf_dir, path, outtype="q4_k_m")
+    assert path.is_file() and result.architecture == "llama" and result.check is not None and result.check.passed
+    assert result.check.llama_cpp is not None and result.check.llama_cpp["tokenizer_equal"]
+    ppl = result.check.perplexity  # the quantized file against the f16 file it came from, both in llama.cpp
+    assert ppl["passed"] and ppl["ratio"] == pytest.approx(ppl["ppl_q4_k_m"] / ppl["ppl_f16"]) and ppl["tokens"] > 0
+    f16 = gguf.export_gguf(hf_dir, tmp_path / "gguf" / "model-f16.gguf", outtype="f16", check=False)
+    assert path.stat().st_size < f16.bytes  # quantized, not copied
+    assert len(generate_gguf(path, [1, 2, 3, 4], 4)) >= 1
+    same = gguf.quantized_perplexity_check(f16.path, f16.path, "f16")  # a file against itself: ratio 1
+    assert same["ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_quantized_file_past_its_perplexity_bound_is_not_moved_into_place(llama_cpp, slim_llama, tmp_path,
+                                                                             monkeypatch):
+    hf_dir, _ = slim_llama
+    monkeypatch.setattr(gguf, "KQUANT_PPL_BOUND", 0.5)  # no quantized file is twice as good as its f16 source
+    path = tmp_path / "gguf" / "model-q4_k_m.gguf"
+    with pytest.raises(gguf.GgufValidationError, match="perplexity"):
+        gguf.export_gguf(hf_dir, path, outtype="q4_k_m")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # neither the file nor a temporary left behind
+
+
+@pytest.mark.slow
+def test_generate_takes_a_gguf_and_finds_the_tokenizer_beside_it(llama_cpp, slim_llama, tmp_path):
+    import shutil
+
+    from llmrank.cli import build_parser, cmd_generate
+
+    hf_dir, _ = slim_llama
+    out = tmp_path / "slim"
+    shutil.copytree(hf_dir, out / "hf")
+    gguf.export_gguf(out / "hf", out / "gguf" / "model-f16.gguf", outtype="f16", check=False)
+    done = cmd_generate(build_parser().parse_args(["generate", "--gguf", str(out / "gguf" / "model-f16.gguf"),
+                                                   "--prompt", "The city of", "--max-new-tokens", "5", "--quiet"]))
+    assert 1 <= len(done["tokens"]) <= 5 and isinstance(done["text"], str)
+
+
+def test_generate_gguf_without_llama_cpp_names_the_extra(tmp_path, monkeypatch):
+    from llmrank.cli import build_parser, cmd_generate
+    from llmrank.exporters import llamacpp
+
+    monkeypatch.setattr(llamacpp, "llama_cpp_available", lambda: False)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"llmrank\[gguf\]"):
+        cmd_generate(build_parser().parse_args(["generate", "--gguf", str(tmp_path / "m.gguf"), "--prompt", "x", "--quiet"]))
+
+
+@pytest.fixture(scope="module")
+def per_layer_llama(converter, tmp_path_factory):
+    """A tiny Llama pruned with a global pool (a width per layer) and half its heads, saved as hf/."""
+    from llmrank.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer("smollm2-135m")
+    except RuntimeError as exc:
+        pytest.skip(f"SmolLM2's tokenizer is not available: {exc}")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, vocab_size=len(tokenizer))).eval()
+    calib = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
+    slim = llmrank.prune(model, calib, sparsity=0.3, scorer="l1", pruner="global", head_sparsity=0.5,
+                         progress=False).model.eval()
+    widths = [layer.mlp.up_proj.out_features for layer in slim.model.layers]
+    assert len(set(widths)) > 1  # per-layer: the stock llama GGUF cannot hold it
+    root = tmp_path_factory.mktemp("deci")
+    save_hf(slim, tokenizer, root / "hf", metadata={})
+    return root / "hf", slim, widths
+
+
+def test_per_layer_widths_are_written_as_deci_by_llama_cpps_converter(per_layer_llama, tmp_path):
+    """No llama.cpp needed to write it: the file's per-layer metadata and tensor shapes are the slim model's."""
+    from gguf import GGUFReader
+
+    hf_dir, slim, widths = per_layer_llama
+    path = tmp_path / "m.gguf"
+    gguf._convert(hf_dir, path, "f32", "deci")
+    reader = GGUFReader(str(path))
+
+    def values(key):
+        field = reader.fields[key]
+        return [field.parts[i].tolist()[0] for i in field.data]
+
+    assert gguf._architecture(path) == "deci"
+    assert values("deci.feed_forward_length") == widths
+    attn = slim.model.layers[0].self_attn
+    head_dim = attn.head_dim
+    assert values("deci.attention.head_count") == [layer.self_attn.q_proj.out_features // head_dim for layer in slim.model.layers]
+    assert values("deci.attention.head_count_kv") == [layer.self_attn.k_proj.out_features // head_dim for layer in slim.model.layers]
+    assert values("deci.attention.key_length") == [head_dim]
+    shapes = {t.name: t.shape.tolist() for t in reader.tensors}
+    for i, width in enumerate(widths):  # GGUF lists dimensions innermost first
+        assert shapes[f"blk.{i}.ffn_up.weight"] == [SHAPE["hidden_size"], width]
+        assert shapes[f"blk.{i}.ffn_down.weight"] == [width, SHAPE["hidden_size"]]
+
+
+@pytest.mark.slow
+def test_per_layer_deci_file_runs_in_llama_cpp_like_pytorch(llama_cpp, per_layer_llama, tmp_path):
+    hf_dir, slim, _ = per_layer_llama
+    path = tmp_path / "gguf" / "model-f16.gguf"
+    result = gguf.export_gguf(hf_dir, path, outtype="f16")
+    assert result.architecture == "deci" and result.check.passed and result.check.llama_cpp["passed"]
+    from llmrank.exporters.llamacpp import llama_logits, load_llama
+
+    ids = torch.randint(0, slim.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = slim(ids).logits[0]
+    got = llama_logits(load_llama(path, n_ctx=64, threads=1), ids[0].tolist())
+    assert (want - got).abs().max() <= gguf.LLAMA_CPP_MIN_BOUND * want.abs().max()
+
+
+@pytest.mark.slow
+def test_heal_writes_a_checked_gguf_of_the_healed_model(slim_llama, tmp_path):
+    from llmrank.cli import main
+
+    from test_cli import WORDS
+
+    hf_dir, _ = slim_llama
+    rng = random.Random(0)
+    text = tmp_path / "calib.txt"  # enough for the held-out tokens beside the training windows
+    text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + " ." for _ in range(900)))
+    out = tmp_path / "healed"
+    assert main(["heal", str(hf_dir), "--teacher", str(hf_dir.parent / "dense"), "--out", str(out), "--tokens", "64",
+                 "--seq-len", "32", "--eval-points", "1", "--calib", str(text), "--no-onnx", "--gguf", "f32", "--quiet"]) == 0
+    entry = json.loads((out / "report.json").read_text())["artifacts"]["gguf"]
+    assert entry["path"] == "gguf/model-f32.gguf" and entry["check"]["passed"]
+    healed = load_hf(out / "hf")  # the file holds the healed weights, not the slim ones it started from
+    assert_reads_back(out / entry["path"], healed, "f32", "llama", width=67)
+
+
+def test_heal_refuses_a_gguf_llama_cpp_cannot_take_before_loading(slim_qwen2, tmp_path, capsys, monkeypatch):
+    from llmrank.cli import main
+
+    hf_dir, _ = slim_qwen2
+    config = json.loads((hf_dir / "config.json").read_text())
+    per_layer = tmp_path / "per-layer"
+    per_layer.mkdir()
+    config["llmrank"] = {"layer_widths": {"model.layers.0.mlp": 40, "model.layers.1.mlp": 56}}
+    (per_layer / "config.json").write_text(json.dumps(config))  # no weights: the refusal must come first
+    monkeypatch.setattr(gguf, "converter_dir", lambda **_: pytest.fail("fetched the converter before refusing"))
+    assert main(["heal", str(per_layer), "--teacher", str(hf_dir), "--out", str(tmp_path / "o"), "--tokens", "512",
+                 "--gguf", "f16", "--quiet"]) == 2
+    assert "--allocation uniform" in capsys.readouterr().err and not (tmp_path / "o").exists()
