@@ -44,6 +44,8 @@ __all__ = [
     "LLAMA_CPP_PYTHON",
     "CONVERTER_TYPES",
     "KQUANT_TYPES",
+    "row_multiple",
+    "alignment_note",
     "OUTTYPES",
     "ConverterUnavailableError",
     "GgufCheck",
@@ -295,6 +297,35 @@ def _llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+#: FFN width multiple a prune for each GGUF type rounds to when the user gives no --multiple.
+#: llama.cpp stores q8_0/q4_0 rows in blocks of 32 values and K-quants in blocks of 256; a row of
+#: another length is kept in f16 ("unusual shape") or falls back to another type, and its CPU
+#: kernels take an odd row length on a slower path. Measured on SmolLM2-135M at 30 % in llama.cpp:
+#: widths of 1075 made the slim file slower than the dense one (prefill 0.67x, decode 0.94x at f16;
+#: q4_k_m file larger than dense); rounded to 32, 1.12x / 1.19x (benchmarks/README.md, GGUF).
+ROW_BLOCK = 32
+KQUANT_ROW_BLOCK = 256
+
+
+def row_multiple(outtype: str) -> int:
+    """The FFN width multiple that lets llama.cpp store and run ``outtype`` rows whole."""
+    return KQUANT_ROW_BLOCK if outtype in KQUANT_TYPES else ROW_BLOCK
+
+
+def alignment_note(config: dict[str, Any], outtype: str) -> str | None:
+    """A note when the checkpoint's FFN widths are not a multiple of :func:`row_multiple`."""
+    info = config.get("llmrank") or {}
+    widths = sorted({int(w) for w in (info.get("layer_widths") or {}).values()} or
+                    ({int(config["intermediate_size"])} if "intermediate_size" in config else set()))
+    multiple = row_multiple(outtype)
+    odd = [w for w in widths if w % multiple]
+    if not odd:
+        return None
+    return (f"FFN width{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd[:4]))} {'are' if len(odd) > 1 else 'is'} not a "
+            f"multiple of {multiple}: llama.cpp stores such {outtype} rows in another type and runs them on a slower path "
+            f"(prune with --multiple {multiple}, which a prune with --gguf {outtype} does by default)")
+
+
 #: model_type values whose per-layer FFN widths and head counts llama.cpp takes as its ``deci``
 #: architecture (Llama blocks: RMSNorm, rotary attention, gated MLP, no biases).
 DECI_FAMILIES = ("llama",)
@@ -372,6 +403,7 @@ class GgufExportResult:
     convert_seconds: float
     check: GgufCheck | None
     converter: str = LLAMA_CPP_PYTHON
+    notes: list[str] = field(default_factory=list)
     log: str = field(default="", repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -434,7 +466,9 @@ def export_gguf(
         if result_check is not None and not result_check.passed:
             raise GgufValidationError(_failure_message(result_check))
         size = tmp.stat().st_size
-    return GgufExportResult(out_path, outtype, size, _architecture(out_path), seconds, result_check, log=log)
+    note = alignment_note(config, outtype)
+    return GgufExportResult(out_path, outtype, size, _architecture(out_path), seconds, result_check,
+                            notes=[note] if note else [], log=log)
 
 
 def _failure_message(check: GgufCheck) -> str:
@@ -540,8 +574,9 @@ def _llama_cpp_check(gguf_file: Path, hf_dir: Path, want: torch.Tensor, ids: tor
 
 
 #: Largest perplexity ratio (K-quant file / the f16 file it came from, both run by llama.cpp on the
-#: same windows of calibration text) a K-quant may show. Measured on SmolLM2-135M at 30 %: q4_k_m
-#: MEASURED_Q4; a quantizer fed the wrong file or wrong tensor types is off by far more.
+#: same windows of calibration text) a K-quant may show. Measured in llama.cpp on SmolLM2-135M
+#: (wiki evaluation text): q4_k_m / f16 1.05 dense, 1.05 slim at 30 % (widths 1,088), 1.06 slim at
+#: 33 % (widths 1,024). A quantizer fed the wrong file or the wrong tensor types is off by far more.
 KQUANT_PPL_BOUND = 1.25
 
 #: Calibration-text windows the K-quant check scores (tokens each, how many).

@@ -48,6 +48,8 @@ def _pruning_options(p: argparse.ArgumentParser, *, only: tuple[str, ...] | None
         kind = {float: float, int: int, str: str}.get(type(default), float)
         if name in by_preset:
             help_text, default = meta["help"] + " (default: from --preset)", None
+        elif name == "multiple" and presets:  # prune: --gguf picks llama.cpp's row block when none is given
+            help_text, default = meta["help"] + f" (default: {default}; with --gguf, 32, or 256 for K-quants)", None
         else:
             help_text = meta["help"] + (f" (default: {default})" if default is not None else "")
         groups[option_group(name)].add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
@@ -370,6 +372,10 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     from llmrank.workflow import PruneJob, parse_size, run_prune
 
     config = prune_config(args).with_(verify=not args.no_verify)
+    if args.gguf and args.multiple is None:  # widths llama.cpp can quantize and run whole (exporters/gguf.py)
+        from llmrank.exporters.gguf import row_multiple
+
+        config = config.with_(multiple=row_multiple(args.gguf))
     if args.onnx is not False or args.quantize:
         require_onnx("ONNX export (on by default)", "pass --no-onnx for the HF checkpoint only")
     job = PruneJob(
@@ -516,6 +522,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
             out = out / f"model-{args.gguf}.gguf"
         built = export_gguf(args.checkpoint, out, outtype=args.gguf, force=args.force)
         _say(args, f"wrote {built.path} ({built.bytes / 2**20:.1f} MiB, GGUF {built.outtype}, {built.architecture})")
+        for note in built.notes:
+            _note(note)
         return built.to_dict()
     if args.genai:
         from llmrank.exporters.genai import check_options, export_genai

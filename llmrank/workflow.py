@@ -432,6 +432,7 @@ def write_gguf(folder: Path, job: PruneJob, report: dict[str, Any], check: bool 
     path = Path("gguf") / f"model-{job.gguf}.gguf"
     built = export_gguf(folder / "hf", folder / path, outtype=job.gguf, check=check)
     report["artifacts"]["gguf"] = {**built.to_dict(), "path": str(path)}
+    report.setdefault("notes", []).extend(built.notes)
     if not check:
         report.setdefault("notes", []).append(f"{path} was not read back and compared: the check holds two fp32 copies "
                                               "of the slim model, more than the memory budget")

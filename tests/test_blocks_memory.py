@@ -102,8 +102,9 @@ def test_shard_writer_keeps_no_tensor_and_writes_what_it_was_given(tmp_path):
         address = held.data_ptr()
         writer.add(name, held)
         del held
-        kept = [o for o in gc.get_objects() if _address(o) == address]
-        assert not kept, f"the writer still holds {name}'s memory"
+        if address:  # an empty tensor has no storage (address 0, like the fake tensors other tests leave)
+            kept = [o for o in gc.get_objects() if _address(o) == address]
+            assert not kept, f"the writer still holds {name}'s memory"
     names = writer.close()
     assert len(names) > 1 and not list(tmp_path.glob("part-*"))
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())

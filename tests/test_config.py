@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llmrank
-from llmrank.cli import build_parser, main
+from llmrank.cli import build_parser, main, prune_config
 from llmrank.ir.errors import ConfigError, VerificationError
 from llmrank.passes.config import CLI_DEFAULTS, PruneConfig, cli_options
 from llmrank.passes.scorers import ChainLayer, mpr_chain
@@ -60,7 +60,10 @@ def test_cli_flags_are_generated_from_the_config():
         assert name in defaults, f"no --{name} flag"
         library = getattr(PruneConfig(), name)
         # an option a preset sets defaults to None on the parser: prune_config fills it (tests/test_presets.py)
-        assert defaults[name] == (None if name in preset_fields() else CLI_DEFAULTS.get(name, library))
+        # and so does --multiple, whose default depends on --gguf (tests/test_gguf.py)
+        later = name in preset_fields() or name == "multiple"
+        assert defaults[name] == (None if later else CLI_DEFAULTS.get(name, library))
+    assert prune_config(prune_parser.parse_args(["m", "--out", "o"])).multiple == PruneConfig().multiple
     assert CLI_DEFAULTS == {"compensation": "lstsq"}
 
 

@@ -327,7 +327,7 @@ def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
     out = tmp_path / "out"
     code = main(["prune", str(model), "--sparsity", "0.25", "--samples", "2", "--compensation-samples", "2",
                  "--seq-len", "16", "--calib", str(text), "--no-onnx", "--gguf", "f16", "--out", str(out), "--quiet",
-                 *(["--layerwise"] if layerwise else [])])
+                 *(["--layerwise", "--multiple", "1"] if layerwise else [])])  # a --multiple given wins
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     entry = report["artifacts"]["gguf"]
@@ -336,7 +336,10 @@ def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
     assert entry["check"]["passed"] and entry["architecture"] == "llama"
     slim = transformers.AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     width = slim.model.layers[0].mlp.up_proj.out_features
-    assert gguf_field(path, "llama.feed_forward_length") == width < 67
+    assert gguf_field(path, "llama.feed_forward_length") == width
+    # 67 x 0.75 = 50 kept; without --multiple, --gguf rounds to llama.cpp's row block of 32 (and says why)
+    assert (width, report["config"]["multiple"]) == ((50, 1) if layerwise else (64, 32))
+    assert any("not a multiple of 32" in note for note in report.get("notes", [])) == layerwise
     assert_reads_back(path, slim, "f16", "llama", width=width)
 
 
@@ -353,7 +356,7 @@ def test_smollm2_prune_to_gguf_end_to_end(converter, tmp_path):
     assert entry["check"]["passed"] and entry["check"]["tokenizer_equal"] and entry["architecture"] == "llama"
     slim = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
     width = slim.model.layers[0].mlp.up_proj.out_features
-    assert width == 1075  # 1536 x 0.7, every layer
+    assert width == 1088  # 1536 x 0.7 = 1075, rounded to q8_0's row block of 32, every layer
     assert_reads_back(out / "gguf" / "model-q8_0.gguf", slim, "q8_0", "llama", width=width)
 
 
@@ -593,3 +596,12 @@ def test_heal_refuses_a_gguf_llama_cpp_cannot_take_before_loading(slim_qwen2, tm
     assert main(["heal", str(per_layer), "--teacher", str(hf_dir), "--out", str(tmp_path / "o"), "--tokens", "512",
                  "--gguf", "f16", "--quiet"]) == 2
     assert "--allocation uniform" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_row_multiple_and_the_note_for_widths_llama_cpp_runs_slowly():
+    assert gguf.row_multiple("q8_0") == gguf.row_multiple("f16") == 32 and gguf.row_multiple("q4_k_m") == 256
+    assert gguf.alignment_note({"intermediate_size": 1088}, "q8_0") is None
+    assert "1088" in gguf.alignment_note({"intermediate_size": 1088}, "q4_k_m")
+    per_layer = {"intermediate_size": 1536, "llmrank": {"layer_widths": {"a": 1024, "b": 1075, "c": 1000}}}
+    note = gguf.alignment_note(per_layer, "q4_k_m")
+    assert "1000, 1075 are not a multiple of 256" in note and "--multiple 256" in note
