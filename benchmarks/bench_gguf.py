@@ -40,6 +40,7 @@ def build(model: str, sparsity: float, multiple: int | None, types: list[str], w
     from llmrank.models import resolve_model_dir
 
     slim_dir = work / "slim"
+    dense_dir = WORK / model / "dense"  # one set of dense files for every --multiple
     if not (slim_dir / "hf" / "config.json").is_file():
         cmd = [sys.executable, "-m", "llmrank.cli", "prune", model, "--sparsity", str(sparsity), "--no-onnx", "--quiet",
                "--out", str(slim_dir), "--force"] + (["--multiple", str(multiple)] if multiple else [])
@@ -48,7 +49,7 @@ def build(model: str, sparsity: float, multiple: int | None, types: list[str], w
     files: dict[str, dict[str, Path]] = {}
     for variant, hf_dir in sources.items():
         for outtype in types:
-            path = work / variant / f"model-{outtype}.gguf"
+            path = (dense_dir if variant == "dense" else work / variant) / f"model-{outtype}.gguf"
             if not path.is_file():
                 export_gguf(hf_dir, path, outtype=outtype, force=True)
             files.setdefault(variant, {})[outtype] = path

@@ -314,7 +314,7 @@ def test_prune_refuses_before_the_model_is_read(tmp_path, monkeypatch, capsys, f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layerwise", [False, pytest.param(True, marks=pytest.mark.extended)])
+@pytest.mark.parametrize("layerwise", [False, True])
 def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
     """llmrank prune on a tiny Llama folder with --gguf f16: gguf/model-f16.gguf, recorded in report.json."""
     from llmrank.cli import main
@@ -343,7 +343,7 @@ def test_prune_writes_a_checked_gguf(slim_llama, tmp_path, layerwise):
     assert_reads_back(path, slim, "f16", "llama", width=width)
 
 
-@pytest.mark.extended  # make test-all (a minute or more each: transformers parses the vocabulary)
+@pytest.mark.slow  # the issue's command on the real model (a minute or two: transformers parses the vocabulary)
 def test_smollm2_prune_to_gguf_end_to_end(converter, tmp_path):
     """The issue's command at q8_0 (no compiler): SmolLM2-135M at 30 %, its GGUF read back equal to hf/."""
     from llmrank.cli import main
