@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
-from llmrank.ir.errors import CalibrationError, ConfigError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
+from llmrank.ir.errors import CalibrationError, InputError, LLMRankError, PassError, UnsupportedModelError, VerificationError
 from llmrank.ir.graph import ModelIR
 from llmrank.ir.trace import Traced, trace
 from llmrank.passes.allocate import removal_curves
@@ -43,11 +43,12 @@ from llmrank.passes.compensate import Refit, consumer_linears, plan_refit
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.gradients import FirstOrder, backward_walk, first_order_kind
 from llmrank.passes.headscore import variance_linears
+from llmrank.passes.heap import trim_heap
 from llmrank.passes import exported as P
 from llmrank.passes import routes
 from llmrank.passes.probe import group_loss_increases, probe_sequences
-from llmrank.passes.sequential import plan_sequential_refit
-from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, score
+from llmrank.passes.sequential import plan_sequential_refit, solve_refits
+from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import OutputCheck, Verification, outputs, sample_tokens
 
@@ -71,6 +72,10 @@ class PruneState:
     ``slim`` the rewritten model, ``slim_program`` its re-export (program route only).
     ``batches`` feed the scoring statistics, ``refit_batches`` (default: ``batches``) the
     compensation moments.
+
+    ``block`` is set on the block route, where ``model`` is one decoder block streamed from a
+    checkpoint (the route's own object, so the rewrite changes it in place); ``upstream`` is
+    what the blocks before it passed on to its scores.
     """
 
     config: PruneConfig = field(default_factory=PruneConfig)
@@ -94,12 +99,25 @@ class PruneState:
     rewrites: tuple[str, ...] = ()
     verification: Verification | None = None
     output_check: OutputCheck | None = None
+    reference_output: torch.Tensor | None = None
+    block: int | None = None
+    upstream: Upstream | None = None
     notes: tuple[str, ...] = ()
     history: tuple[PassRecord, ...] = ()
 
     @property
     def from_program(self) -> bool:
         return self.program is not None
+
+    @property
+    def route(self) -> routes.Route:
+        """The route this state is fed by (``routes.py``): its options were checked against it."""
+        return routes.PROGRAM if self.from_program else routes.BLOCKS if self.block is not None else routes.IN_MEMORY
+
+    @property
+    def rewrites_in_place(self) -> bool:
+        """The rewrite changes ``model`` itself: the caller asked (``inplace``), or it is the block route's own copy."""
+        return self.config.inplace or self.block is not None
 
     @property
     def norms(self):
@@ -360,11 +378,12 @@ class Score(Pass):
         c = state.config
         head_scorer = c.head_scoring if c.heads else None
         if self.scorer is None:
-            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, c.scoring, head_scorer=head_scorer,
-                                                        variances=state.stats.variances, first_order=state.first_order)), True)
+            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, c.scoring, upstream=state.upstream,
+                                                        head_scorer=head_scorer, variances=state.stats.variances,
+                                                        first_order=state.first_order)), True)
         scores = _as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)
         if head_scorer is not None and not scores.heads:
-            scores.heads = score(state.model, state.ir, state.norms, c.scoring, head_scorer=head_scorer,
+            scores.heads = score(state.model, state.ir, state.norms, c.scoring, upstream=state.upstream, head_scorer=head_scorer,
                                  variances=state.stats.variances, first_order=state.first_order).heads
         return PassResult(state.update(scores=scores), True)
 
@@ -383,8 +402,12 @@ def _as_scores(value: Any, ir: ModelIR) -> Scores:
 
 
 class Select(Pass):
-    """ir + scores -> kept channel indices per group and kept heads (``choose.py``, the same
-    functions the block route calls); notes say where rounding moved the target."""
+    """ir + scores -> kept channel indices per group and kept heads (``choose.py``); notes say
+    where rounding moved the target.
+
+    A ``budget`` already in the state is used as it is: the block route sets it once for the
+    whole model (``target_params`` counts every block) and selects block by block, then words
+    the rounding notes once over every block."""
 
     needs = ("ir", "scores")
     makes = ("kept",)
@@ -399,7 +422,8 @@ class Select(Pass):
 
     def call(self, state: PruneState) -> PassResult:
         c = state.config
-        plan = budget(c, state.ir, state.scores.heads, sum(p.numel() for p in state.model.parameters()))
+        preset = state.budget is not None
+        plan = state.budget if preset else budget(c, state.ir, state.scores.heads, sum(p.numel() for p in state.model.parameters()))
         curves = None
         if needs_curves(c):
             curves = removal_curves(state.model, state.ir, state.scores.groups, state.stats.moments, plan.sparsity,
@@ -407,8 +431,8 @@ class Select(Pass):
                                     min_width=c.min_width, ridge=c.ridge, centred=c.compensation == "lstsq+bias",
                                     row_weights=state.stats.sensitivity)
         choice = choose(c, state.ir, state.scores.groups, state.scores.heads, plan, curves=curves,
-                        loss_probe=self._loss_probe(state) if c.allocation == "loss" else None)
-        notes = list(plan.notes) + choice.notes
+                        loss_probe=self._loss_probe(state) if c.allocation == "loss" else None, notes=state.block is None)
+        notes = ([] if preset else list(plan.notes)) + choice.notes
         for note in notes:
             log.warning(note)
         return PassResult(state.update(kept=choice.kept, budget=plan, notes=state.notes + tuple(notes)), True)
@@ -429,17 +453,24 @@ class Compensate(Pass):
     makes = ("refits",)
 
     def call(self, state: PruneState) -> PassResult:
-        c = state.config
+        c, ir, kept = state.config, state.ir, state.kept
+        target = "self" if c.refit_inputs == "pruned-self" else "dense"
         if c.compensation == "none":
-            return PassResult(state.update(refits={}), False)
-        if c.refit_inputs != "dense":
+            refits = {}
+        elif c.refit_inputs != "dense" and state.stats.cross:  # the route measured the pruned stream (block by block)
+            cut = [g for g in ir.groups if kept[g.name].numel() < g.width]
+            refits = solve_refits(state.model, ir, cut, kept, state.stats.cross, method=c.compensation, ridge=c.ridge,
+                                  target=target)
+        elif c.refit_inputs != "dense":
             batches = state.refit_batches if state.refit_batches is not None else state.batches
-            refits = plan_sequential_refit(state.model, state.ir, state.kept, list(batches), method=c.compensation,
-                                           ridge=c.ridge, target="self" if c.refit_inputs == "pruned-self" else "dense",
-                                           progress=state.progress)
+            refits = plan_sequential_refit(state.model, ir, kept, list(batches), method=c.compensation, ridge=c.ridge,
+                                           target=target, progress=state.progress)
         else:
-            refits = plan_refit(state.model, state.ir, state.kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
-        return PassResult(state.update(refits=refits), bool(refits))
+            refits = plan_refit(state.model, ir, kept, state.stats.moments, method=c.compensation, ridge=c.ridge)
+        # the refit is the last reader of the moments; their Gram matrices (d_ff^2 float64 per FFN) are the
+        # largest thing the state holds, so they go before the rewrite and the verification allocate
+        spent = replace(state.stats, moments={}, cross={})
+        return PassResult(state.update(refits=refits, stats=spent), bool(refits))
 
 
 class Shrink(Pass):
@@ -453,17 +484,20 @@ class Shrink(Pass):
     makes = ("slim",)
 
     def mutates(self, state: PruneState) -> bool:
-        return state.config.inplace
+        return state.rewrites_in_place
 
     def call(self, state: PruneState) -> PassResult:
-        c, refits = state.config, state.refits or {}
+        c, refits, inplace = state.config, state.refits or {}, state.rewrites_in_place
         if c.mode == "mask-paper":
-            slim = mask_paper(state.model, state.ir, state.scores.groups, state.scores.outputs, c.sparsity, inplace=c.inplace)
+            slim = mask_paper(state.model, state.ir, state.scores.groups, state.scores.outputs, c.sparsity, inplace=inplace)
             return PassResult(state.update(slim=slim), True)
         if c.mode == "mask":
-            return PassResult(state.update(slim=mask(state.model, state.ir, state.kept, inplace=c.inplace, refits=refits)), True)
+            return PassResult(state.update(slim=mask(state.model, state.ir, state.kept, inplace=inplace, refits=refits)), True)
         if not state.from_program:
-            return PassResult(state.update(slim=shrink(state.model, state.ir, state.kept, inplace=c.inplace, refits=refits)), True)
+            # in place, the dense weights are gone after the rewrite: Verify's reference output is taken now
+            reference = masked_output(state) if inplace and c.verify else None
+            slim = shrink(state.model, state.ir, state.kept, inplace=inplace, refits=refits)
+            return PassResult(state.update(slim=slim, reference_output=reference), True)
         slim, rewrites = P.shrink_program(state.model, state.ir, state.kept, group_regions(state.traced, state.ir), refits=refits)
         args, kwargs = P.example_inputs(state.program, list(state.batches))
         shapes = state.dynamic_shapes if state.dynamic_shapes is not None else P.program_dynamic_shapes(state.program)
@@ -482,20 +516,24 @@ class Verify(Pass):
         c = state.config
         if not c.verify or c.mode != "shrink":
             return PassResult(state, False)
-        if c.inplace:
-            note = "verification skipped: the rewrite was in place, so no dense model is left to compare with"
-            return PassResult(state.update(notes=state.notes + (note,)), True)
         inputs = state.verification_inputs()
-        reference = mask(state.model, state.ir, state.kept, refits=state.refits)
         candidate = state.slim_program.module() if state.slim_program is not None else state.slim
-        ver = Verification.compare(_first_output(reference, inputs), _first_output(candidate, inputs), inputs,
-                                   atol=c.verify_atol, rtol=c.verify_rtol)
+        if state.reference_output is not None:  # an in-place rewrite: Shrink took the masked output before it
+            reference, expected = None, state.reference_output
+        elif state.rewrites_in_place:
+            raise PassError("Verify after an in-place rewrite needs the masked reference output Shrink takes: run Shrink before it")
+        else:
+            reference = mask(state.model, state.ir, state.kept, refits=state.refits)
+            expected = _first_output(reference, inputs)
+        ver = Verification.compare(expected, _first_output(candidate, inputs), inputs, atol=c.verify_atol, rtol=c.verify_rtol)
         notes = state.notes
         if not ver.ok:
-            exact = None if state.slim_program is not None else _in_float64(reference, candidate, inputs, c)
+            exact = None if state.slim_program is not None or reference is None else _in_float64(reference, candidate, inputs, c)
             if exact is None or not exact.ok:
+                what = "model" if state.block is None else "block"
                 raise VerificationError(
-                    f"the shrunk model differs from the masked dense model by {ver.max_abs_diff:.3g} (bound {ver.atol:g} + "
+                    ("" if state.block is None else f"block {state.block}: ")
+                    + f"the shrunk {what} differs from the masked dense {what} by {ver.max_abs_diff:.3g} (bound {ver.atol:g} + "
                     f"{ver.rtol:g} x {ver.reference_scale:.3g})"
                     + (f", and by {exact.max_abs_diff:.3g} in float64" if exact is not None else "")
                     + "; this is a bug: please report the model")
@@ -503,6 +541,12 @@ class Verify(Pass):
                       f"{exact.max_abs_diff:.3g} in float64: rounding amplified by a deep cut, not a wrong cut",)
             ver = replace(ver, ok=True)
         return PassResult(state.update(verification=ver, notes=notes), True)
+
+
+def masked_output(state: PruneState) -> torch.Tensor:
+    """The output of the dense model with the cut channels zeroed (and the same refit) on the
+    verification sample: what the shrunk model must reproduce. The masked copy goes at once."""
+    return _first_output(mask(state.model, state.ir, state.kept, refits=state.refits), state.verification_inputs())
 
 
 #: Above this many parameters, a failed fp32 verification is not re-run in float64 (memory).
@@ -629,7 +673,7 @@ class Pipeline:
                 cls([Gradients(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()]))
 
     def __call__(self, state: PruneState) -> PassResult:
-        routes.check(state.config, routes.PROGRAM if state.from_program else routes.IN_MEMORY)  # before any pass runs
+        routes.check(state.config, state.route)  # before any pass runs
         modified, ran = False, [r.name for r in state.history]
         for p in self.passes:
             name = getattr(p, "name", type(p).__name__)
@@ -652,6 +696,7 @@ class Pipeline:
                 raise _pass_error(name, ran, PassError("declared functional (in_place=False) but changed a model's parameters"))
             log.info("pass %s: %.2f s%s", name, seconds, "" if result.modified else " (no change)")
             state = result.state
+            trim_heap()  # what the pass freed goes back to the system (heap.py), not into a fragmented heap
             if not isinstance(p, Pipeline):
                 state = state.update(history=state.history + (PassRecord(name, result.modified, seconds),))
             ran.append(name)

@@ -8,6 +8,7 @@ models, and deep real models (logits ~30, 30 layers) stay within the relative pa
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn

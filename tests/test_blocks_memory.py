@@ -18,6 +18,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 import llmrank.passes.blocks.driver as driver
+import llmrank.passes.pipeline as pipeline
 from llmrank.layerwise import prune_layerwise
 from llmrank.passes.blocks.checkpoint import ShardWriter
 from llmrank.passes.calibrate import Accumulator, Step
@@ -59,13 +60,13 @@ def _address(o: object) -> int | None:
 
 def test_grams_are_freed_before_the_verification_copies_the_block(folder, ids, monkeypatch):
     seen: list[int] = []
-    real_mask = driver.mask
+    real_mask = pipeline.mask  # the Shrink pass takes the masked reference's output before the in-place rewrite
 
     def mask(*args, **kwargs):
         seen.append(len(_live_grams()))
         return real_mask(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "mask", mask)
+    monkeypatch.setattr(pipeline, "mask", mask)
     result = prune_layerwise(folder, ids, sparsity=0.25, compensation="lstsq")
     assert len(seen) == 2 and result.verification is not None and result.verification.ok
     assert seen == [0, 0], f"Grams alive while the block's masked copy is made: {seen}"

@@ -26,6 +26,24 @@ V = 64
 workspace = cli_workspace
 
 
+@pytest.fixture(scope="module")
+def qwen2_workspace(cli_workspace, tmp_path_factory):
+    """The same with a tiny Qwen2 (q/k/v biases), its tokenizer and text copied from the Llama's."""
+    import shutil
+
+    root, llama_dir, text = cli_workspace
+    model_dir = tmp_path_factory.mktemp("lw-qwen2") / "tiny-qwen2"
+    cfg = T.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=V, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    T.Qwen2ForCausalLM(cfg).eval().save_pretrained(model_dir, max_shard_size="40KB")
+    for f in llama_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, model_dir / f.name)
+    return model_dir.parent, model_dir, text
+
+
 def _job(root, folder, text, name, **fields) -> PruneJob:
     config = fields.pop("config", PruneConfig(compensation="lstsq"))
     return PruneJob(model=str(folder), out=root / name, config=config, calib=str(text), samples=4, compensation_samples=6,
@@ -33,10 +51,11 @@ def _job(root, folder, text, name, **fields) -> PruneJob:
 
 
 @pytest.mark.onnx
-def test_block_route_honours_a_parameter_target_with_heads(workspace):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_block_route_honours_a_parameter_target_with_heads(family, request):
     """`prune DIR --layerwise --target-params 0.8 --head-share 0.5` removes 20 % of the parameters
     (heads and neurons), says so in report.json, and its checkpoint reloads to the ONNX file's logits."""
-    root, folder, text = workspace
+    root, folder, text = request.getfixturevalue("workspace" if family == "llama" else "qwen2_workspace")
     config = PruneConfig(compensation="lstsq", target_params=0.8, head_share=0.5)
     report = run_prune(_job(root, folder, text, "lw-target", config=config, layerwise=True, kv_cache=False))
     assert report["route"].startswith("layerwise")

@@ -10,18 +10,20 @@ verification bound) while holding one decoder block's weights at a time:
    batch by running the model's own forward with recording stand-ins for its layers;
 3. per block, in depth order: its weights are read from the safetensors shards, it is traced
    and analysed (the same ``analyze`` as a whole model, with the same names, because the block
-   is traced inside a holder that reproduces its path ``model.layers.{i}``), the calibration
-   hidden states run through it under the same :class:`Accumulator` (norms, refit moments and
-   head variances in one walk), it is scored (``score(..., upstream=...)`` carries what earlier
-   blocks passed on), its kept sets are chosen by the Select pass's functions (``choose.py``),
-   it is refitted (``plan_refit``, or ``solve_refits`` on the pruned stream), shrunk, checked
-   against its masked dense self, and its slim tensors are written; then it goes back to meta;
+   is traced inside a holder that reproduces its path ``model.layers.{i}``), and the pipeline's
+   own passes run on it (``PruneState.block`` set, the block as the model): the route's
+   calibration tap (the calibration hidden states through the block under the Calibrate pass's
+   :class:`Accumulator`: norms, refit moments and head variances in one walk), ``Score`` (with
+   ``state.upstream``, what earlier blocks passed on), ``Select`` (under the budget set once for
+   the whole model), ``Compensate`` (the refit; it drops the Grams), then ``Shrink`` (in place:
+   the block is the route's own copy, so it takes the masked reference's output first) and
+   ``Verify``; its slim tensors are written, and it goes back to meta;
 4. the hidden states handed to the next block are the DENSE block's outputs, because the
    in-memory prune computes every statistic on the dense model; the sequential refit
    (``refit_inputs`` pruned) also carries the pruned model's hidden states;
 5. a choice that spans blocks (global pruner, ``target_params``, error allocation) needs every
    block first: a first walk scores (and records removal curves), ``choose`` decides on all
-   blocks at once, and a second walk refits, shrinks and writes.
+   blocks at once (the Select pass's functions), and a second walk refits, shrinks and writes.
 
 Every option is checked against ``routes.BLOCKS`` before anything is read (``check_config``).
 
@@ -37,8 +39,6 @@ calibration hidden states, spilled to disk past a budget).
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import math
 import resource
@@ -63,19 +63,26 @@ from llmrank.passes.blocks.hidden import HiddenStates
 from llmrank.passes.blocks.onload import buffers_to_own, materialise, materialise_own, release, skeleton, to_meta
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
 from llmrank.passes.choose import Budget, budget, choose, is_local, needs_curves
-from llmrank.passes.compensate import consumer_linears, plan_refit
+from llmrank.passes.compensate import consumer_linears
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.headcut import head_notes, heads_kept
 from llmrank.passes.headscore import variance_linears
+from llmrank.passes.heap import release_memory, trim_heap
 from llmrank.passes.hooks import forward_hooks
 from llmrank.passes.result import PruneResult
-from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
+from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream
 from llmrank.passes.select import clamp_notes, effective_sparsity
-from llmrank.passes.sequential import CrossStats, sequential_moments, solve_refits
-from llmrank.passes.shrink import mask, shrink
+from llmrank.passes.pipeline import Compensate, FunctionPass, Pass, Pipeline, PruneState, Score, Select, Shrink, Verify
+from llmrank.passes.sequential import CrossStats, sequential_moments
 from llmrank.passes.verify import OutputCheck, Verification
 
 log = logging.getLogger(__name__)
+
+#: The rewrite, run on each block once its refit is planned and the Grams are gone.
+REWRITE = Pipeline([Shrink(), Verify()])
+#: Each pass's phase in a block's timings (``BlockRecord.seconds``).
+PHASES = {"Calibrate": "calibrate", "Score": "score", "Curves": "curves", "Select": "select+refit",
+          "Compensate": "select+refit", "Shrink": "shrink+verify", "Verify": "shrink+verify"}
 
 
 # ---------------------------------------------------------------------- results
@@ -101,18 +108,6 @@ class BlockRecord:
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def release_memory() -> None:
-    """Give freed memory back between blocks: collect reference cycles (a traced program holds
-    some) so their tensors go now, and ask glibc to return its free heap pages to the system
-    (freed blocks of a few MB otherwise stay in the process, and RSS grows block after block)."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return
-    libc.malloc_trim(0)
 
 
 def _rss_now() -> int:
@@ -360,9 +355,12 @@ class _Run:
 
     def _time(self, record: BlockRecord, phase: str, since: float) -> float:
         now = time.perf_counter()
-        record.add(phase, now - since)
-        self.timings[phase] = self.timings.get(phase, 0.0) + now - since
+        self._add(record, phase, now - since)
         return now
+
+    def _add(self, record: BlockRecord, phase: str, seconds: float) -> None:
+        record.add(phase, seconds)
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     def _args(self, k: int, i: int) -> list[torch.Tensor]:
         return split_call(*self.calls[k][i])[0]
@@ -403,33 +401,60 @@ class _Run:
                 del traced
                 self._time(record, "trace", tick)
             ir = self.irs[i]
-            cross = self._cross_moments(holder, ir, i, stream) if stream else None
-            stats = self._statistics(holder, ir, i, steps, record)
-            tick = time.perf_counter()
+            kept = None if walk.kept is None else {n: walk.kept[n] for n in self._names(ir) if n in walk.kept}
+            # the pipeline's passes on this block, its statistics from the route's tap; they live only in the state,
+            # so their Grams go when Compensate, their last reader, drops them
+            state = Pipeline(self._passes(walk, holder, ir, i, steps, stream)).run(
+                PruneState(config=c, model=holder, ir=ir, block=i, upstream=upstream, budget=self.cut, kept=kept,
+                           scores=self.scores))  # the scores so far (Score replaces them with this block's)
+            for name, seconds in ((r.name, r.seconds) for r in state.history):
+                self._add(record, PHASES.get(name, name), seconds)
             if walk.score:
-                block_scores = score(holder, ir, stats.norms, c.scoring, upstream=upstream,
-                                     head_scorer=c.head_scoring if c.heads else None, variances=stats.variances)
-                upstream = upstream.after(ir, stats.norms, block_scores, self.writers[i])
-                for g in ir.groups:
-                    self.scores.groups[g.name] = block_scores.groups[g.name].cpu()
-                    self.scores.outputs[g.name] = block_scores.outputs[g.name].cpu()
-                for hg in ir.head_groups:
-                    if hg.name in block_scores.heads:
-                        self.scores.heads[hg.name] = block_scores.heads[hg.name].cpu()
-                tick = self._time(record, "score", tick)
-            if walk.curves_at is not None:
-                self.curves.update(self._curves(holder, ir, stats, walk.curves_at))
-                tick = self._time(record, "curves", tick)
+                upstream = upstream.after(ir, state.norms, state.scores, self.writers[i])
+                self._keep_scores(ir, state.scores)
             if walk.rewrite:
-                self._rewrite(holder, ir, i, stats, walk, record, cross)
-                del stats, cross  # _rewrite already dropped the Grams; nothing below reads them
+                self.kept.update({name: idx.cpu() for name, idx in state.kept.items()})
+                state = self._rewrite(state, record)
                 for k in stream:  # the next block's pruned inputs: this block cut and refitted
                     with torch.no_grad():
                         self.pruned.put(k, holder(self.pruned.get(k), *self._args(k, i)))
+            del state
             to_meta(block)
-            stats = cross = None
             release_memory()
             record.rss_bytes = _rss_now()
+
+    def _passes(self, walk: Walk, holder: Holder, ir: ModelIR, i: int, steps: list[tuple[int, Step]],
+                stream: list[int]) -> list[Pass]:
+        """What ``walk`` runs on block ``i``: the calibration tap (the route's Calibrate), then the
+        pipeline's own Score, Select and Compensate as the walk asks."""
+        def calibrate(state: PruneState) -> PruneState:
+            cross = self._cross_moments(holder, ir, i, stream) if stream else {}  # reads the dense inputs: first
+            return state.update(stats=self._statistics(holder, ir, i, steps, cross))
+
+        def curves(state: PruneState) -> None:
+            self.curves.update(self._curves(holder, ir, state.scores, state.stats, walk.curves_at))
+
+        passes: list[Pass] = [FunctionPass(calibrate, "Calibrate")]
+        if walk.score:
+            passes.append(Score())
+        if walk.curves_at is not None:
+            passes.append(FunctionPass(curves, "Curves"))
+        if walk.rewrite:
+            passes += ([Select()] if walk.kept is None else []) + [Compensate()]
+        return passes
+
+    def _keep_scores(self, ir: ModelIR, scores: Scores) -> None:
+        """A block's scores, kept on the CPU for the whole-model choice and the result."""
+        for g in ir.groups:
+            self.scores.groups[g.name] = scores.groups[g.name].cpu()
+            self.scores.outputs[g.name] = scores.outputs[g.name].cpu()
+        for hg in ir.head_groups:
+            if hg.name in scores.heads:
+                self.scores.heads[hg.name] = scores.heads[hg.name].cpu()
+
+    @staticmethod
+    def _names(ir: ModelIR) -> list[str]:
+        return [g.name for g in ir.groups] + [hg.name for hg in ir.head_groups]
 
     def _cross_moments(self, holder: Holder, ir: ModelIR, i: int, stream: list[int]) -> dict[str, CrossStats]:
         """Each consumer's dense inputs against its pruned-stream inputs, the dense block run on both
@@ -441,17 +466,18 @@ class _Run:
                                           [self.pruned.get(k) for k in stream], calls)
         return stats
 
-    def _curves(self, holder: Holder, ir: ModelIR, stats: CalibrationStats, sparsity: float) -> dict[str, Curve]:
+    def _curves(self, holder: Holder, ir: ModelIR, scores: Scores, stats: CalibrationStats, sparsity: float) -> dict[str, Curve]:
         c = self.config
-        return removal_curves(holder, ir, self.scores.groups, stats.moments, sparsity, allocation=c.allocation,
+        return removal_curves(holder, ir, scores.groups, stats.moments, sparsity, allocation=c.allocation,
                               selection=c.selection, multiple=c.multiple, min_width=c.min_width, ridge=c.ridge,
                               centred=c.compensation == "lstsq+bias")
 
-    def _statistics(self, holder: Holder, ir: ModelIR, i: int, steps: list[tuple[int, Step]], record: BlockRecord) -> CalibrationStats:
+    def _statistics(self, holder: Holder, ir: ModelIR, i: int, steps: list[tuple[int, Step]],
+                    cross: dict[str, CrossStats]) -> CalibrationStats:
         """This block's norms, moments and head variances on the calibration hidden states (the
-        Calibrate pass's Accumulator), replacing each batch's hidden states by the DENSE block's outputs."""
+        Calibrate pass's Accumulator), replacing each batch's hidden states by the DENSE block's outputs.
+        ``cross``: the sequential refit's moments, measured before (they read the dense inputs)."""
         c = self.config
-        tick = time.perf_counter()
         wants_norms = any(s.norms for _, s in steps)
         wants_moments = any(s.moments for _, s in steps)
         acc = Accumulator(ir.calibration_linears() if wants_norms else (),
@@ -465,66 +491,38 @@ class _Run:
                     y = holder(x, *self._args(k, i))
                 check_finite_activations(y, i, k, self.dtype)
                 self.hidden.put(k, y)
+                trim_heap()
         stats = acc.result() if (wants_norms or wants_moments) else CalibrationStats()
+        stats.cross = cross
         if wants_moments:
             self.refit_tokens = acc.refit_tokens
         if wants_norms:
             self.norm_tokens = acc.norm_tokens
-        self._time(record, "calibrate", tick)
         return stats
 
-    def _rewrite(self, holder: Holder, ir: ModelIR, i: int, stats: CalibrationStats, walk: Walk, record: BlockRecord,
-                 cross: dict[str, CrossStats] | None = None) -> None:
-        """Choose (when the choice is local to the block), refit, shrink in place, check against the
-        masked dense block, write."""
-        c = self.config
-        tick = time.perf_counter()
-        names = [g.name for g in ir.groups] + [hg.name for hg in ir.head_groups]
-        if walk.kept is not None:
-            block_kept = {name: walk.kept[name] for name in names if name in walk.kept}
-        else:
-            curves = self._curves(holder, ir, stats, walk.plan.sparsity) if needs_curves(c) else None
-            block_kept = choose(c, ir, self.scores.groups, self.scores.heads, walk.plan, curves=curves, notes=False).kept
-        self.kept.update(block_kept)
-        if cross is not None:  # refit_inputs pruned / pruned-self: fitted on the pruned stream's inputs
-            cut = [g for g in ir.groups if block_kept[g.name].numel() < g.width]
-            refits = solve_refits(holder, ir, cut, block_kept, cross, method=c.compensation, ridge=c.ridge,
-                                  target="self" if c.refit_inputs == "pruned-self" else "dense")
-        elif c.compensation != "none":
-            refits = plan_refit(holder, ir, block_kept, stats.moments, method=c.compensation, ridge=c.ridge)
-        else:
-            refits = {}
-        # the Grams (d_ff x d_ff fp64, the largest thing a block holds) are spent: free them
-        # before the verification's masked copy and the shrink allocate
-        stats.moments.clear()
-        cross = None
-        tick = self._time(record, "select+refit", tick)
+    def _rewrite(self, state: PruneState, record: BlockRecord) -> PruneState:
+        """Shrink the refitted block in place and check it against the masked dense block (the
+        pipeline's Shrink and Verify), carrying the verification sample's two streams; write it."""
+        i, holder = state.block, state.model
         args = self._args(self.sample, i)
         dense_in, slim_in = self.dense_sample, self.slim_sample
         with torch.no_grad():
-            expected = None
-            if c.verify:  # the masked copy's output, then the copy goes: it never sits beside the shrunk block
-                reference = mask(holder, ir, block_kept, refits=refits)
-                expected = reference(dense_in, *args)
-                del reference
             self.dense_sample = holder(dense_in, *args)
-            shrink(holder, ir, block_kept, inplace=True, refits=refits)
-            del refits
+        done = len(state.history)
+        state = REWRITE.run(state.update(example_inputs=(dense_in, *args)))
+        for r in state.history[done:]:
+            self._add(record, PHASES[r.name], r.seconds)
+        record.verification = state.verification
+        tick = time.perf_counter()
+        with torch.no_grad():
             self.slim_sample = holder(slim_in, *args)
-            if expected is not None:
-                got = holder(dense_in, *args)
-                ver = Verification.compare(expected, got, (dense_in,), atol=c.verify_atol, rtol=c.verify_rtol)
-                record.verification = ver
-                if not ver.ok:
-                    raise VerificationError(
-                        f"block {i}: the shrunk block differs from the masked dense block by {ver.max_abs_diff:.3g} (bound "
-                        f"{ver.atol:g} + {ver.rtol:g} x {ver.reference_scale:.3g}); this is a bug: please report the model")
         tick = self._time(record, "shrink+verify", tick)
         if self.writer is not None:
             prefix = f"{self.path}.{i}."
             for name, t in holder.block.state_dict().items():
                 self.writer.add(prefix + name, t.to(self.ckpt.dtype_of(prefix + name, self.out_dtype)))
             self._time(record, "write", tick)
+        return state.update(refits=None, reference_output=None)
 
     # -- the final check -------------------------------------------------------------------
 
