@@ -33,7 +33,9 @@ def export_onnx_artifact(model, path: Path, job: Any, metadata: dict[str, Any]) 
     """Export and validate ``model`` as ONNX at ``path``; ``job`` (a PruneJob or HealJob) gives
     ``kv_cache``, ``optimize`` and ``force``. Returns the report's entry for it."""
     from llmrank.exporters.onnx import export_onnx
+    from llmrank.passes.heap import release_memory
 
+    release_memory()  # what the prune freed goes back to the system before the export's copies are made
     res = export_onnx(model, path, with_past=job.kv_cache, metadata=metadata, optimize=job.optimize, force=job.force, atol=ONNX_ATOL, rtol=ONNX_RTOL)
     rel = Path(path.parent.name) / path.name
     return {

@@ -7,7 +7,8 @@ step where they coexist, so that the route can be chosen before a single weight 
 - the process itself (Python, torch, transformers, onnx/onnxruntime): ``BASE_BYTES``;
 - the dense model in fp32 (4 bytes per parameter), held until the job ends;
 - the least-squares refit's statistics: one float64 Gram matrix of each FFN consumer's input
-  (``intermediate x intermediate`` per layer), held from calibration until the prune returns;
+  (``intermediate x intermediate`` per layer), held from calibration until the refit is planned
+  (the Compensate pass drops them, so they never meet the rewrite's copies);
 - the logits of a calibration batch (``batch x seq_len x vocab`` fp32) and the float copies the
   loss makes of them: ``LOGIT_COPIES`` of them, what makes large vocabularies expensive;
 - from the shrink on: the slim model (the dense one minus the cut FFN channels), the refitted
@@ -34,6 +35,11 @@ LOGIT_COPIES = 1.5
 ONNX_INLINE_COPIES = 3.7
 #: ... and when they go to an external .onnx.data file (from 1 GiB on): the graph's copy only.
 ONNX_EXTERNAL_COPIES = 1.0
+#: What the export holds per decoder layer beside the weights (its graphs: the exported program,
+#: the ONNX IR and the onnxruntime session's nodes): fitted on the export steps of SmolLM2-135M
+#: (30 layers), Gemma-3-270M (18), Qwen2.5-0.5B (24) and a 10-layer random Llama; what made the
+#: 30-layer SmolLM2's export (3.9-4.3 GB) cost more than its weights said.
+ONNX_EXPORT_PER_LAYER = 27 * 10**6
 #: From this many bytes of weights the export writes them to .onnx.data (exporters.onnx).
 EXTERNAL_DATA_BYTES = 1 << 30
 GRAM_BYTES = 8  # float64
@@ -129,14 +135,15 @@ def onnx_copies_bytes(weight_bytes: int) -> int:
     return int(copies * weight_bytes)
 
 
-def onnx_export_need(params: int, *, stored_bytes_per_param: int = 4) -> int:
+def onnx_export_need(params: int, *, layers: int = 0, stored_bytes_per_param: int = 4) -> int:
     """Bytes a process needs to export (and check) ONNX from a checkpoint of ``params``
     parameters: the process, the model in fp32, the export's copies of its weights, and the
     checkpoint as loaded when it is not fp32 (``stored_bytes_per_param`` 2 for bf16/fp16: the
     fp32 model is a copy of it). For the block-by-block route, which exports the slim checkpoint
-    it wrote; ``params`` is what that checkpoint holds (``fp32_size(folder) // 4``)."""
+    it wrote; ``params`` is what that checkpoint holds (``fp32_size(folder) // 4``), ``layers`` its
+    decoder layers."""
     stored = stored_bytes_per_param * params if stored_bytes_per_param != 4 else 0
-    return int(BASE_BYTES + stored + 4 * params + onnx_copies_bytes(4 * params))
+    return int(BASE_BYTES + stored + 4 * params + onnx_copies_bytes(4 * params) + ONNX_EXPORT_PER_LAYER * layers)
 
 
 def estimate_in_memory_peak(shape: ModelShape, *, onnx: bool, seq_len: int, batch_size: int = 4, sparsity: float = 0.3,
@@ -145,16 +152,20 @@ def estimate_in_memory_peak(shape: ModelShape, *, onnx: bool, seq_len: int, batc
     hf/ and, with ``onnx``, the ONNX export and its check): the largest of its three heavy steps.
 
     calibrate: the dense model, the Gram matrices being summed, a batch's logits;
-    shrink + verify: the dense model, the slim copy, the masked dense reference, the Gram matrices
-    (still held) and the refitted weights; export: the dense and slim models and the export's copies.
+    refit: the dense model, the Gram matrices and the refitted weights being solved;
+    shrink + verify: the dense model, the slim copy, the masked dense reference and the refitted
+    weights (the Grams are gone); export: the dense and slim models, the export's copies and its
+    per-layer graphs.
     """
     dense = 4 * shape.params
     slim = 4 * slim_params(shape, sparsity)
     grams = refit_stats_bytes(shape, compensation)
+    refits = refits_bytes(shape, sparsity, compensation)
     calibrate = dense + grams + LOGIT_COPIES * logits_bytes(shape.vocab, seq_len, batch_size)
-    verify = 2 * dense + slim + grams + refits_bytes(shape, sparsity, compensation)
-    export = dense + slim + onnx_copies_bytes(slim) if onnx else 0
-    return int(BASE_BYTES + max(calibrate, verify, export))
+    refit = dense + grams + refits
+    verify = 2 * dense + slim + refits
+    export = dense + slim + onnx_copies_bytes(slim) + ONNX_EXPORT_PER_LAYER * shape.layers if onnx else 0
+    return int(BASE_BYTES + max(calibrate, refit, verify, export))
 
 
 #: For a checkpoint whose config.json this module cannot count: the peak as a multiple of the

@@ -402,7 +402,9 @@ def write_artifacts(folder: Path, job: PruneJob, result: PruneResult, tokenizer,
     report (``failed``) and returned, for the caller to fail the run after keeping the folder.
     """
     from llmrank.exporters.hf import check_reload, save_hf
+    from llmrank.passes.heap import release_memory
 
+    release_memory()  # the prune's freed memory goes back to the system before the writers' copies and reloads
     c = job.config
     metadata = _metadata(job, result.widths)
     _write_scores_and_plot(folder, job, result, report)
@@ -474,7 +476,7 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
     from llmrank.exporters.hf import load_hf
     from llmrank.models import check_seq_len, load_tokenizer, read_config
     from llmrank.layerwise import prune_layerwise
-    from llmrank.memory import onnx_export_need
+    from llmrank.memory import onnx_export_need, read_shape
     from llmrank.passes.blocks.checkpoint import Checkpoint, fp32_size
 
     out, config = Path(job.out), job.config
@@ -505,7 +507,8 @@ def run_prune_layerwise(job: PruneJob, folder: Path, why: str) -> dict[str, Any]
         report["artifacts"]["hf"] = {"path": "hf", "uniform": result.uniform_width is not None,
                                      "stock_loadable": _stock_loadable(hf_dir), "loader": "transformers" if _stock_loadable(hf_dir) else "llmrank.load"}
         stored = Checkpoint(hf_dir).dtype().itemsize
-        slim_need = onnx_export_need(fp32_size(hf_dir) // 4, stored_bytes_per_param=stored)
+        shape = read_shape(hf_dir)
+        slim_need = onnx_export_need(fp32_size(hf_dir) // 4, layers=shape.layers if shape else 0, stored_bytes_per_param=stored)
         if job.gguf:  # the converter streams the checkpoint; its read-back check holds two fp32 copies
             write_gguf(tmp, job, report, check=2 * fp32_size(hf_dir) <= budget)
         exports = [flag for flag, asked in (("ONNX", job.onnx), ("--genai", job.genai)) if asked]
