@@ -25,6 +25,7 @@ with pip (no compile: only the three pure-Python pieces are extracted) into llmr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -487,7 +488,15 @@ def _quantize(f16_file: Path, out_file: Path, outtype: str) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = KQUANT_TYPES[outtype]
-    rc = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(), params)
+    # llama-cpp-python prints llama.cpp's log lines at or above its logger's level: the quantizer
+    # reports every tensor at INFO, so keep its warnings (a type fallback) and errors only
+    log = logging.getLogger("llama-cpp-python")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(out_file).encode(), params)
+    finally:
+        log.setLevel(level)
     if rc != 0 or not out_file.is_file():
         raise ExportError(f"llama.cpp's quantizer failed on {f16_file.name} -> {outtype} (returned {rc})")
 
