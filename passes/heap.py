@@ -7,7 +7,8 @@ walk frees the same activations and per-batch statistics batch after batch, and 
 resident set climbs with the fragmentation: SmolLM2-135M's calibration held 3.6 GB of which
 1.7 GB was live. ``malloc_trim(0)`` returns every free page (milliseconds, plus the page
 faults of memory used again after it), so the calibration taps run it about once per decoder
-block and the block route between blocks. Outside glibc (macOS, musl) there is nothing to trim.
+block, the pipeline's runner after each pass, the block route between blocks and the prune job
+before its writers. Outside glibc (macOS, musl) there is nothing to trim.
 """
 
 from __future__ import annotations
