@@ -1,7 +1,8 @@
 """llmrank: structured pruning of transformer FFNs by graph centrality (LLM-Rank).
 
 Public API: ``prune`` (the whole pipeline), ``PruneConfig`` (every option), the passes one by
-one, and the pipeline they form (``Pipeline``, ``PruneState``).
+one, the pipeline they form (``Pipeline``, ``PruneState``), and the scorer table
+(``register_scorer``, ``scorer``) that every route reads.
 """
 
 from llmrank.api import PruneResult, count_parameters, prune
@@ -18,6 +19,7 @@ from llmrank.passes.config import PruneConfig
 from llmrank.layerwise import prune_layerwise
 from llmrank.passes.pipeline import Pipeline, PruneState
 from llmrank.passes.program import prune_program
+from llmrank.passes.registry import ScoreRequest, ScorerSpec, get_scorer, register_scorer, scorer, scorer_names
 from llmrank.passes.score import ScoreConfig, Scores, score
 from llmrank.passes.select import select
 from llmrank.passes.shrink import mask, mask_paper, shrink
@@ -28,7 +30,7 @@ __version__ = "0.2.0"
 __all__ = [
     "ActivationNorms", "CalibrationError", "ChannelGroup", "ConfigError", "ExportError", "InputError", "LLMRankError",
     "LinearInfo", "ModelIR", "PassError", "Pipeline", "Port", "PruneConfig",
-    "PruneResult", "PruneState", "ScoreConfig", "Scores", "Slot", "TraceError", "Traced", "UnsupportedModelError",
-    "Verification", "VerificationError", "analyze", "calibrate", "count_parameters", "load", "mask", "mask_paper", "prune",
-    "prune_layerwise", "prune_program", "score", "select", "shrink", "trace", "verify",
+    "PruneResult", "PruneState", "ScoreConfig", "ScoreRequest", "ScorerSpec", "Scores", "Slot", "TraceError", "Traced", "UnsupportedModelError",
+    "Verification", "VerificationError", "analyze", "calibrate", "count_parameters", "get_scorer", "load", "mask", "mask_paper", "prune",
+    "prune_layerwise", "prune_program", "register_scorer", "score", "scorer", "scorer_names", "select", "shrink", "trace", "verify",
 ]

@@ -18,7 +18,7 @@ from llmrank.ir.errors import CalibrationError, InputError
 from llmrank.ir.trace import Traced
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.result import PruneResult
-from llmrank.passes.pipeline import Pipeline, PruneState, ScorerFn, require_calibration
+from llmrank.passes.pipeline import Pipeline, PruneState, require_calibration
 from llmrank.passes.select import effective_sparsity
 from llmrank.passes.headcut import heads_kept
 
@@ -57,7 +57,6 @@ def prune(
     compensation_data: Any = None,
     example_inputs: tuple | None = None,
     traced: Traced | None = None,
-    scorer_fn: ScorerFn | None = None,
     progress: bool = True,
     verify_outputs: bool | None = None,
     preset: str | None = None,
@@ -72,8 +71,8 @@ def prune(
     (l1, lp, random) without compensation. ``compensation_data`` (default: ``calibration``)
     feeds the least-squares refit, which has about one unknown per kept neuron per output
     row and so wants more tokens than scoring: on SmolLM2 at 30 %, 64 x 512 tokens gave
-    perplexity 43.9 where 16 x 512 gave 52.6. ``scorer_fn(model, ir, norms)`` plugs in a
-    scorer of your own. ``preset`` ("fast", "balanced", "best"; see llmrank.presets) fills the
+    perplexity 43.9 where 16 x 512 gave 52.6. A scorer of your own is a
+    name given to ``llmrank.register_scorer`` (or ``module:function``), passed as ``scorer=``. ``preset`` ("fast", "balanced", "best"; see llmrank.presets) fills the
     options not given; its ``compensation_samples`` says how many sequences it was measured with.
     """
     from llmrank.presets import with_preset
@@ -100,7 +99,7 @@ def prune(
     params_before = count_parameters(model)
     state = PruneState(config=config, model=model, batches=batches, refit_batches=refit, example_inputs=example_inputs,
                        traced=traced, progress=progress)
-    state = Pipeline.default(scorer=scorer_fn).run(state)
+    state = Pipeline.default().run(state)
     return result_of(state, params_before)
 
 

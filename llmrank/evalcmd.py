@@ -142,7 +142,7 @@ def add_sweep_parser(sub, common) -> None:
 
     p = sub.add_parser("sweep", help="prune at every scorer x sparsity (x ...) and evaluate: tables, plots, resumable")
     p.add_argument("model", help="built-in name or HF folder")
-    p.add_argument("--scorers", default="wpr,mpr,l1,activation,wanda,random", help=f"comma list from {', '.join(SCORERS)}")
+    p.add_argument("--scorers", default="wpr,mpr,l1,activation,wanda,random", help=f"comma list from {', '.join(SCORERS)}, or package.module:function")
     p.add_argument("--sparsities", default="0.1,0.2,0.3,0.4,0.5")
     p.add_argument("--representations", default="chained", help="comma list from isolated, chained, dataflow")
     p.add_argument("--compensations", default="none", help="comma list from none, bias, lstsq, lstsq+bias")

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmrank.ir.errors import ConfigError
-from llmrank.passes.score import WEIGHT_ONLY_SCORERS
+from llmrank.passes.registry import get_scorer
 
 __all__ = [
     "Cell", "EvalSpec", "SweepResult", "expand_cells", "parse_grid", "evaluate_model", "run_sweep",
@@ -133,12 +133,11 @@ def expand_cells(
     from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
     from llmrank.passes.config import COMPENSATIONS as METHODS
     from llmrank.passes.config import REFIT_INPUTS
-    from llmrank.passes.score import REPRESENTATIONS, SCORERS
+    from llmrank.passes.score import REPRESENTATIONS
     from llmrank.passes.select import check_sparsity
 
     for s in scorers:
-        if s not in SCORERS:
-            raise ConfigError(f"unknown scorer {s!r}; choose from {', '.join(SCORERS)}")
+        get_scorer(s)  # an unknown name fails here, with the choices
     for r in representations:
         if r not in REPRESENTATIONS:
             raise ConfigError(f"unknown representation {r!r}; choose from {', '.join(REPRESENTATIONS)}")
@@ -318,7 +317,7 @@ def cell_config(base: Any, cell: Cell) -> Any:
 
 def _shared_config(base: Any, configs: Sequence[Any]) -> Any:
     """Options for the passes run once: calibrate for every cell's scorer and refit."""
-    scorer = next((c.scorer for c in configs if c.scorer not in WEIGHT_ONLY_SCORERS), configs[0].scorer)
+    scorer = next((c.scorer for c in configs if not c.scorer_spec.weight_only), configs[0].scorer)
     refits = [c.compensation for c in configs if c.compensation != "none"]
     compensation = next((c for c in refits if c.startswith("lstsq")), refits[0] if refits else "none")
     fisher = any(c.allocation == "fisher" for c in configs)  # the loss sensitivities are gathered once too (Gradients)

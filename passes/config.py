@@ -19,7 +19,8 @@ from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
 from llmrank.passes.compensate import METHODS
 from llmrank.passes.headscore import HEAD_SCORERS, WEIGHT_ONLY_HEAD_SCORERS
 from llmrank.passes.headscore import resolve as resolve_head_scorer
-from llmrank.passes.score import REPRESENTATIONS, SCORERS, WEIGHT_ONLY_SCORERS, ScoreConfig
+from llmrank.passes.registry import ScorerSpec, get_scorer
+from llmrank.passes.score import REPRESENTATIONS, SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
 
 MODES = ("shrink", "mask", "mask-paper")
@@ -58,7 +59,8 @@ class PruneConfig:
                                              "are then derived from it (head_share splits the cut)")
     head_share: float = _opt(0.0, "with target_params: the fraction of the removed parameters taken from attention heads, in [0, 1]")
     head_scorer: str = _opt("auto", "head score (auto: the neuron scorer's formula; fluctuation: FLAP's)", HEAD_SCORERS)
-    scorer: str = _opt("wpr", "neuron score", SCORERS)
+    scorer: str = _opt("wpr", f"neuron score: {', '.join(SCORERS)}, a name you registered (llmrank.register_scorer), "
+                               "or package.module:function")
     representation: str = _opt("dataflow", "which Linears form the centrality chain", REPRESENTATIONS)
     pruner: str = _opt("local", "local: the same fraction per group; global: pool all scores", PRUNERS)
     theta: float = _opt(0.5, "wpr: weight of |W| against the 0/1 adjacency, in [0, 1]")
@@ -187,7 +189,12 @@ class PruneConfig:
     def needs_calibration(self) -> bool:
         """Whether the passes need calibration data (activation scorers or a refit)."""
         heads = self.heads and self.head_scoring not in WEIGHT_ONLY_HEAD_SCORERS
-        return self.scorer not in WEIGHT_ONLY_SCORERS or self.compensation != "none" or heads
+        return not self.scorer_spec.weight_only or self.compensation != "none" or heads
+
+    @property
+    def scorer_spec(self) -> ScorerSpec:
+        """The registered scorer ``scorer`` names (``llmrank.passes.registry``)."""
+        return get_scorer(self.scorer)
 
     @property
     def needs_moments(self) -> bool:

@@ -48,13 +48,14 @@ from llmrank.passes import exported as P
 from llmrank.passes import routes
 from llmrank.passes.probe import group_loss_increases, probe_sequences
 from llmrank.passes.sequential import plan_sequential_refit, solve_refits
-from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream, score
+from llmrank.passes.registry import ScoreRequest, ScorerSpec, get_scorer
+from llmrank.passes.score import Scores, Upstream, score
 from llmrank.passes.shrink import mask, mask_paper, shrink
 from llmrank.passes.verify import OutputCheck, Verification, outputs, sample_tokens
 
 log = logging.getLogger(__name__)
 
-ScorerFn = Callable[[nn.Module, ModelIR, Any], "Scores | dict[str, torch.Tensor]"]
+ScorerFn = Callable[[ScoreRequest], "Scores | dict[str, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,7 @@ class Calibrate(Pass):
 
     def call(self, state: PruneState) -> PassResult:
         config, ir = state.config, state.ir
-        wants_norms = bool(state.batches) or config.scorer not in WEIGHT_ONLY_SCORERS
+        wants_norms = bool(state.batches) or not config.scorer_spec.weight_only
         if not wants_norms and not config.needs_moments:
             return PassResult(state.update(stats=CalibrationStats()), False)
         require_calibration(config, state.batches, state.refit_batches)
@@ -355,50 +356,37 @@ class Gradients(Pass):
 
 
 class Score(Pass):
-    """model + ir + norms -> scores, by the configured scorer or a plug-in callable.
+    """model + ir + norms -> scores, by the configured scorer or one given here.
 
-    ``Score()`` uses ``state.config``; ``Score(fn)`` calls ``fn(model, ir, norms)``, which
-    returns ``Scores`` or ``{group name: 1-D tensor of width scores}``.
+    ``Score()`` runs the scorer ``state.config`` names (``llmrank.passes.registry``); ``Score(x)``
+    runs ``x``: a registered name, a ``ScorerSpec``, or a function ``fn(request) -> Scores |
+    {group name: 1-D tensor}`` (the registry's contract; declared as needing activations and
+    not sliceable). Register the function instead to use it by name on every route.
     """
 
     needs = ("model", "ir", "stats")
     makes = ("scores",)
 
-    def __init__(self, scorer: ScorerFn | None = None):
-        if scorer is not None and not callable(scorer):
-            raise TypeError(f"Score takes a callable (model, ir, norms) -> Scores, got {type(scorer).__name__}; "
-                            "built-in scorers are chosen with PruneConfig(scorer=...)")
-        self.scorer = scorer
+    def __init__(self, scorer: ScorerFn | ScorerSpec | str | None = None):
+        if isinstance(scorer, str):
+            scorer = get_scorer(scorer)
+        elif scorer is not None and not isinstance(scorer, ScorerSpec):
+            if not callable(scorer):
+                raise TypeError(f"Score takes a scorer name, a ScorerSpec or a function (ScoreRequest) -> Scores, "
+                                f"got {type(scorer).__name__}")
+            scorer = ScorerSpec(getattr(scorer, "__name__", type(scorer).__name__), scorer)
+        self.scorer: ScorerSpec | None = scorer
 
     @property
     def name(self) -> str:
-        return "Score" if self.scorer is None else f"Score[{getattr(self.scorer, '__name__', type(self.scorer).__name__)}]"
+        return "Score" if self.scorer is None else f"Score[{self.scorer.name}]"
 
     def call(self, state: PruneState) -> PassResult:
         c = state.config
-        head_scorer = c.head_scoring if c.heads else None
-        if self.scorer is None:
-            return PassResult(state.update(scores=score(state.model, state.ir, state.norms, c.scoring, upstream=state.upstream,
-                                                        head_scorer=head_scorer, variances=state.stats.variances,
-                                                        first_order=state.first_order)), True)
-        scores = _as_scores(self.scorer(state.model, state.ir, state.norms), state.ir)
-        if head_scorer is not None and not scores.heads:
-            scores.heads = score(state.model, state.ir, state.norms, c.scoring, upstream=state.upstream, head_scorer=head_scorer,
-                                 variances=state.stats.variances, first_order=state.first_order).heads
-        return PassResult(state.update(scores=scores), True)
-
-
-def _as_scores(value: Any, ir: ModelIR) -> Scores:
-    scores = value if isinstance(value, Scores) else Scores(groups=dict(value)) if isinstance(value, dict) else None
-    if scores is None:
-        raise InputError(f"a custom scorer must return Scores or a dict of group name -> tensor, got {type(value).__name__}")
-    for g in ir.groups:
-        got = scores.groups.get(g.name)
-        if got is None:
-            raise InputError(f"the custom scorer gave no scores for group {g.name!r}")
-        if tuple(got.shape) != (g.width,):
-            raise InputError(f"the custom scorer gave {tuple(got.shape)} scores for group {g.name!r} of width {g.width}")
-    return scores
+        return PassResult(state.update(scores=score(state.model, state.ir, state.norms, c.scoring, upstream=state.upstream,
+                                                    head_scorer=c.head_scoring if c.heads else None,
+                                                    variances=state.stats.variances, first_order=state.first_order,
+                                                    scorer=self.scorer)), True)
 
 
 class Select(Pass):
@@ -658,19 +646,19 @@ class Pipeline:
         return False  # each inner pass is checked on its own
 
     @classmethod
-    def default(cls, *, scorer: ScorerFn | None = None) -> Pipeline:
-        """The passes every route runs, in order (a plug-in ``scorer`` replaces the built-in ones)."""
-        data, decide = cls.stages(scorer=scorer)
+    def default(cls) -> Pipeline:
+        """The passes every route runs, in order (the scorer is the one ``config.scorer`` names)."""
+        data, decide = cls.stages()
         return cls(data.passes + decide.passes[1:])  # the decision stage's Gradients only re-checks the data stage's
 
     @classmethod
-    def stages(cls, *, scorer: ScorerFn | None = None) -> tuple[Pipeline, Pipeline]:
+    def stages(cls) -> tuple[Pipeline, Pipeline]:
         """The one supported split of ``default()``: the data stage (Trace .. Gradients: the model and
         its calibration data, run once) and the decision stage (Score .. Verify: one configuration's
         choice and rewrite). The sweep runs the data stage once and the decision stage per cell; the
         decision stage's Gradients computes only what the cell needs and the data stage lacked."""
         return (cls([Trace(), Analyze(), Calibrate(), Gradients()]),
-                cls([Gradients(), Score(scorer), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()]))
+                cls([Gradients(), Score(), Select(), Compensate(), Shrink(), CheckOutputs(), Verify()]))
 
     def __call__(self, state: PruneState) -> PassResult:
         routes.check(state.config, state.route)  # before any pass runs

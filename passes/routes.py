@@ -23,7 +23,7 @@ from llmrank.passes.config import PruneConfig
 CAPABILITIES = {
     "whole_model_loss": "a forward and backward pass of the whole model's next-token loss",
     "heads": "attention heads that can be cut",
-    "next_block_weights": "the next block's weights while scoring this one",
+    "whole_model_weights": "every block's weights at once while scoring",
     "decoder_blocks": "decoder blocks to walk with a pruned stream",
     "masks": "dense shapes with zeroed channels (the mask modes)",
     "inplace": "the caller's model object to rewrite",
@@ -38,7 +38,7 @@ class Route:
     name: str
     whole_model_loss: bool
     heads: bool
-    next_block_weights: bool
+    whole_model_weights: bool
     decoder_blocks: bool
     masks: bool
     inplace: bool
@@ -46,12 +46,12 @@ class Route:
     way_out: str
 
 
-IN_MEMORY = Route("in memory", whole_model_loss=True, heads=True, next_block_weights=True, decoder_blocks=True,
+IN_MEMORY = Route("in memory", whole_model_loss=True, heads=True, whole_model_weights=True, decoder_blocks=True,
                   masks=True, inplace=True, second_head_graph=True, way_out="")
-BLOCKS = Route("block by block", whole_model_loss=False, heads=True, next_block_weights=False, decoder_blocks=True,
+BLOCKS = Route("block by block", whole_model_loss=False, heads=True, whole_model_weights=False, decoder_blocks=True,
                masks=False, inplace=False, second_head_graph=False,
                way_out="prune in memory instead (drop --layerwise, or raise --max-memory on a machine that has it)")
-PROGRAM = Route("exported program", whole_model_loss=False, heads=False, next_block_weights=True, decoder_blocks=False,
+PROGRAM = Route("exported program", whole_model_loss=False, heads=False, whole_model_weights=True, decoder_blocks=False,
                 masks=False, inplace=False, second_head_graph=True,
                 way_out="prune the nn.Module with llmrank.prune, which has the whole model")
 ROUTES = {r.name: r for r in (IN_MEMORY, BLOCKS, PROGRAM)}
@@ -60,14 +60,16 @@ ROUTES = {r.name: r for r in (IN_MEMORY, BLOCKS, PROGRAM)}
 def needs(config: PruneConfig, *, heal: bool = False) -> list[tuple[str, str]]:
     """(capability, which option needs it) for every capability ``config`` (and a heal) relies on."""
     out: list[tuple[str, str]] = []
-    if config.scorer in ("taylor", "taylor-element"):
+    spec = config.scorer_spec
+    if "gradients" in spec.needs:
         out.append(("whole_model_loss", f"scorer {config.scorer!r}"))
     if config.allocation in ("fisher", "loss"):
         out.append(("whole_model_loss", f"allocation {config.allocation!r}"))
     if heal:
         out.append(("whole_model_loss", "a heal (--heal-tokens/--heal-minutes)"))
-    if config.scorer == "hits":
-        out.append(("next_block_weights", "scorer 'hits'"))
+    if not spec.sliceable and "gradients" not in spec.needs:  # a loss walk is refused on its own
+        why = spec.about if spec.builtin else "not registered with sliceable=True"
+        out.append(("whole_model_weights", f"scorer {config.scorer!r} ({why})"))
     if config.heads:
         out.append(("heads", "head_sparsity" if config.head_sparsity > 0 else "target_params with head_share > 0"))
     if config.heads and config.head_scoring in ("wpr", "mpr") and (config.head_scoring, config.representation) != \

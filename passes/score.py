@@ -36,21 +36,9 @@ from llmrank.passes import headscore as H
 from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
 from llmrank.passes.gradients import FirstOrder, group_parts
+from llmrank.passes.registry import ScoreRequest, ScorerSpec, get_scorer, register_scorer
 
-_WEIGHTS: frozenset[str] = frozenset()
-_ACTIVATIONS = frozenset({"activations"})
-_GRADIENTS = frozenset({"activations", "gradients"})
-#: Every built-in scorer and what it reads besides the weights: "activations" (the calibration
-#: norms of the Calibrate pass), "gradients" (the Gradients pass: the whole model's loss). The
-#: name lists below are read from this one table.
-SCORER_NEEDS: dict[str, frozenset[str]] = {
-    "wpr": _ACTIVATIONS, "mpr": _ACTIVATIONS, "hits": _ACTIVATIONS, "l1": _WEIGHTS, "lp": _WEIGHTS,
-    "activation": _ACTIVATIONS, "wanda": _ACTIVATIONS, "random": _WEIGHTS, "taylor": _GRADIENTS, "taylor-element": _GRADIENTS,
-}
-SCORERS = tuple(SCORER_NEEDS)
-GRADIENT_SCORERS = tuple(name for name, needs in SCORER_NEEDS.items() if "gradients" in needs)
 REPRESENTATIONS = ("isolated", "chained", "dataflow")
-WEIGHT_ONLY_SCORERS = tuple(name for name, needs in SCORER_NEEDS.items() if not needs)  # need no calibration data
 
 
 @dataclass(frozen=True)
@@ -66,8 +54,7 @@ class ScoreConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.scorer not in SCORERS:
-            raise ConfigError(f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        get_scorer(self.scorer)  # unknown names fail here, with the choices
         if self.representation not in REPRESENTATIONS:
             raise ConfigError(f"unknown representation {self.representation!r}; choose one of {', '.join(REPRESENTATIONS)}")
         for name in ("theta", "gamma"):
@@ -137,9 +124,11 @@ def _need(norms: ActivationNorms, name: str, kind: str) -> torch.Tensor:
 
 def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig, *,
           upstream: Upstream | None = None, head_scorer: str | None = None,
-          variances: dict[str, torch.Tensor] | None = None, first_order: FirstOrder | None = None) -> Scores:
+          variances: dict[str, torch.Tensor] | None = None, first_order: FirstOrder | None = None,
+          scorer: ScorerSpec | None = None) -> Scores:
     """Score every channel group of ``ir`` (pure: reads the model, changes nothing).
 
+    ``scorer``: the spec to run (default: the one registered under ``config.scorer``).
     ``upstream``: what earlier slices of the model passed on when ``ir`` is one slice of it
     (see :class:`Upstream`); None scores ``ir`` as the whole model. ``first_order``: the
     gradient statistics of the taylor scorer (``llmrank.passes.gradients.first_order``).
@@ -148,43 +137,49 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
     neurons are ranked on one graph (the heads' exit scores feed the FFNs after them).
     ``variances``: the o_proj input variances the fluctuation head scorer reads.
     """
+    spec = scorer or get_scorer(config.scorer)
     if head_scorer is not None and ir.head_groups:
         head_config = replace(config, scorer=head_scorer, representation="dataflow") if head_scorer in ("wpr", "mpr") else None
         if head_config is not None and norms is None:
             raise CalibrationError(f"head scorer {head_scorer!r} needs calibration data")
-        if head_config == config and ir.groups:  # one graph: the heads' exits feed the FFNs after them
+        if head_config == config and spec.builtin and ir.groups:  # one graph: the heads' exits feed the FFNs after them
             return _dataflow(model, ir, norms, config, upstream or Upstream(), heads=True)
         if head_config is not None and upstream is not None:
-            raise ConfigError(f"head scorer {head_scorer!r} beside scorer {config.scorer!r}/{config.representation!r} scores "
+            raise ConfigError(f"head scorer {head_scorer!r} beside scorer {spec.name!r}/{config.representation!r} scores "
                               "heads on a second graph of the whole model, which cannot be scored slice by slice; use "
                               "head_scorer 'auto' (the neuron scorer's graph), 'activation' or 'fluctuation'")
-        result = score(model, ir, norms, config, upstream=upstream, first_order=first_order)
+        result = score(model, ir, norms, config, upstream=upstream, first_order=first_order, scorer=spec)
         if head_config is not None:
             result.heads = _dataflow(model, ir, norms, head_config, Upstream(), heads=True).heads
         else:
             result.heads = H.head_scores(model, ir, norms, head_scorer, seed=config.seed, variances=variances)
         return result
-    up = upstream or Upstream()
     if not ir.groups:
         raise UnsupportedModelError(f"{ir.model_class} has no prunable channel group; nothing to score")
-    if norms is None and config.scorer not in WEIGHT_ONLY_SCORERS:
-        raise CalibrationError(f"scorer {config.scorer!r} needs calibration data")
-    if config.scorer in GRADIENT_SCORERS:
-        if upstream is not None:
-            raise ConfigError(f"scorer {config.scorer!r} needs the gradient of the whole model's loss, so it cannot score a model "
-                              "slice by slice (block by block); prune in memory or choose another scorer")
-        if first_order is None:
-            raise CalibrationError(f"scorer {config.scorer!r} needs gradient statistics: run the Gradients pass before Score")
-        return _taylor(ir, norms, first_order)
-    if config.scorer == "hits":
-        if upstream is not None:
-            raise ConfigError("scorer 'hits' reads the next group's weights, so it cannot score a model slice by slice")
-        return _hits(model, ir, norms, config)
-    if config.scorer in ("wpr", "mpr"):
-        if config.representation == "dataflow":
-            return _dataflow(model, ir, norms, config, up)
-        return _chains(model, ir, norms, config, up)
-    return _per_layer(model, ir, norms, config, up)
+    if norms is None and "activations" in spec.needs:
+        raise CalibrationError(f"scorer {spec.name!r} needs calibration data")
+    if "gradients" in spec.needs and first_order is None:
+        raise CalibrationError(f"scorer {spec.name!r} needs gradient statistics: run the Gradients pass before Score")
+    if upstream is not None and not spec.sliceable:
+        raise ConfigError(f"scorer {spec.name!r} is not declared sliceable ({spec.about or 'it may read other blocks'}), "
+                          "so it cannot score a model block by block; prune in memory or choose another scorer")
+    request = ScoreRequest(model, ir, norms, config, upstream=upstream, first_order=first_order)
+    return as_scores(spec.fn(request), ir, spec.name)
+
+
+def as_scores(value: object, ir: ModelIR, name: str) -> Scores:
+    """A scorer's answer as checked ``Scores``: one finite score per channel of every group."""
+    scores = value if isinstance(value, Scores) else Scores(groups=dict(value)) if isinstance(value, dict) else None
+    if scores is None:
+        raise ConfigError(f"scorer {name!r} must return Scores or a dict of group name -> tensor, got {type(value).__name__}")
+    for g in ir.groups:
+        got = scores.groups.get(g.name)
+        if got is None:
+            raise ConfigError(f"scorer {name!r} gave no scores for group {g.name!r}")
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (g.width,):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ConfigError(f"scorer {name!r} gave {shape} scores for group {g.name!r} of width {g.width}")
+    return scores
 
 
 def _up_down(model: nn.Module, ir: ModelIR, norms: ActivationNorms, g: ChannelGroup) -> list[S.ChainLayer]:
@@ -308,13 +303,14 @@ def _flow(weights: list[torch.Tensor], expand: torch.Tensor | None, w_down: torc
     return mid, S.normalize((w_down.to(torch.float64).abs() @ mid_in) * a_down)
 
 
-def _hits(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreConfig) -> Scores:
+def _hits(request: ScoreRequest) -> Scores:
     """Forward authority (neuron output norm) times backward hub (where its output is read).
 
     The downstream importance of residual channel i for group g is how strongly the next
     group's producers read it, weighted by their neurons' output norms:
     sum_p sum_k |W_p[k, i]| * a_mid_next[k].
     """
+    model, ir, norms, config = request.model, request.ir, request.norms, request.config
     out = Scores()
     for i, g in enumerate(ir.groups):
         down = g.consumers[0]
@@ -331,10 +327,11 @@ def _hits(model: nn.Module, ir: ModelIR, norms: ActivationNorms, config: ScoreCo
     return out
 
 
-def _taylor(ir: ModelIR, norms: ActivationNorms, first_order: FirstOrder) -> Scores:
+def _taylor(request: ScoreRequest) -> Scores:
     """|sum of w * dL/dw over the group's slots| per channel (for taylor-element the parts are
     already sums of |w * dL/dw|, so this adds them); the consumer's output rows (read only by
     mask-paper) get their activation norm."""
+    ir, norms, first_order = request.ir, request.norms, request.first_order
     out = Scores()
     for name, parts in group_parts(ir, first_order).items():
         out.groups[name] = S.taylor(parts)
@@ -372,3 +369,37 @@ def _per_layer(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, con
             exit_ = S.random_scores(w_down.shape[0], config.seed, salt=2 * i + 1)
         out.groups[g.name], out.outputs[g.name] = mid, exit_
     return out
+
+
+def _centrality(request: ScoreRequest) -> Scores:
+    r = request
+    up = r.upstream or Upstream()
+    if r.config.representation == "dataflow":
+        return _dataflow(r.model, r.ir, r.norms, r.config, up)
+    return _chains(r.model, r.ir, r.norms, r.config, up)
+
+
+def _per_layer_request(request: ScoreRequest) -> Scores:
+    return _per_layer(request.model, request.ir, request.norms, request.config, request.upstream or Upstream())
+
+
+_ACTS, _GRADS = ("activations",), ("activations", "gradients")
+#: The built-in scorers: name, function, what it reads besides the weights, whether it can score
+#: block by block, and why not when it cannot.
+_BUILTINS = (
+    ("wpr", _centrality, _ACTS, True, "weighted PageRank along the chain (LLM-Rank)"),
+    ("mpr", _centrality, _ACTS, True, "modified PageRank (MLP-Rank)"),
+    ("hits", _hits, _ACTS, False, "reads the next block's weights"),
+    ("l1", _per_layer_request, (), True, "L1 norm of the weights"),
+    ("lp", _per_layer_request, (), True, "Lp norm of the weights"),
+    ("activation", _per_layer_request, _ACTS, True, "activation norm"),
+    ("wanda", _per_layer_request, _ACTS, True, "|W| times the input norm"),
+    ("random", _per_layer_request, (), True, "seeded uniform"),
+    ("taylor", _taylor, _GRADS, False, "the whole model's next-token loss, channel-wise"),
+    ("taylor-element", _taylor, _GRADS, False, "the whole model's next-token loss, weight-wise"),
+)
+for _name, _fn, _needs, _sliceable, _about in _BUILTINS:
+    register_scorer(_name, _fn, needs=_needs, sliceable=_sliceable, about=_about, builtin=True)
+
+#: The built-in scorers' names (``llmrank.passes.registry`` holds yours beside them).
+SCORERS = tuple(entry[0] for entry in _BUILTINS)

@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from llmrank.ir.errors import ConfigError
 from llmrank.ir.graph import ModelIR
 from llmrank.passes.compensate import Refit, apply_refit
 from llmrank.passes.headcut import channel_masks, check_kept, update_head_counts
@@ -139,6 +140,11 @@ def mask_paper(
 
     gate_proj and biases are untouched; nothing shrinks. For paper-faithful experiments only.
     """
+    missing = [g.name for g in ir.groups if g.name not in scores_out]
+    if missing:
+        raise ConfigError(f"mode 'mask-paper' masks down_proj's output rows by the scorer's exit scores (Scores.outputs), "
+                          f"and the scorer gave none for {missing[0]!r}: return Scores(groups=..., outputs=...) or use "
+                          "mode 'shrink' or 'mask'")
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for g in ir.groups:

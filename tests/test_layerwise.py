@@ -178,13 +178,34 @@ def test_half_precision_checkpoint(tmp_path, ids, dtype):
     assert torch.equal(_logits(ref.model, probe), _logits(reloaded, probe))
 
 
-def test_hidden_states_spill_to_disk_past_the_budget(checkpoints, ids):
+@pytest.mark.parametrize("refit_inputs", ["dense", "pruned"])
+def test_hidden_states_spill_to_disk_past_the_budget(checkpoints, ids, refit_inputs):
+    """Both streams (the dense one and the sequential refit's pruned one) spill, with the same result."""
     model, folder = checkpoints["llama"]
-    config = PruneConfig(compensation="lstsq")
+    config = PruneConfig(compensation="lstsq", refit_inputs=refit_inputs)
     ref = llmrank.prune(model, ids, config=config, progress=False)
     got = prune_layerwise(folder, ids, config=config, hidden_budget_bytes=1)
     assert got.spilled
     _same_kept(ref, got)
+    assert got.output_check.relative_error == pytest.approx(ref.output_check.relative_error, rel=1e-4, abs=1e-6)
+
+
+def test_two_streams_share_one_spill_budget():
+    """The pruned stream's store spills once the dense stream has spent the shared budget."""
+    from llmrank.passes.blocks.hidden import SpillBudget
+
+    pool = SpillBudget(100)
+    dense, pruned = HiddenStates(shared=pool), HiddenStates(shared=pool)
+    a, b = torch.randn(3, 5), torch.randn(2, 5)  # 60 and 40 bytes
+    dense.put(0, a)
+    pruned.put(0, b)  # 100 in all: still in memory
+    assert pruned.spill is None and pool.used == 100
+    pruned.put(1, torch.randn(1))  # one float past the budget: on disk
+    assert pruned.spill is not None and dense.spill is None
+    assert torch.equal(pruned.get(0), b) and pool.peak == 100
+    dense.close()
+    pruned.close()
+    assert pool.used == 0
 
 
 def test_hidden_store_round_trip():

@@ -30,6 +30,7 @@ from llmrank.passes.program import (
 )
 from llmrank.ir import errors as llmrank_errors
 from llmrank.passes.config import PruneConfig
+from llmrank.passes.registry import ScoreRequest
 from llmrank.passes.score import ScoreConfig, Scores
 from llmrank.passes.select import select
 
@@ -289,8 +290,9 @@ def test_aoti_package_of_slim_program(mlp_case, tmp_path):
 # the pass manager
 
 
-def down_input_norm(model, ir, norms):
+def down_input_norm(request):
     """A custom scorer: each FFN neuron's input norm into down_proj, times its column's L2 norm."""
+    model, ir, norms = request.model, request.ir, request.norms
     out = Scores()
     for g in ir.groups:
         down = g.consumers[0].linear
@@ -303,7 +305,7 @@ def test_pipeline_with_custom_scorer_matches_direct_calls(tiny_llama):
     batches = list(tiny_llama.calib.split(4))
     ir = analyze(tiny_llama.traced)
     norms = calibrate(tiny_llama.model, ir, batches, linears=ir.calibration_linears(), progress=False)
-    expected = select(ir, down_input_norm(tiny_llama.model, ir, norms).groups, 0.3, multiple=8)
+    expected = select(ir, down_input_norm(ScoreRequest(tiny_llama.model, ir, norms, ScoreConfig())).groups, 0.3, multiple=8)
 
     pipeline = Pipeline([Analyze(), Calibrate(), Score(down_input_norm), Select(), Shrink(), Verify()])
     state = pipeline.run(PruneState(model=tiny_llama.model, traced=tiny_llama.traced), PruneConfig(sparsity=0.3, multiple=8),
@@ -366,15 +368,17 @@ def test_every_route_produces_the_cli_default_model(tiny_llama):
 def test_pipeline_errors_name_the_pass_and_what_ran(tiny_llama):
     with pytest.raises(PassError, match="Analyze"):
         Pipeline([Score()]).run(PruneState(model=tiny_llama.model, traced=tiny_llama.traced, config=PruneConfig(scorer="l1")))
-    wrong = Pipeline([Analyze(), Calibrate(), Score(lambda model, ir, norms: {g.name: torch.ones(3) for g in ir.groups})])
-    with pytest.raises(llmrank_errors.InputError, match=r"pass Score\[<lambda>\] failed \(after Analyze, Calibrate\).*width"):
+    wrong = Pipeline([Analyze(), Calibrate(), Score(lambda request: {g.name: torch.ones(3) for g in request.ir.groups})])
+    with pytest.raises(llmrank_errors.ConfigError, match=r"pass Score\[<lambda>\] failed \(after Analyze, Calibrate\).*width"):
         wrong.run(PruneState(model=tiny_llama.model, traced=tiny_llama.traced), batches=list(tiny_llama.calib.split(4)))
     seen = []
     state = Pipeline([Analyze(), FunctionPass(lambda s: seen.append(len(s.ir.groups)), name="count")]).run(
         PruneState(model=tiny_llama.model, traced=tiny_llama.traced))
     assert seen == [len(tiny_llama.ir.groups)] and (state.history[-1].name, state.history[-1].modified) == ("count", False)
     with pytest.raises(TypeError):
-        Score("wpr")
+        Score(3)
+    with pytest.raises(llmrank_errors.ConfigError, match="unknown scorer 'nope'"):
+        Score("nope")
     with pytest.raises(TypeError):
         Pipeline([]).run(copy.deepcopy)
 

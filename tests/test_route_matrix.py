@@ -31,6 +31,21 @@ from llmrank.passes.score import SCORERS
 V = 64
 LSTSQ = {"compensation": "lstsq"}
 
+
+def _down_input_norm(request):
+    """A user scorer that reads its own block only (declared sliceable)."""
+    return {g.name: request.norms.a_in[g.consumers[0].linear].double() for g in request.ir.groups}
+
+
+def _against_the_whole_model(request):
+    """A user scorer that reads every block at once (not declared sliceable)."""
+    top = max(float(request.norms.a_in[g.consumers[0].linear].max()) for g in request.ir.groups)
+    return {g.name: request.norms.a_in[g.consumers[0].linear].double() / top for g in request.ir.groups}
+
+
+llmrank.register_scorer("matrix-user-sliceable", _down_input_norm, sliceable=True, replace=True)
+llmrank.register_scorer("matrix-user-whole", _against_the_whole_model, replace=True)
+
 #: (row name, options). Every PruneConfig field appears in at least one row with a non-default value.
 ROWS: list[tuple[str, dict]] = [
     ("sparsity", {"sparsity": 0.5}),
@@ -40,6 +55,8 @@ ROWS: list[tuple[str, dict]] = [
     ("head_scorer", {"head_sparsity": 0.5, "head_scorer": "fluctuation"}),
     ("head_scorer-second-graph", {"head_sparsity": 0.5, "scorer": "activation", "head_scorer": "wpr"}),
     *[(f"scorer-{s}", {"scorer": s}) for s in SCORERS if s != "wpr"],
+    ("scorer-user-sliceable", {"scorer": "matrix-user-sliceable"}),
+    ("scorer-user-whole", {"scorer": "matrix-user-whole"}),
     ("representation-chained", {"representation": "chained"}),
     ("representation-isolated", {"representation": "isolated"}),
     ("pruner", {"pruner": "global"}),

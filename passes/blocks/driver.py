@@ -59,7 +59,7 @@ from llmrank.passes.allocate import Curve, removal_curves
 from llmrank.passes.analyze import analyze, residual_writers
 from llmrank.passes.blocks.capture import Holder, Recorder, Replay, Stop, layers_path, split_call
 from llmrank.passes.blocks.checkpoint import Checkpoint, ShardWriter, finish_checkpoint
-from llmrank.passes.blocks.hidden import HiddenStates
+from llmrank.passes.blocks.hidden import HiddenStates, SpillBudget
 from llmrank.passes.blocks.onload import buffers_to_own, materialise, materialise_own, release, skeleton, to_meta
 from llmrank.passes.calibrate import Accumulator, CalibrationStats, Plan, Step, check_token_ids
 from llmrank.passes.choose import Budget, budget, choose, is_local, needs_curves
@@ -70,7 +70,7 @@ from llmrank.passes.headscore import variance_linears
 from llmrank.passes.heap import release_memory, trim_heap
 from llmrank.passes.hooks import forward_hooks
 from llmrank.passes.result import PruneResult
-from llmrank.passes.score import WEIGHT_ONLY_SCORERS, Scores, Upstream
+from llmrank.passes.score import Scores, Upstream
 from llmrank.passes.select import clamp_notes, effective_sparsity
 from llmrank.passes.pipeline import Compensate, FunctionPass, Pass, Pipeline, PruneState, Score, Select, Shrink, Verify
 from llmrank.passes.sequential import CrossStats, sequential_moments
@@ -180,7 +180,7 @@ def run_blocks(
     if config.needs_calibration and not batches and not refit:
         raise InputError(f"scorer {config.scorer!r} with compensation {config.compensation!r} needs calibration data: "
                          "give token ids [N, L] (e.g. llmrank.data.calibration_tokens)")
-    wants_norms = bool(batches) or config.scorer not in WEIGHT_ONLY_SCORERS
+    wants_norms = bool(batches) or not config.scorer_spec.weight_only
     # the refit batches ride in the plan as 'moments' steps: the dense refit's moments, or the pruned stream's batches
     plan = Plan.build(batches, refit, norms=wants_norms and bool(batches),
                       moments=config.needs_moments or config.refit_inputs != "dense")
@@ -305,7 +305,8 @@ class _Run:
                 materialise_own(module, name, self.ckpt, self.device, self.dtype, root=self.model)
             buffers_to_own(module, self.device)
         self.close()
-        self.hidden = HiddenStates(self.budget)
+        self.spill_budget = SpillBudget(self.budget)  # the dense and the pruned stream share it
+        self.hidden = HiddenStates(shared=self.spill_budget)
         self.calls = []
         layers = self.model.get_submodule(self.path)
         originals = list(layers)
@@ -335,10 +336,11 @@ class _Run:
 
     def close(self) -> None:
         if self.pruned is not None:
+            self.spilled = self.spilled or self.pruned.spill is not None
             self.pruned.close()
             self.pruned = None
         if self.hidden is not None:
-            self.hidden_peak = max(self.hidden_peak, self.hidden.bytes)
+            self.hidden_peak = max(self.hidden_peak, self.hidden.pool.peak)  # both streams' hidden states in memory
             self.spilled = self.spilled or self.hidden.spill is not None
             self.hidden.close()
             self.hidden = None
@@ -379,7 +381,7 @@ class _Run:
         steps = [(k, Step(s.batch, s.norms and walk.score, s.moments and moments)) for k, s in enumerate(self.plan.steps)]
         steps = [(k, s) for k, s in steps if s.norms or s.moments or k in stream]  # a batch nothing needs is not propagated
         if stream:
-            self.pruned = HiddenStates(self.budget)
+            self.pruned = HiddenStates(shared=self.spill_budget)
             for k in stream:
                 self.pruned.put(k, self.hidden.get(k))
         if walk.plan is not None:
@@ -447,7 +449,8 @@ class _Run:
         """A block's scores, kept on the CPU for the whole-model choice and the result."""
         for g in ir.groups:
             self.scores.groups[g.name] = scores.groups[g.name].cpu()
-            self.scores.outputs[g.name] = scores.outputs[g.name].cpu()
+            if g.name in scores.outputs:  # a user scorer may give channel scores only
+                self.scores.outputs[g.name] = scores.outputs[g.name].cpu()
         for hg in ir.head_groups:
             if hg.name in scores.heads:
                 self.scores.heads[hg.name] = scores.heads[hg.name].cpu()

@@ -1,0 +1,169 @@
+"""The scorer table: built-in and user scorers share one contract, and every route reads it.
+
+A user scorer is registered by name (or named as ``module:function``), declares what it reads
+and whether it can score one block at a time; the in-memory and block routes then keep the
+channels that an independent top-k of its scores keeps, and a route that lacks what it declares
+refuses it before any model is read.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers as T
+
+import llmrank
+from llmrank.ir.errors import CalibrationError, ConfigError
+from llmrank.layerwise import prune_layerwise
+from llmrank.passes import registry, routes
+from llmrank.passes.config import PruneConfig
+from llmrank.passes.score import SCORERS, ScoreConfig, Scores
+from llmrank.passes.select import select
+
+V = 64
+
+PLUGIN = textwrap.dedent('''
+    import torch
+    import llmrank
+
+    @llmrank.scorer("plugin-down-norm", sliceable=True)
+    def down_norm(request):
+        """Each FFN neuron's input norm into down_proj times its column's L2 norm: reads its own block only."""
+        out = {}
+        for g in request.ir.groups:
+            down = g.consumers[0].linear
+            weight = request.model.get_parameter(request.ir.linears[down].weight).detach().float()
+            out[g.name] = request.norms.a_in[down].double() * weight.norm(dim=0).double()
+        return out
+
+    def whole_model_rank(request):
+        """Ranks each group's channels against the largest norm of the whole model: reads every block."""
+        top = max(float(request.norms.a_in[g.consumers[0].linear].max()) for g in request.ir.groups)
+        return {g.name: request.norms.a_in[g.consumers[0].linear].double() / top for g in request.ir.groups}
+''')
+
+
+@pytest.fixture(autouse=True)
+def own_table(monkeypatch):
+    """Each test registers into a copy of the table, so names never leak between tests."""
+    monkeypatch.setattr(registry, "_TABLE", dict(registry._TABLE))
+
+
+@pytest.fixture()
+def plugin(tmp_path, monkeypatch):
+    (tmp_path / "llmrank_test_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "llmrank_test_plugin", raising=False)
+    return "llmrank_test_plugin"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=16, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=V, max_position_embeddings=32)).eval()
+    folder = tmp_path_factory.mktemp("registry")
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(2))
+
+
+def _expected_kept(model, ids, fn, sparsity):
+    """The top-k of the scorer's own answer on independently computed norms."""
+    traced = llmrank.trace(model)
+    ir = llmrank.analyze(traced)
+    norms = llmrank.calibrate(model, ir, list(ids.split(4)), linears=ir.calibration_linears(), progress=False)
+    return select(ir, fn(registry.ScoreRequest(model, ir, norms, ScoreConfig())), sparsity)
+
+
+def test_builtins_are_in_the_table_with_their_declarations():
+    assert registry.builtin_names() == SCORERS
+    assert {n for n in SCORERS if registry.get_scorer(n).weight_only} == {"l1", "lp", "random"}
+    assert {n for n in SCORERS if "gradients" in registry.get_scorer(n).needs} == {"taylor", "taylor-element"}
+    assert {n for n in SCORERS if not registry.get_scorer(n).sliceable} == {"hits", "taylor", "taylor-element"}
+    # the route check reads the same declarations: the block route refuses exactly the non-sliceable ones
+    refused = {n for n in SCORERS if routes.refusals(PruneConfig(scorer=n), routes.BLOCKS)}
+    assert refused == {"hits", "taylor", "taylor-element"}
+
+
+def test_a_module_path_scorer_runs_in_memory_and_block_by_block_alike(plugin, llama, ids):
+    model, folder = llama
+    name = f"{plugin}:down_norm"
+    spec = registry.get_scorer(name)
+    assert spec.sliceable and spec.needs == {"activations"}  # the decorator's declaration carries over
+    mod = __import__(plugin)
+    expected = _expected_kept(model, ids, mod.down_norm, 0.25)
+    in_memory = llmrank.prune(model, ids, scorer=name, sparsity=0.25, progress=False)
+    blocks = prune_layerwise(folder, ids, config=PruneConfig(scorer=name, sparsity=0.25))
+    for g, kept in expected.items():
+        assert torch.equal(in_memory.kept[g], kept)
+        assert torch.equal(blocks.kept[g], kept)
+    assert blocks.params_after == in_memory.params_after
+    assert in_memory.config["scorer"] == name
+    # a registered name is the same scorer
+    by_name = llmrank.prune(model, ids, scorer="plugin-down-norm", sparsity=0.25, progress=False)
+    assert all(torch.equal(by_name.kept[g], k) for g, k in expected.items())
+
+
+def test_a_scorer_not_declared_sliceable_is_refused_block_by_block_before_reading(plugin, llama, ids, tmp_path):
+    model, _ = llama
+    name = f"{plugin}:whole_model_rank"
+    assert not registry.get_scorer(name).sliceable  # a bare function gets the safe default
+    with pytest.raises(ConfigError, match=r"whole_model_rank.*sliceable=True.*block by block"):
+        prune_layerwise(tmp_path / "never-read", ids, config=PruneConfig(scorer=name))
+    got = llmrank.prune(model, ids, scorer=name, sparsity=0.25, progress=False)  # in memory it has the whole model
+    expected = _expected_kept(model, ids, __import__(plugin).whole_model_rank, 0.25)
+    assert all(torch.equal(got.kept[g], k) for g, k in expected.items())
+
+
+def test_cli_takes_a_module_path_and_refuses_before_loading(plugin, llama, tmp_path, capsys, monkeypatch):
+    from llmrank.cli import main
+    from llmrank.passes.blocks import driver
+
+    _, folder = llama
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(driver, "skeleton", no_model)
+    code = main(["prune", str(folder), "--layerwise", "--scorer", f"{plugin}:whole_model_rank",
+                 "--out", str(tmp_path / "never"), "--quiet"])
+    assert code != 0 and "sliceable" in capsys.readouterr().err
+    code = main(["prune", str(tmp_path / "no-such-model"), "--scorer", "no_such_module_xyz:fn", "--out", str(tmp_path / "never"),
+                 "--quiet"])
+    assert code != 0 and "cannot import 'no_such_module_xyz'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_registration_errors_say_what_to_do(plugin):
+    with pytest.raises(ConfigError, match="already registered.*built-in"):
+        llmrank.register_scorer("wpr", lambda r: {})
+    llmrank.register_scorer("mine", lambda r: {})
+    with pytest.raises(ConfigError, match="replace=True"):
+        llmrank.register_scorer("mine", lambda r: {})
+    with pytest.raises(ConfigError, match="may need activations, gradients"):
+        llmrank.register_scorer("odd", lambda r: {}, needs=("hessians",))
+    with pytest.raises(ConfigError, match="no attribute 'nope'"):
+        PruneConfig(scorer=f"{plugin}:nope")
+    with pytest.raises(ConfigError, match="unknown scorer 'mine2'.*mine"):
+        PruneConfig(scorer="mine2")
+
+
+def test_a_wrong_answer_is_named_and_a_missing_need_is_caught(llama, ids):
+    model, _ = llama
+    llmrank.register_scorer("short", lambda r: {g.name: torch.ones(3) for g in r.ir.groups})
+    with pytest.raises(ConfigError, match=r"scorer 'short' gave \(3,\) scores"):
+        llmrank.prune(model, ids, scorer="short", progress=False)
+    llmrank.register_scorer("weights-only", lambda r: Scores(groups={g.name: torch.ones(g.width) for g in r.ir.groups}),
+                            needs=(), sliceable=True)
+    assert llmrank.prune(model, None, scorer="weights-only", sparsity=0.25, progress=False).params_after < \
+        sum(p.numel() for p in model.parameters())
+    with pytest.raises(CalibrationError, match="needs calibration"):
+        llmrank.prune(model, None, scorer="wanda", progress=False)
