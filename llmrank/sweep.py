@@ -52,7 +52,6 @@ PRIMARY_METRIC = {"social_iqa": "acc_norm"}
 TASK_ALIASES = {"step_inference": "goal_step_wikihow/step_inference"}
 # Which ScoreConfig parameters change which scorer's scores (others are fixed to defaults,
 # so a grid over gamma does not recompute l1 five times).
-_USES = {"theta": ("wpr",), "gamma": ("wpr", "hits")}
 _DEFAULTS = {"gamma": 0.0, "theta": 0.5}
 
 
@@ -102,9 +101,10 @@ class Cell:
     def series(self) -> str:
         """The label of the curve the cell belongs to (everything but the sparsity)."""
         label = f"{self.scorer}/{self.representation}"
-        if self.scorer in _USES["gamma"]:
+        reads = get_scorer(self.scorer).reads
+        if "gamma" in reads:
             label += f" g={self.gamma:g}"
-        if self.scorer in _USES["theta"]:
+        if "theta" in reads:
             label += f" t={self.theta:g}"
         if self.compensation != "none":
             label += f" +{self.compensation}" + (f"({self.compensation_samples})" if self.compensation_samples else "")
@@ -171,8 +171,8 @@ def expand_cells(
                                 refit = comp.startswith("lstsq")
                                 cell = Cell(
                                     scorer, rep, float(sp), comp,
-                                    float(gamma) if scorer in _USES["gamma"] else _DEFAULTS["gamma"],
-                                    float(theta) if scorer in _USES["theta"] else _DEFAULTS["theta"],
+                                    float(gamma) if "gamma" in get_scorer(scorer).reads else _DEFAULTS["gamma"],
+                                    float(theta) if "theta" in get_scorer(scorer).reads else _DEFAULTS["theta"],
                                     compensation_samples if comp != "none" else 0,
                                     alloc if refit else "uniform", sel if refit else "score", inputs if refit else "dense",
                                 )

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 #: What a scorer may read besides the weights: the Calibrate pass's activation norms, and the
 #: Gradients pass's first-order statistics of the whole model's next-token loss.
 DATA = ("activations", "gradients")
+#: The ScoreConfig parameters a scorer may read; a sweep varies only those its scorer declares.
+PARAMETERS = ("representation", "theta", "gamma", "p", "z_importance", "seed")
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class ScoreRequest:
 class ScorerSpec:
     """A scorer and its declarations.
 
-    ``needs``: a subset of :data:`DATA`. ``sliceable``: it scores each group from that group's
+    ``needs``: a subset of :data:`DATA`. ``reads``: the :data:`PARAMETERS` it reads (a sweep
+    collapses cells that differ only in the others; by default it reads them all). ``sliceable``: it scores each group from that group's
     own block (its weights and norms, plus ``request.upstream``), so the block-by-block route
     gives the scores of the whole model; scorers that read other blocks' weights (hits) or the
     whole model's loss (taylor) are not.
@@ -59,6 +62,7 @@ class ScorerSpec:
     fn: Callable[[ScoreRequest], Any]
     needs: frozenset[str] = frozenset({"activations"})
     sliceable: bool = False
+    reads: frozenset[str] = frozenset(PARAMETERS)
     about: str = ""
     builtin: bool = False
 
@@ -66,6 +70,9 @@ class ScorerSpec:
         unknown = set(self.needs) - set(DATA)
         if unknown:
             raise ConfigError(f"scorer {self.name!r} declares needs {sorted(unknown)}; a scorer may need {', '.join(DATA)}")
+        if set(self.reads) - set(PARAMETERS):
+            raise ConfigError(f"scorer {self.name!r} declares it reads {sorted(set(self.reads) - set(PARAMETERS))}; "
+                              f"a scorer reads some of {', '.join(PARAMETERS)}")
         if not callable(self.fn):
             raise ConfigError(f"scorer {self.name!r}: fn must be callable (ScoreRequest -> Scores), got {type(self.fn).__name__}")
 
@@ -79,7 +86,8 @@ _TABLE: dict[str, ScorerSpec] = {}
 
 
 def register_scorer(name: str, fn: Callable[[ScoreRequest], Any], *, needs: Iterable[str] = ("activations",),
-                    sliceable: bool = False, about: str = "", replace: bool = False, builtin: bool = False) -> ScorerSpec:
+                    sliceable: bool = False, reads: Iterable[str] = PARAMETERS, about: str = "", replace: bool = False,
+                    builtin: bool = False) -> ScorerSpec:
     """Add a scorer to the table under ``name`` (``replace=True`` to redefine one of yours)."""
     if not name or not isinstance(name, str):
         raise ConfigError(f"a scorer needs a non-empty name, got {name!r}")
@@ -87,16 +95,16 @@ def register_scorer(name: str, fn: Callable[[ScoreRequest], Any], *, needs: Iter
     if old is not None and (old.builtin or not replace):
         raise ConfigError(f"scorer {name!r} is already registered" + (" (a built-in)" if old.builtin else
                                                                         "; pass replace=True to redefine it"))
-    spec = ScorerSpec(name, fn, frozenset(needs), sliceable, about, builtin)
+    spec = ScorerSpec(name, fn, frozenset(needs), sliceable, frozenset(reads), about, builtin)
     _TABLE[name] = spec
     return spec
 
 
-def scorer(name: str, *, needs: Iterable[str] = ("activations",), sliceable: bool = False,
+def scorer(name: str, *, needs: Iterable[str] = ("activations",), sliceable: bool = False, reads: Iterable[str] = PARAMETERS,
            about: str = "") -> Callable[[Callable[[ScoreRequest], Any]], Callable[[ScoreRequest], Any]]:
     """Decorator form of :func:`register_scorer`; returns the function unchanged."""
     def add(fn: Callable[[ScoreRequest], Any]) -> Callable[[ScoreRequest], Any]:
-        register_scorer(name, fn, needs=needs, sliceable=sliceable, about=about, replace=True)
+        register_scorer(name, fn, needs=needs, sliceable=sliceable, reads=reads, about=about, replace=True)
         return fn
     return add
 
@@ -137,10 +145,11 @@ def _import(path: str) -> ScorerSpec:
     if path in _TABLE:  # importing the module registered it (the @scorer decorator under this name)
         return _TABLE[path]
     if isinstance(target, ScorerSpec):
-        spec = ScorerSpec(path, target.fn, target.needs, target.sliceable, target.about)
+        spec = ScorerSpec(path, target.fn, target.needs, target.sliceable, target.reads, target.about)
     else:
         registered = next((s for s in _TABLE.values() if s.fn is target), None)
-        spec = (ScorerSpec(path, target, registered.needs, registered.sliceable, registered.about) if registered
+        spec = (ScorerSpec(path, target, registered.needs, registered.sliceable, registered.reads, registered.about)
+                if registered
                 else ScorerSpec(path, target))
     _TABLE[path] = spec
     return spec

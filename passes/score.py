@@ -384,22 +384,23 @@ def _per_layer_request(request: ScoreRequest) -> Scores:
 
 
 _ACTS, _GRADS = ("activations",), ("activations", "gradients")
+_REP = ("representation",)
 #: The built-in scorers: name, function, what it reads besides the weights, whether it can score
-#: block by block, and why not when it cannot.
+#: block by block, which ScoreConfig parameters it reads, and what it is (why not block by block).
 _BUILTINS = (
-    ("wpr", _centrality, _ACTS, True, "weighted PageRank along the chain (LLM-Rank)"),
-    ("mpr", _centrality, _ACTS, True, "modified PageRank (MLP-Rank)"),
-    ("hits", _hits, _ACTS, False, "reads the next block's weights"),
-    ("l1", _per_layer_request, (), True, "L1 norm of the weights"),
-    ("lp", _per_layer_request, (), True, "Lp norm of the weights"),
-    ("activation", _per_layer_request, _ACTS, True, "activation norm"),
-    ("wanda", _per_layer_request, _ACTS, True, "|W| times the input norm"),
-    ("random", _per_layer_request, (), True, "seeded uniform"),
-    ("taylor", _taylor, _GRADS, False, "the whole model's next-token loss, channel-wise"),
-    ("taylor-element", _taylor, _GRADS, False, "the whole model's next-token loss, weight-wise"),
+    ("wpr", _centrality, _ACTS, True, _REP + ("theta", "gamma"), "weighted PageRank along the chain (LLM-Rank)"),
+    ("mpr", _centrality, _ACTS, True, _REP + ("z_importance",), "modified PageRank (MLP-Rank)"),
+    ("hits", _hits, _ACTS, False, ("gamma",), "reads the next block's weights"),
+    ("l1", _per_layer_request, (), True, _REP, "L1 norm of the weights"),
+    ("lp", _per_layer_request, (), True, _REP + ("p",), "Lp norm of the weights"),
+    ("activation", _per_layer_request, _ACTS, True, _REP, "activation norm"),
+    ("wanda", _per_layer_request, _ACTS, True, _REP, "|W| times the input norm"),
+    ("random", _per_layer_request, (), True, ("seed",), "seeded uniform"),
+    ("taylor", _taylor, _GRADS, False, (), "the whole model's next-token loss, channel-wise"),
+    ("taylor-element", _taylor, _GRADS, False, (), "the whole model's next-token loss, weight-wise"),
 )
-for _name, _fn, _needs, _sliceable, _about in _BUILTINS:
-    register_scorer(_name, _fn, needs=_needs, sliceable=_sliceable, about=_about, builtin=True)
+for _name, _fn, _needs, _sliceable, _reads, _about in _BUILTINS:
+    register_scorer(_name, _fn, needs=_needs, sliceable=_sliceable, reads=_reads, about=_about, builtin=True)
 
 #: The built-in scorers' names (``llmrank.passes.registry`` holds yours beside them).
 SCORERS = tuple(entry[0] for entry in _BUILTINS)

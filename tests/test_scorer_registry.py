@@ -167,3 +167,16 @@ def test_a_wrong_answer_is_named_and_a_missing_need_is_caught(llama, ids):
         sum(p.numel() for p in model.parameters())
     with pytest.raises(CalibrationError, match="needs calibration"):
         llmrank.prune(model, None, scorer="wanda", progress=False)
+
+
+def test_a_sweep_varies_only_the_parameters_a_scorer_declares_it_reads():
+    from llmrank.sweep import expand_cells
+
+    llmrank.register_scorer("reads-all", lambda r: {})
+    llmrank.register_scorer("reads-gamma", lambda r: {}, reads=("gamma",))
+    cells = expand_cells(["reads-all", "reads-gamma", "l1"], [0.2], gammas=[0.0, 0.5], thetas=[0.3, 0.5],
+                         representations=["dataflow"])
+    count = {name: sum(c.scorer == name for c in cells) for name in ("reads-all", "reads-gamma", "l1")}
+    assert count == {"reads-all": 4, "reads-gamma": 2, "l1": 1}
+    with pytest.raises(ConfigError, match="reads some of"):
+        llmrank.register_scorer("reads-odd", lambda r: {}, reads=("temperature",))
