@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 gguf-converter: venv
 	-$(PY) -c "from llmrank.exporters.gguf import converter_dir; print(converter_dir())"
 
-# two workers (one per core; each test process runs torch on one thread), a test file per worker at a time
+# two workers (one per core; each test process runs torch on one thread), a test file per worker at a time,
+# the longest files first (tests/conftest.py orders them; xdist would otherwise order files by test count)
 test: venv gguf-converter
-	$(PY) -m pytest -q -ra --durations=30 -n 2 --dist loadfile -m "not extended and not install"
+	$(PY) -m pytest -q -ra --durations=30 -n 2 --dist loadfile --no-loadscope-reorder -m "not extended and not install"
 
 # a fresh venv with a plain `pip install .` runs the main job on empty caches (minutes; CI runs it after `make test`)
 test-install: venv

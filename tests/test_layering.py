@@ -158,3 +158,11 @@ def test_no_import_cycles_between_the_modules_named_in_issue_20():
     graph = _graph(module_level=False)
     pairs = [("llmrank.passes.pipeline", "llmrank.passes.program"), ("llmrank.workflow", "llmrank.healcmd")]
     assert [(a, b) for a, b in pairs if b in graph[a] and a in graph[b]] == []
+
+
+def test_the_longest_first_list_names_test_files_that_exist():
+    """conftest.LONGEST_FIRST orders `make test`; a renamed file would silently drop out of it."""
+    from conftest import LONGEST_FIRST
+
+    missing = [name for name in LONGEST_FIRST if not (ROOT / "tests" / name).is_file()]
+    assert not missing, f"tests/conftest.py LONGEST_FIRST names files that do not exist: {missing}"
