@@ -17,9 +17,8 @@ from typing import Any
 from llmrank.ir.errors import ConfigError
 from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
 from llmrank.passes.compensate import METHODS
-from llmrank.passes.headscore import HEAD_SCORERS, WEIGHT_ONLY_HEAD_SCORERS
 from llmrank.passes.headscore import resolve as resolve_head_scorer
-from llmrank.passes.registry import ScorerSpec, get_scorer
+from llmrank.passes.registry import ScorerSpec, get_scorer, scorer_names
 from llmrank.passes.score import REPRESENTATIONS, SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
 
@@ -58,7 +57,9 @@ class PruneConfig:
     target_params: float | None = _opt(None, "keep this fraction of all parameters, in (0, 1): sparsity and head_sparsity "
                                              "are then derived from it (head_share splits the cut)")
     head_share: float = _opt(0.0, "with target_params: the fraction of the removed parameters taken from attention heads, in [0, 1]")
-    head_scorer: str = _opt("auto", "head score (auto: the neuron scorer's formula; fluctuation: FLAP's)", HEAD_SCORERS)
+    head_scorer: str = _opt("auto", "head score: auto (the neuron scorer's formula), wpr, mpr, activation, l1, l2, wanda, "
+                                    "fluctuation (FLAP's), random, a name you registered with unit='heads', or "
+                                    "package.module:function")
     scorer: str = _opt("wpr", f"neuron score: {', '.join(SCORERS)}, a name you registered (llmrank.register_scorer), "
                                "or package.module:function")
     representation: str = _opt("dataflow", "which Linears form the centrality chain", REPRESENTATIONS)
@@ -155,9 +156,11 @@ class PruneConfig:
             raise ConfigError("head_share splits the cut of target_params: give target_params too, or use head_sparsity")
         if self.heads and self.mode == "mask-paper":
             raise ConfigError("mode 'mask-paper' reproduces the authors' FFN row masks only: use mode 'shrink' or 'mask' with head_sparsity")
-        if self.heads and self.head_scoring in ("taylor", "taylor-element"):
-            raise ConfigError(f"scorer {self.head_scoring!r} ranks FFN neurons only: choose a head scorer with head_scorer "
-                              "(e.g. 'fluctuation' or 'activation')")
+        if self.head_scorer != "auto":
+            self.head_scorer_spec  # noqa: B018 - an unknown name is refused whether or not heads are cut
+        if self.heads and self.head_scorer == "auto" and self.head_scoring not in scorer_names("heads"):
+            raise ConfigError(f"scorer {self.scorer!r} ranks FFN neurons only and has no head scorer of its name: choose one "
+                              f"with head_scorer (e.g. 'fluctuation' or 'activation'; registered: {', '.join(scorer_names('heads'))})")
         if self.heads and self.refit_inputs != "dense":
             raise ConfigError(f"refit_inputs {self.refit_inputs!r} refits FFN consumers only, not o_proj after a head cut: "
                               "use refit_inputs 'dense' with head_sparsity or target_params")
@@ -188,13 +191,18 @@ class PruneConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether the passes need calibration data (activation scorers or a refit)."""
-        heads = self.heads and self.head_scoring not in WEIGHT_ONLY_HEAD_SCORERS
+        heads = self.heads and not self.head_scorer_spec.weight_only
         return not self.scorer_spec.weight_only or self.compensation != "none" or heads
 
     @property
     def scorer_spec(self) -> ScorerSpec:
         """The registered scorer ``scorer`` names (``llmrank.passes.registry``)."""
         return get_scorer(self.scorer)
+
+    @property
+    def head_scorer_spec(self) -> ScorerSpec:
+        """The registered head scorer in effect (``auto`` resolved against the neuron scorer)."""
+        return get_scorer(self.head_scoring, unit="heads")
 
     @property
     def needs_moments(self) -> bool:
@@ -205,8 +213,8 @@ class PruneConfig:
 
     @property
     def needs_variances(self) -> bool:
-        """The fluctuation head scorer reads the o_proj input variances."""
-        return self.heads and self.head_scoring == "fluctuation"
+        """The head scorer reads the o_proj input variances (fluctuation does)."""
+        return self.heads and "variances" in self.head_scorer_spec.needs
 
     @property
     def second_moment(self) -> bool:

@@ -11,7 +11,9 @@ of its KV group, the k and v rows (counted 1 / n_rep per head). Its output is th
   of replacing the head's output by its mean (which FLAP's bias compensation then absorbs);
 - ``random``: seeded.
 
-The centrality scorers (wpr, mpr) rank heads on the dataflow graph in ``score.py``.
+The centrality scorers (wpr, mpr) rank heads on the dataflow graph in ``score.py``. All are
+registered in ``llmrank.passes.registry`` with ``unit="heads"``, beside any you register; the
+Score pass normalises every answer.
 """
 
 from __future__ import annotations
@@ -19,21 +21,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmrank.ir.errors import CalibrationError, ConfigError
+from collections.abc import Callable
+
+from llmrank.ir.errors import CalibrationError
 from llmrank.ir.graph import HeadGroup, ModelIR, Port
 from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
+from llmrank.passes.registry import ScoreRequest, register_scorer
 
-HEAD_SCORERS = ("auto", "wpr", "mpr", "activation", "l1", "l2", "wanda", "fluctuation", "random")
-WEIGHT_ONLY_HEAD_SCORERS = ("l1", "l2", "random")
 #: The head scorer ``auto`` picks for a neuron scorer: the same formula where there is one.
 _AUTO = {"hits": "activation", "lp": "l2"}
 
 
 def resolve(head_scorer: str, scorer: str) -> str:
     """The head scorer in effect: ``auto`` follows the neuron scorer."""
-    if head_scorer not in HEAD_SCORERS:
-        raise ConfigError(f"unknown head_scorer {head_scorer!r}; choose one of {', '.join(HEAD_SCORERS)}")
     return _AUTO.get(scorer, scorer) if head_scorer == "auto" else head_scorer
 
 
@@ -69,33 +70,56 @@ def _need_in(norms: ActivationNorms | None, name: str) -> torch.Tensor:
     return norms.a_in[name].to(torch.float64)
 
 
-def head_scores(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, scorer: str, *, seed: int = 0,
-                variances: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Scores of every head group's query heads by a per-layer baseline (not wpr/mpr)."""
-    out: dict[str, torch.Tensor] = {}
-    for i, hg in enumerate(ir.head_groups):
-        qd, kvd = hg.heads * hg.head_dim, hg.kv_heads * hg.head_dim
-        if scorer == "activation":
-            value = per_head(hg, _need_in(norms, hg.o.linear).pow(2)).sqrt()
-        elif scorer in ("l1", "l2"):
-            p = 1 if scorer == "l1" else 2
-            norm = lambda w: w.abs().pow(p).sum(-1)  # noqa: E731 - p-th powers, summed, rooted at the end
-            q = per_head(hg, norm(rows(model, ir, hg.q, qd)))
-            o = per_head(hg, norm(columns(model, ir, hg).T))
-            kv = sum(per_head_kv(hg, norm(rows(model, ir, port, kvd))) for port in (hg.k, hg.v))
-            value = (q + o + kv_per_head(hg, kv)).pow(1 / p)
-        elif scorer == "wanda":
-            value = per_head(hg, columns(model, ir, hg).abs().sum(0) * _need_in(norms, hg.o.linear))
-        elif scorer == "fluctuation":
-            if not variances or hg.o.linear not in variances:
-                raise CalibrationError(f"no input variance of {hg.o.linear!r}: the fluctuation scorer needs calibration data")
-            value = per_head(hg, variances[hg.o.linear].to(torch.float64) * columns(model, ir, hg).pow(2).sum(0))
-        elif scorer == "random":
-            value = S.random_scores(hg.heads, seed, salt=10_007 + i)
-        else:
-            raise ConfigError(f"head scorer {scorer!r} is not a per-layer baseline")
-        out[hg.name] = S.normalize(value)
+def _activation(r: ScoreRequest) -> dict[str, torch.Tensor]:
+    return {hg.name: per_head(hg, _need_in(r.norms, hg.o.linear).pow(2)).sqrt() for hg in r.ir.head_groups}
+
+
+def _norm(p: int) -> Callable[[ScoreRequest], dict[str, torch.Tensor]]:
+    def score(r: ScoreRequest) -> dict[str, torch.Tensor]:
+        out = {}
+        power = lambda w: w.abs().pow(p).sum(-1)  # noqa: E731 - p-th powers, summed, rooted at the end
+        for hg in r.ir.head_groups:
+            qd, kvd = hg.heads * hg.head_dim, hg.kv_heads * hg.head_dim
+            q = per_head(hg, power(rows(r.model, r.ir, hg.q, qd)))
+            o = per_head(hg, power(columns(r.model, r.ir, hg).T))
+            kv = sum(per_head_kv(hg, power(rows(r.model, r.ir, port, kvd))) for port in (hg.k, hg.v))
+            out[hg.name] = (q + o + kv_per_head(hg, kv)).pow(1 / p)
+        return out
+    return score
+
+
+def _wanda(r: ScoreRequest) -> dict[str, torch.Tensor]:
+    return {hg.name: per_head(hg, columns(r.model, r.ir, hg).abs().sum(0) * _need_in(r.norms, hg.o.linear))
+            for hg in r.ir.head_groups}
+
+
+def _fluctuation(r: ScoreRequest) -> dict[str, torch.Tensor]:
+    out = {}
+    for hg in r.ir.head_groups:
+        if not r.variances or hg.o.linear not in r.variances:
+            raise CalibrationError(f"no input variance of {hg.o.linear!r}: the fluctuation scorer needs calibration data")
+        out[hg.name] = per_head(hg, r.variances[hg.o.linear].to(torch.float64) * columns(r.model, r.ir, hg).pow(2).sum(0))
     return out
+
+
+def _random(r: ScoreRequest) -> dict[str, torch.Tensor]:
+    # the salt keeps the layer's index in the model when a slice (one block) is scored
+    first = r.upstream.head_groups if r.upstream is not None else 0
+    return {hg.name: S.random_scores(hg.heads, r.config.seed, salt=10_007 + first + i) for i, hg in enumerate(r.ir.head_groups)}
+
+
+#: The per-layer head scorers: name, function, what it reads besides the weights, what it is.
+_BUILTINS = (
+    ("activation", _activation, ("activations",), "the head's output norm"),
+    ("l1", _norm(1), (), "L1 norm of the head's weights"),
+    ("l2", _norm(2), (), "L2 norm of the head's weights"),
+    ("wanda", _wanda, ("activations",), "|W_o| times the o_proj input norm"),
+    ("fluctuation", _fluctuation, ("activations", "variances"), "FLAP: output variance times |W_o|^2"),
+    ("random", _random, (), "seeded uniform"),
+)
+for _name, _fn, _needs, _about in _BUILTINS:
+    register_scorer(_name, _fn, needs=_needs, sliceable=True, reads=("seed",) if _name == "random" else (), about=_about,
+                    builtin=True, unit="heads")
 
 
 def per_head_kv(hg: HeadGroup, channels: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from llmrank.ir.errors import ConfigError
 from llmrank.passes.config import PruneConfig
+from llmrank.passes.score import shares_graph
 
 #: Capability names (fields of :class:`Route`) and what each means, for the refusal text.
 CAPABILITIES = {
@@ -27,7 +28,6 @@ CAPABILITIES = {
     "decoder_blocks": "decoder blocks to walk with a pruned stream",
     "masks": "dense shapes with zeroed channels (the mask modes)",
     "inplace": "the caller's model object to rewrite",
-    "second_head_graph": "a second centrality graph of the whole model for the heads",
 }
 
 
@@ -42,17 +42,16 @@ class Route:
     decoder_blocks: bool
     masks: bool
     inplace: bool
-    second_head_graph: bool
     way_out: str
 
 
 IN_MEMORY = Route("in memory", whole_model_loss=True, heads=True, whole_model_weights=True, decoder_blocks=True,
-                  masks=True, inplace=True, second_head_graph=True, way_out="")
+                  masks=True, inplace=True, way_out="")
 BLOCKS = Route("block by block", whole_model_loss=False, heads=True, whole_model_weights=False, decoder_blocks=True,
-               masks=False, inplace=False, second_head_graph=False,
+               masks=False, inplace=False,
                way_out="prune in memory instead (drop --layerwise, or raise --max-memory on a machine that has it)")
 PROGRAM = Route("exported program", whole_model_loss=False, heads=False, whole_model_weights=True, decoder_blocks=False,
-                masks=False, inplace=False, second_head_graph=True,
+                masks=False, inplace=False,
                 way_out="prune the nn.Module with llmrank.prune, which has the whole model")
 ROUTES = {r.name: r for r in (IN_MEMORY, BLOCKS, PROGRAM)}
 
@@ -72,10 +71,11 @@ def needs(config: PruneConfig, *, heal: bool = False) -> list[tuple[str, str]]:
         out.append(("whole_model_weights", f"scorer {config.scorer!r} ({why})"))
     if config.heads:
         out.append(("heads", "head_sparsity" if config.head_sparsity > 0 else "target_params with head_share > 0"))
-    if config.heads and config.head_scoring in ("wpr", "mpr") and (config.head_scoring, config.representation) != \
-            (config.scorer, "dataflow"):
-        out.append(("second_head_graph", f"head_scorer {config.head_scoring!r} beside scorer {config.scorer!r} "
-                                         f"({config.representation})"))
+    if config.heads and not config.head_scorer_spec.sliceable and not shares_graph(config.scoring, config.head_scoring):
+        head = config.head_scorer_spec
+        why = head.about if head.builtin else "not registered with sliceable=True"
+        out.append(("whole_model_weights", f"head_scorer {config.head_scoring!r} beside scorer {config.scorer!r} "
+                                         f"({config.representation}; {why})"))
     if config.refit_inputs != "dense":
         out.append(("decoder_blocks", f"refit_inputs {config.refit_inputs!r}"))
     if config.mode != "shrink":

@@ -24,7 +24,7 @@ Representations (which layers form the centrality chain):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -32,7 +32,7 @@ from torch import nn
 
 from llmrank.ir.errors import CalibrationError, ConfigError, UnsupportedModelError
 from llmrank.ir.graph import ChannelGroup, HeadGroup, ModelIR, Port
-from llmrank.passes import headscore as H
+from llmrank.passes import headscore  # noqa: F401 - registers the per-layer head scorers
 from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
 from llmrank.passes.gradients import FirstOrder, group_parts
@@ -85,12 +85,14 @@ class Upstream:
     in graph order (a group consumer's propagated exit score, any other writer's normalised
     a_out); they join the in-slice writers of every group whose input has their width.
     ``chain``: the chained view's last score (the previous group's exit), the next chain's start.
-    ``groups``: how many groups came before (the random scorer salts by group index).
+    ``groups`` / ``head_groups``: how many channel / head groups came before (the random
+    scorers salt by index in the whole model).
     """
 
     residual: tuple[torch.Tensor, ...] = ()
     chain: torch.Tensor | None = None
     groups: int = 0
+    head_groups: int = 0
 
     def after(self, ir: ModelIR, norms: ActivationNorms | None, scores: Scores, writers: Sequence[str]) -> Upstream:
         """This plus what ``ir``'s slice passes on: the parts of ``writers`` (its Linears that
@@ -100,7 +102,7 @@ class Upstream:
         a_out = norms.a_out if norms is not None else {}
         parts = tuple(written[w] if w in written else S.normalize(a_out[w]) for w in writers if w in written or w in a_out)
         last = scores.outputs.get(ir.groups[-1].name, self.chain) if ir.groups else self.chain
-        return Upstream(self.residual + parts, last, self.groups + len(ir.groups))
+        return Upstream(self.residual + parts, last, self.groups + len(ir.groups), self.head_groups + len(ir.head_groups))
 
 
 def _weight(model: nn.Module, ir: ModelIR, port: Port, width: int, *, rows: bool) -> torch.Tensor:
@@ -132,27 +134,20 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
     ``upstream``: what earlier slices of the model passed on when ``ir`` is one slice of it
     (see :class:`Upstream`); None scores ``ir`` as the whole model. ``first_order``: the
     gradient statistics of the taylor scorer (``llmrank.passes.gradients.first_order``).
-    ``head_scorer`` (a name of ``headscore.HEAD_SCORERS``, resolved) also scores the query heads
+    ``head_scorer`` (a registered head scorer's name, ``auto`` resolved) also scores the query heads
     of every head group; when it is the neuron scorer's wpr / mpr on the dataflow view, heads and
     neurons are ranked on one graph (the heads' exit scores feed the FFNs after them).
     ``variances``: the o_proj input variances the fluctuation head scorer reads.
     """
     spec = scorer or get_scorer(config.scorer)
     if head_scorer is not None and ir.head_groups:
-        head_config = replace(config, scorer=head_scorer, representation="dataflow") if head_scorer in ("wpr", "mpr") else None
-        if head_config is not None and norms is None:
-            raise CalibrationError(f"head scorer {head_scorer!r} needs calibration data")
-        if head_config == config and spec.builtin and ir.groups:  # one graph: the heads' exits feed the FFNs after them
+        head_spec = get_scorer(head_scorer, unit="heads")
+        if shares_graph(config, head_spec.name) and ir.groups:  # one graph: the heads' exits feed the FFNs after them
+            if norms is None:
+                raise CalibrationError(f"head scorer {head_spec.name!r} needs calibration data")
             return _dataflow(model, ir, norms, config, upstream or Upstream(), heads=True)
-        if head_config is not None and upstream is not None:
-            raise ConfigError(f"head scorer {head_scorer!r} beside scorer {spec.name!r}/{config.representation!r} scores "
-                              "heads on a second graph of the whole model, which cannot be scored slice by slice; use "
-                              "head_scorer 'auto' (the neuron scorer's graph), 'activation' or 'fluctuation'")
         result = score(model, ir, norms, config, upstream=upstream, first_order=first_order, scorer=spec)
-        if head_config is not None:
-            result.heads = _dataflow(model, ir, norms, head_config, Upstream(), heads=True).heads
-        else:
-            result.heads = H.head_scores(model, ir, norms, head_scorer, seed=config.seed, variances=variances)
+        result.heads = score_heads(model, ir, norms, config, head_spec, upstream=upstream, variances=variances)
         return result
     if not ir.groups:
         raise UnsupportedModelError(f"{ir.model_class} has no prunable channel group; nothing to score")
@@ -165,6 +160,43 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
                           "so it cannot score a model block by block; prune in memory or choose another scorer")
     request = ScoreRequest(model, ir, norms, config, upstream=upstream, first_order=first_order)
     return as_scores(spec.fn(request), ir, spec.name)
+
+
+def shares_graph(config: ScoreConfig, head_scorer: str) -> bool:
+    """Whether heads and neurons are ranked on one dataflow graph (the neuron scorer's wpr / mpr
+    with the same head scorer), which scores block by block like the neurons alone."""
+    return head_scorer in ("wpr", "mpr") and config.scorer == head_scorer and config.representation == "dataflow"
+
+
+def score_heads(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig, spec: ScorerSpec, *,
+                upstream: Upstream | None = None, variances: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every head group's query-head scores by the head scorer ``spec``, normalised per layer."""
+    if norms is None and "activations" in spec.needs:
+        raise CalibrationError(f"head scorer {spec.name!r} needs calibration data")
+    if "variances" in spec.needs and not variances:
+        raise CalibrationError(f"head scorer {spec.name!r} needs the o_proj input variances: calibrate with "
+                               "variance_linears=headscore.variance_linears(ir) (PruneConfig does when it names this scorer)")
+    if upstream is not None and not spec.sliceable:
+        raise ConfigError(f"head scorer {spec.name!r} is not declared sliceable ({spec.about or 'it may read other blocks'}), "
+                          "so it cannot score heads block by block; use head_scorer 'auto' (the neuron scorer's graph), "
+                          "'activation' or 'fluctuation'")
+    request = ScoreRequest(model, ir, norms, config, upstream=upstream, variances=variances)
+    return as_head_scores(spec.fn(request), ir, spec.name)
+
+
+def as_head_scores(value: object, ir: ModelIR, name: str) -> dict[str, torch.Tensor]:
+    """A head scorer's answer, checked (one finite score per query head of every head group) and
+    normalised to sum 1 per layer."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"head scorer {name!r} must return a dict of head group name -> tensor, got {type(value).__name__}")
+    out = {}
+    for hg in ir.head_groups:
+        got = value.get(hg.name)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (hg.heads,):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ConfigError(f"head scorer {name!r} gave {shape} scores for head group {hg.name!r} of {hg.heads} heads")
+        out[hg.name] = S.normalize(got)
+    return out
 
 
 def as_scores(value: object, ir: ModelIR, name: str) -> Scores:
@@ -401,6 +433,20 @@ _BUILTINS = (
 )
 for _name, _fn, _needs, _sliceable, _reads, _about in _BUILTINS:
     register_scorer(_name, _fn, needs=_needs, sliceable=_sliceable, reads=_reads, about=_about, builtin=True)
+
+
+
+def _centrality_heads(name: str) -> Callable[[ScoreRequest], dict[str, torch.Tensor]]:
+    def score_heads_on_graph(r: ScoreRequest) -> dict[str, torch.Tensor]:
+        head_config = replace(r.config, scorer=name, representation="dataflow")
+        return _dataflow(r.model, r.ir, r.norms, head_config, Upstream(), heads=True).heads
+    return score_heads_on_graph
+
+
+for _name in ("wpr", "mpr"):  # beside another neuron scorer they rank heads on a graph of their own
+    register_scorer(_name, _centrality_heads(_name), needs=_ACTS, sliceable=False,
+                    reads=("theta", "gamma") if _name == "wpr" else ("z_importance",),
+                    about="ranks heads on a second dataflow graph of the whole model", builtin=True, unit="heads")
 
 #: The built-in scorers' names (``llmrank.passes.registry`` holds yours beside them).
 SCORERS = tuple(entry[0] for entry in _BUILTINS)

@@ -75,6 +75,7 @@ CONFIGS = {
     "target-params-heads": dict(target_params=0.8, head_share=0.5, compensation="lstsq"),
     "heads": dict(head_sparsity=0.5, compensation="lstsq"),
     "heads-fluctuation": dict(head_sparsity=0.5, head_scorer="fluctuation"),
+    "heads-random": dict(head_sparsity=0.5, head_scorer="random"),  # salted by the layer's index in the whole model
     "selection-refit": dict(selection="refit", compensation="lstsq"),
     "allocation-error": dict(allocation="error", compensation="lstsq"),
     "allocation-error-target": dict(allocation="error", target_params=0.85, compensation="lstsq+bias"),

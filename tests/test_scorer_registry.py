@@ -20,6 +20,7 @@ from llmrank.ir.errors import CalibrationError, ConfigError
 from llmrank.layerwise import prune_layerwise
 from llmrank.passes import registry, routes
 from llmrank.passes.config import PruneConfig
+from llmrank.passes.headcut import select_heads
 from llmrank.passes.score import SCORERS, ScoreConfig, Scores
 from llmrank.passes.select import select
 
@@ -43,6 +44,22 @@ PLUGIN = textwrap.dedent('''
         """Ranks each group's channels against the largest norm of the whole model: reads every block."""
         top = max(float(request.norms.a_in[g.consumers[0].linear].max()) for g in request.ir.groups)
         return {g.name: request.norms.a_in[g.consumers[0].linear].double() / top for g in request.ir.groups}
+
+    def _o_columns(request, hg):
+        weight = request.model.get_parameter(request.ir.linears[hg.o.linear].weight).detach().double()
+        return weight[:, hg.o.offset:hg.o.offset + hg.heads * hg.head_dim]
+
+    @llmrank.scorer("plugin-o-norm", unit="heads", needs=(), sliceable=True)
+    def o_norm(request):
+        """Each query head's squared o_proj column norm: reads its own layer's weights only."""
+        return {hg.name: _o_columns(request, hg).pow(2).sum(0).view(hg.heads, hg.head_dim).sum(1)
+                for hg in request.ir.head_groups}
+
+    def o_norm_against_the_model(request):
+        """The same, over the largest o_proj norm of the whole model: reads every layer."""
+        top = max(float(_o_columns(request, hg).norm()) for hg in request.ir.head_groups)
+        return {hg.name: _o_columns(request, hg).pow(2).sum(0).view(hg.heads, hg.head_dim).sum(1) / top
+                for hg in request.ir.head_groups}
 ''')
 
 
@@ -180,3 +197,73 @@ def test_a_sweep_varies_only_the_parameters_a_scorer_declares_it_reads():
     assert count == {"reads-all": 4, "reads-gamma": 2, "l1": 1}
     with pytest.raises(ConfigError, match="reads some of"):
         llmrank.register_scorer("reads-odd", lambda r: {}, reads=("temperature",))
+
+
+# ---------------------------------------------------------------------- head scorers: the same table, unit="heads"
+
+
+def test_builtin_head_scorers_are_in_the_table_with_their_declarations():
+    heads = registry.builtin_names("heads")
+    assert set(heads) == {"wpr", "mpr", "activation", "l1", "l2", "wanda", "fluctuation", "random"}
+    assert {n for n in heads if registry.get_scorer(n, unit="heads").weight_only} == {"l1", "l2", "random"}
+    assert {n for n in heads if "variances" in registry.get_scorer(n, unit="heads").needs} == {"fluctuation"}
+    # beside another neuron scorer, wpr / mpr rank heads on a second graph of the whole model: refused block by block
+    refused = {n for n in heads if routes.refusals(PruneConfig(scorer="activation", head_sparsity=0.5, head_scorer=n),
+                                                   routes.BLOCKS)}
+    assert refused == {"wpr", "mpr"}
+    # with the same neuron scorer they share its graph, which scores block by block
+    assert not routes.refusals(PruneConfig(scorer="mpr", head_sparsity=0.5, head_scorer="mpr"), routes.BLOCKS)
+    assert not PruneConfig(scorer="l1", head_sparsity=0.5, head_scorer="l2").needs_calibration
+    assert PruneConfig(scorer="l1", head_sparsity=0.5, head_scorer="fluctuation").needs_variances
+
+
+def test_a_module_path_head_scorer_runs_in_memory_and_block_by_block_alike(plugin, llama, ids):
+    model, folder = llama
+    name = f"{plugin}:o_norm"
+    spec = registry.get_scorer(name, unit="heads")
+    assert spec.unit == "heads" and spec.sliceable and spec.weight_only  # the decorator's declaration carries over
+    ir = llmrank.analyze(llmrank.trace(model))
+    answer = __import__(plugin).o_norm(registry.ScoreRequest(model, ir, None, ScoreConfig()))
+    expected = select_heads(ir, answer, 0.5)
+    config = dict(scorer="l1", head_sparsity=0.5, head_scorer=name, sparsity=0.25)
+    in_memory = llmrank.prune(model, ids, progress=False, **config)
+    blocks = prune_layerwise(folder, ids, config=PruneConfig(**config))
+    assert len(expected) == 3
+    for hg, kept in expected.items():
+        assert kept.numel() == 2  # one head of each KV group of 2 goes
+        assert torch.equal(in_memory.kept[hg], kept)
+        assert torch.equal(blocks.kept[hg], kept)
+        want = answer[hg] / answer[hg].sum()  # the Score pass normalises every answer per layer
+        assert torch.allclose(in_memory.scores.heads[hg], want, rtol=1e-12, atol=0)
+        assert torch.equal(blocks.scores.heads[hg], in_memory.scores.heads[hg])
+    assert blocks.params_after == in_memory.params_after
+    assert in_memory.heads  # report.json's head section is filled
+
+
+def test_a_head_scorer_not_declared_sliceable_is_refused_block_by_block_before_reading(plugin, llama, ids, tmp_path):
+    model, _ = llama
+    name = f"{plugin}:o_norm_against_the_model"
+    assert not registry.get_scorer(name, unit="heads").sliceable
+    with pytest.raises(ConfigError, match=r"o_norm_against_the_model.*sliceable=True.*block by block"):
+        prune_layerwise(tmp_path / "never-read", ids, config=PruneConfig(head_sparsity=0.5, head_scorer=name))
+    got = llmrank.prune(model, ids, head_sparsity=0.5, head_scorer=name, progress=False)
+    ir = got.ir
+    answer = __import__(plugin).o_norm_against_the_model(registry.ScoreRequest(model, ir, None, ScoreConfig()))
+    assert all(torch.equal(got.kept[hg], k) for hg, k in select_heads(ir, answer, 0.5).items())
+
+
+def test_head_scorer_mistakes_are_named(plugin, llama, ids):
+    model, _ = llama
+    llmrank.register_scorer("one-score", lambda r: {hg.name: torch.ones(1) for hg in r.ir.head_groups}, needs=(), unit="heads")
+    with pytest.raises(ConfigError, match=r"head scorer 'one-score' gave \(1,\) scores for head group .* of 4 heads"):
+        llmrank.prune(model, ids, head_sparsity=0.5, head_scorer="one-score", progress=False)
+    with pytest.raises(ConfigError, match="a heads scorer may need activations, variances"):
+        llmrank.register_scorer("grad-heads", lambda r: {}, needs=("gradients",), unit="heads")
+    with pytest.raises(ConfigError, match="registered as a scorer, not a head scorer"):
+        PruneConfig(head_sparsity=0.5, head_scorer=f"{plugin}:down_norm")
+    with pytest.raises(ConfigError, match=r"unknown head_scorer 'nope'.*unit='heads'"):
+        PruneConfig(head_scorer="nope")
+    # a neuron scorer with no head scorer of its name cannot pick one for itself
+    with pytest.raises(ConfigError, match="plugin-down-norm' ranks FFN neurons only"):
+        __import__(plugin)
+        PruneConfig(scorer="plugin-down-norm", head_sparsity=0.5)
