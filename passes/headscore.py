@@ -18,10 +18,10 @@ Score pass normalises every answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
-
-from collections.abc import Callable
 
 from llmrank.ir.errors import CalibrationError
 from llmrank.ir.graph import HeadGroup, ModelIR, Port
