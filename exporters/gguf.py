@@ -502,12 +502,48 @@ def _quantize(f16_file: Path, out_file: Path, outtype: str) -> None:
 
 
 def _architecture(path: Path) -> str:
-    """general.architecture of a GGUF file (read with the installed gguf package)."""
+    """general.architecture of a GGUF file.
+
+    GGUF writers put it first among the key-value pairs, so the header is read directly (gguf's
+    GGUFReader parses every field, the whole vocabulary included: seconds per call); a file that
+    does not start that way is read with GGUFReader."""
+    first = _first_string_field(path)
+    if first is not None and first[0] == "general.architecture":
+        return first[1]
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     value = reader.fields["general.architecture"]
     return bytes(value.parts[value.data[0]]).decode("utf-8")
+
+
+#: GGUF's value type number for a string (gguf.GGUFValueType.STRING).
+_GGUF_STRING = 8
+
+
+def _first_string_field(path: Path) -> tuple[str, str] | None:
+    """(key, value) of a GGUF file's first key-value pair when its value is a string, else None.
+    Layout (little-endian, version 2 and 3): magic, u32 version, u64 tensor count, u64 pair count,
+    then each pair as u64-length key, u32 value type, value (a string is u64 length + bytes)."""
+    import struct
+
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+        if len(head) < 24 or head[:4] != b"GGUF" or struct.unpack("<I", head[4:8])[0] < 2 or struct.unpack("<Q", head[16:24])[0] < 1:
+            return None
+
+        def string(limit: int = 1 << 16) -> str | None:
+            raw = fh.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else limit + 1
+            data = fh.read(n) if n <= limit else b""
+            return data.decode("utf-8", "replace") if len(data) == n else None
+
+        key = string()
+        kind = fh.read(4)
+        if key is None or len(kind) < 4 or struct.unpack("<I", kind)[0] != _GGUF_STRING:
+            return None
+        value = string()
+        return None if value is None else (key, value)
 
 
 # --------------------------------------------------------------------------- the check

@@ -198,6 +198,32 @@ def test_an_existing_gguf_is_replaced_with_force_only(tmp_path):
     assert check_writable(tmp_path / "model-f16.gguf", force=True) == tmp_path / "model-f16.gguf"  # one --force: ours
 
 
+@pytest.mark.parametrize("architecture_first", [True, False], ids=["header", "fallback"])
+def test_the_architecture_is_read_as_ggufs_reader_reads_it(tmp_path, architecture_first):
+    """The header shortcut (the writers put general.architecture first) and the full reader agree;
+    a file that starts with another key is read in full."""
+    import gguf as gguf_py
+    import numpy as np
+
+    path = tmp_path / "m.gguf"
+    writer = gguf_py.GGUFWriter(str(path), "qwen2")
+    writer.add_uint32("qwen2.block_count", 1)
+    if not architecture_first:
+        pairs = writer.kv_data[0]
+        pairs["general.architecture"] = pairs.pop("general.architecture")
+    writer.add_tensor("x", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    field = gguf_py.GGUFReader(str(path)).fields["general.architecture"]
+    assert gguf._architecture(path) == bytes(field.parts[field.data[0]]).decode() == "qwen2"
+    first = gguf._first_string_field(path)
+    assert first == (("general.architecture", "qwen2") if architecture_first else None)
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)  # absurd counts: no shortcut
+    assert gguf._first_string_field(tmp_path / "bad.gguf") is None
+
+
 # ------------------------------------------------------------------ written, read back, compared
 
 
