@@ -32,7 +32,7 @@ from torch import nn
 
 from llmrank.ir.errors import CalibrationError, ConfigError, UnsupportedModelError
 from llmrank.ir.graph import ChannelGroup, HeadGroup, ModelIR, Port
-from llmrank.passes import headscore  # noqa: F401 - registers the per-layer head scorers
+from llmrank.passes import headscore  # registers the per-layer head scorers
 from llmrank.passes import scorers as S
 from llmrank.passes.calibrate import ActivationNorms
 from llmrank.passes.gradients import FirstOrder, group_parts
@@ -142,7 +142,8 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
     spec = scorer or get_scorer(config.scorer)
     if head_scorer is not None and ir.head_groups:
         head_spec = get_scorer(head_scorer, unit="heads")
-        if shares_graph(config, head_spec.name) and ir.groups:  # one graph: the heads' exits feed the FFNs after them
+        # one graph: the heads' exits feed the FFNs after them (only for the configured scorer itself, not a Score(x) override)
+        if shares_graph(config, head_spec.name) and spec is get_scorer(config.scorer) and ir.groups:
             if norms is None:
                 raise CalibrationError(f"head scorer {head_spec.name!r} needs calibration data")
             return _dataflow(model, ir, norms, config, upstream or Upstream(), heads=True)
@@ -165,7 +166,7 @@ def score(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: 
 def shares_graph(config: ScoreConfig, head_scorer: str) -> bool:
     """Whether heads and neurons are ranked on one dataflow graph (the neuron scorer's wpr / mpr
     with the same head scorer), which scores block by block like the neurons alone."""
-    return head_scorer in ("wpr", "mpr") and config.scorer == head_scorer and config.representation == "dataflow"
+    return head_scorer in CENTRALITY and config.scorer == head_scorer and config.representation == "dataflow"
 
 
 def score_heads(model: nn.Module, ir: ModelIR, norms: ActivationNorms | None, config: ScoreConfig, spec: ScorerSpec, *,
@@ -435,7 +436,6 @@ for _name, _fn, _needs, _sliceable, _reads, _about in _BUILTINS:
     register_scorer(_name, _fn, needs=_needs, sliceable=_sliceable, reads=_reads, about=_about, builtin=True)
 
 
-
 def _centrality_heads(name: str) -> Callable[[ScoreRequest], dict[str, torch.Tensor]]:
     def score_heads_on_graph(r: ScoreRequest) -> dict[str, torch.Tensor]:
         head_config = replace(r.config, scorer=name, representation="dataflow")
@@ -443,10 +443,13 @@ def _centrality_heads(name: str) -> Callable[[ScoreRequest], dict[str, torch.Ten
     return score_heads_on_graph
 
 
-for _name in ("wpr", "mpr"):  # beside another neuron scorer they rank heads on a graph of their own
+#: The scorers that rank heads and neurons on one dataflow graph (beside another neuron scorer, heads on a graph of their own).
+CENTRALITY = ("wpr", "mpr")
+for _name in CENTRALITY:
     register_scorer(_name, _centrality_heads(_name), needs=_ACTS, sliceable=False,
                     reads=("theta", "gamma") if _name == "wpr" else ("z_importance",),
                     about="ranks heads on a second dataflow graph of the whole model", builtin=True, unit="heads")
 
 #: The built-in scorers' names (``llmrank.passes.registry`` holds yours beside them).
 SCORERS = tuple(entry[0] for entry in _BUILTINS)
+HEAD_SCORERS = CENTRALITY + headscore.PER_LAYER

@@ -318,6 +318,22 @@ def test_pipeline_with_custom_scorer_matches_direct_calls(tiny_llama):
     assert state.slim.get_submodule("model.layers.0.mlp.up_proj").weight.shape[0] == len(expected["model.layers.0.mlp"])
 
 
+def test_a_custom_scorer_is_used_when_heads_are_cut_too(tiny_llama):
+    """With heads on, the default config's wpr would rank heads and neurons on one graph; a
+    Score(fn) override still scores the neurons (wpr ranks the heads on a graph of its own)."""
+    batches = list(tiny_llama.calib.split(4))
+    ir = analyze(tiny_llama.traced)
+    norms = calibrate(tiny_llama.model, ir, batches, linears=ir.calibration_linears(), progress=False)
+    expected = down_input_norm(ScoreRequest(tiny_llama.model, ir, norms, ScoreConfig())).groups
+    config = PruneConfig(sparsity=0.3, head_sparsity=0.5)
+    state = Pipeline([Analyze(), Calibrate(), Score(down_input_norm)]).run(
+        PruneState(model=tiny_llama.model, traced=tiny_llama.traced), config, batches=batches)
+    assert state.scores.groups.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(state.scores.groups[name], expected[name])
+    assert set(state.scores.heads) == {hg.name for hg in ir.head_groups}
+
+
 def test_pipeline_builtin_scorer_matches_prune(tiny_llama):
     import llmrank
 
