@@ -527,22 +527,24 @@ def _first_string_field(path: Path) -> tuple[str, str] | None:
     then each pair as u64-length key, u32 value type, value (a string is u64 length + bytes)."""
     import struct
 
+    def string(fh: Any) -> str | None:
+        raw = fh.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        data = fh.read(n) if 0 <= n <= 1 << 16 else b""
+        return data.decode("utf-8", "replace") if len(data) == n else None
+
     with open(path, "rb") as fh:
         head = fh.read(24)
-        if len(head) < 24 or head[:4] != b"GGUF" or struct.unpack("<I", head[4:8])[0] < 2 or struct.unpack("<Q", head[16:24])[0] < 1:
+        if len(head) < 24 or head[:4] != b"GGUF":
             return None
-
-        def string(limit: int = 1 << 16) -> str | None:
-            raw = fh.read(8)
-            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else limit + 1
-            data = fh.read(n) if n <= limit else b""
-            return data.decode("utf-8", "replace") if len(data) == n else None
-
-        key = string()
+        version, _tensors, pairs = struct.unpack("<IQQ", head[4:])
+        if version < 2 or pairs < 1:
+            return None
+        key = string(fh)
         kind = fh.read(4)
         if key is None or len(kind) < 4 or struct.unpack("<I", kind)[0] != _GGUF_STRING:
             return None
-        value = string()
+        value = string(fh)
         return None if value is None else (key, value)
 
 

@@ -19,7 +19,7 @@ from llmrank.passes.allocate import ALLOCATIONS, SELECTIONS
 from llmrank.passes.compensate import METHODS
 from llmrank.passes.headscore import resolve as resolve_head_scorer
 from llmrank.passes.registry import ScorerSpec, get_scorer, scorer_names
-from llmrank.passes.score import REPRESENTATIONS, SCORERS, ScoreConfig
+from llmrank.passes.score import HEAD_SCORERS, REPRESENTATIONS, SCORERS, ScoreConfig
 from llmrank.passes.select import PRUNERS
 
 MODES = ("shrink", "mask", "mask-paper")
@@ -57,9 +57,8 @@ class PruneConfig:
     target_params: float | None = _opt(None, "keep this fraction of all parameters, in (0, 1): sparsity and head_sparsity "
                                              "are then derived from it (head_share splits the cut)")
     head_share: float = _opt(0.0, "with target_params: the fraction of the removed parameters taken from attention heads, in [0, 1]")
-    head_scorer: str = _opt("auto", "head score: auto (the neuron scorer's formula), wpr, mpr, activation, l1, l2, wanda, "
-                                    "fluctuation (FLAP's), random, a name you registered with unit='heads', or "
-                                    "package.module:function")
+    head_scorer: str = _opt("auto", f"head score: auto (the neuron scorer's formula), {', '.join(HEAD_SCORERS)} (fluctuation: "
+                                    "FLAP's), a name you registered with unit='heads', or package.module:function")
     scorer: str = _opt("wpr", f"neuron score: {', '.join(SCORERS)}, a name you registered (llmrank.register_scorer), "
                                "or package.module:function")
     representation: str = _opt("dataflow", "which Linears form the centrality chain", REPRESENTATIONS)

@@ -117,6 +117,8 @@ _BUILTINS = (
     ("fluctuation", _fluctuation, ("activations", "variances"), "FLAP: output variance times |W_o|^2"),
     ("random", _random, (), "seeded uniform"),
 )
+#: Their names.
+PER_LAYER = tuple(entry[0] for entry in _BUILTINS)
 for _name, _fn, _needs, _about in _BUILTINS:
     register_scorer(_name, _fn, needs=_needs, sliceable=True, reads=("seed",) if _name == "random" else (), about=_about,
                     builtin=True, unit="heads")

@@ -15,8 +15,8 @@ import torch
 import transformers
 from torch import nn
 
-#: The files that take longest under `make test` (seconds on 2 cores, measured 2026-12-05), run
-#: first: pytest-xdist hands whole files to the two workers in collection order, and a long file
+#: The files that take longest under `make test` (measured on 2 cores, 2026-12-05), run first:
+#: pytest-xdist hands whole files to the two workers in collection order, and a long file
 #: started last leaves the other worker idle (15.6 min against 13.7 min of work per worker).
 LONGEST_FIRST = ("test_gguf.py", "test_layerwise.py", "test_smollm2.py", "test_conformance.py", "test_route_matrix.py",
                  "test_onnx_scale.py", "test_heads.py", "test_routes.py", "test_cli.py")

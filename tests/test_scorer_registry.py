@@ -21,7 +21,7 @@ from llmrank.layerwise import prune_layerwise
 from llmrank.passes import registry, routes
 from llmrank.passes.config import PruneConfig
 from llmrank.passes.headcut import select_heads
-from llmrank.passes.score import SCORERS, ScoreConfig, Scores
+from llmrank.passes.score import HEAD_SCORERS, SCORERS, ScoreConfig, Scores
 from llmrank.passes.select import select
 
 V = 64
@@ -204,7 +204,7 @@ def test_a_sweep_varies_only_the_parameters_a_scorer_declares_it_reads():
 
 def test_builtin_head_scorers_are_in_the_table_with_their_declarations():
     heads = registry.builtin_names("heads")
-    assert set(heads) == {"wpr", "mpr", "activation", "l1", "l2", "wanda", "fluctuation", "random"}
+    assert set(heads) == set(HEAD_SCORERS) == {"wpr", "mpr", "activation", "l1", "l2", "wanda", "fluctuation", "random"}
     assert {n for n in heads if registry.get_scorer(n, unit="heads").weight_only} == {"l1", "l2", "random"}
     assert {n for n in heads if "variances" in registry.get_scorer(n, unit="heads").needs} == {"fluctuation"}
     # beside another neuron scorer, wpr / mpr rank heads on a second graph of the whole model: refused block by block
